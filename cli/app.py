@@ -1,0 +1,438 @@
+"""The `sdm` command line."""
+
+from __future__ import annotations
+
+import json
+import time
+import sys
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import PreprocessConfig, parse_duration
+from pipeline.errors import InputError
+
+app = typer.Typer(
+    name="sdm",
+    help="Sequential Deep Matching: preprocess raw logs, train SDM, evaluate full-catalogue retrieval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
+
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output directory (created if missing).")]
+
+
+def parse_column_map(pairs: list[str]) -> dict[str, str]:
+    from pipeline.reading import ALL_ROLES
+
+    mapping = {}
+    for pair in pairs:
+        role, separator, name = pair.partition("=")
+        role = role.strip().lower()
+        if not separator or not name or role not in ALL_ROLES:
+            raise InputError(f"--column {pair!r}: expected ROLE=NAME with ROLE one of {', '.join(ALL_ROLES)}")
+        mapping[role] = name.strip()
+    return mapping
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    """The [preprocess] table of a TOML file (parsed as data, never executed)."""
+    if path is None:
+        return {}
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise InputError(f"{path}: cannot read the config file ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise InputError(f"{path}: invalid TOML ({error})") from None
+    section = document.get("preprocess", document)
+    known = {f.name for f in fields(PreprocessConfig)} | {"column", "session_gap", "long_window"}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise InputError(f"{path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+    return section
+
+
+@app.command()
+def preprocess(
+    logs: Annotated[Path, typer.Argument(help="Event log: CSV (any common delimiter), .csv.gz or Parquet.")],
+    out: OutOption,
+    items: Annotated[Optional[Path], typer.Option(help="Items file: item id + leaf/category/shop/brand columns.")] = None,
+    users: Annotated[Optional[Path], typer.Option(help="Users file: user id + profile columns (all other columns).")] = None,
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options under [preprocess].")] = None,
+    sep: Annotated[Optional[str], typer.Option(help="CSV delimiter of the event log. [default: detected]")] = None,
+    header: Annotated[Optional[bool], typer.Option("--header/--no-header", help="Whether the first CSV line is a header. [default: header]")] = None,
+    columns: Annotated[Optional[str], typer.Option(help="Column names for a headerless file, comma-separated.")] = None,
+    column: Annotated[Optional[list[str]], typer.Option(help="ROLE=NAME: which column plays a role (user, item, time, session, behavior, leaf, category, shop, brand). Repeatable.")] = None,
+    time_format: Annotated[Optional[str], typer.Option(help="strftime format of the time column, e.g. '%d.%m.%Y %H:%M' or '%m%d'. [default: unix s/ms or ISO-like, detected]")] = None,
+    min_item_count: Annotated[Optional[int], typer.Option(help="Drop items seen fewer times. [default: 5]")] = None,
+    max_user_events: Annotated[Optional[int], typer.Option(help="Drop users with more events (spam). [default: off]")] = None,
+    keep_duplicates: Annotated[Optional[bool], typer.Option("--keep-duplicates", help="Keep exact duplicate events. [default: drop]")] = None,
+    strict: Annotated[Optional[bool], typer.Option("--strict", help="Fail on rows with an empty user, item or time instead of dropping them.")] = None,
+    session_gap: Annotated[Optional[str], typer.Option(help="A gap this long or longer starts a new session (unless the session id is shared). [default: 10m]")] = None,
+    max_session_length: Annotated[Optional[int], typer.Option(help="Items per session at most. [default: 50]")] = None,
+    long_window: Annotated[Optional[str], typer.Option(help="How far back long-term sets reach, or 'none'. [default: 7d]")] = None,
+    max_long: Annotated[Optional[int], typer.Option(help="Values per long-term set at most. [default: 20]")] = None,
+    split: Annotated[Optional[str], typer.Option(help="temporal (last days are test) or leave-last-out. [default: temporal]")] = None,
+    test_days: Annotated[Optional[float], typer.Option(help="temporal: days at the end used for test. [default: 1]")] = None,
+    valid_days: Annotated[Optional[float], typer.Option(help="temporal: days before the test days used for validation. [default: 1]")] = None,
+    input_fraction: Annotated[Optional[float], typer.Option(help="temporal: share of a test session given as input. [default: 0.25]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild every stage even if cached.")] = False,
+) -> None:
+    """Turn a raw interaction log into cached Parquet sessions, long-term sets and splits."""
+    from pipeline.run import run_preprocess
+
+    settings = read_config_file(config_file)
+    given = {
+        "sep": sep, "header": header, "time_format": time_format, "min_item_count": min_item_count,
+        "max_user_events": max_user_events, "keep_duplicates": keep_duplicates, "strict": strict,
+        "max_session_length": max_session_length, "max_long": max_long, "split": split,
+        "test_days": test_days, "valid_days": valid_days, "input_fraction": input_fraction,
+        "session_gap": session_gap, "long_window": long_window,
+        "columns": columns.split(",") if columns else None,
+    }
+    settings |= {name: value for name, value in given.items() if value is not None}
+    column_map = {**settings.pop("column", {}), **settings.pop("column_map", {}), **parse_column_map(column or [])}
+    if "columns" in settings:
+        settings["columns"] = tuple(name.strip() for name in settings["columns"])
+    if "session_gap" in settings:
+        settings["session_gap_ms"] = parse_duration(settings.pop("session_gap"), option="--session-gap")
+    if "long_window" in settings:
+        settings["long_window_ms"] = parse_duration(settings.pop("long_window"), option="--long-window", allow_none=True)
+    config = PreprocessConfig(logs=logs, out=out, items=items, users=users, column_map=column_map, **settings)
+
+    with console.status("") as status:
+        reports = run_preprocess(
+            config, force=force, on_stage_start=lambda stage: status.update(f"[bold]{stage}[/]: building")
+        )
+    for report in reports:
+        state = "[dim]cached (inputs and parameters unchanged)[/]" if report.cached else f"built in {report.seconds:.2f}s"
+        console.print(f"[bold]{report.name:<10}[/] {state}")
+    print_summary({report.name: report.stats for report in reports})
+
+
+def print_summary(summary: dict[str, dict[str, Any]]) -> None:
+    table = Table(title="Preprocessing summary", show_header=True, header_style="bold")
+    table.add_column("stage")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for stage, stats in summary.items():
+        for name, value in stats.items():
+            if isinstance(value, float):
+                shown = f"{value:,.2f}"
+            elif isinstance(value, int):
+                shown = f"{value:,}"
+            else:
+                shown = ", ".join(value) if isinstance(value, list) else str(value)
+            table.add_row(stage, name.replace("_", " "), shown)
+    console.print(table)
+
+
+@app.command()
+def info(directory: Annotated[Path, typer.Argument(help="A `sdm preprocess` output directory.")]) -> None:
+    """Print the summary of a preprocess output again."""
+    from pipeline.run import load_summary
+
+    print_summary(load_summary(directory))
+
+
+@app.command()
+def inspect(
+    directory: Annotated[Path, typer.Argument(help="A `sdm preprocess` output directory.")],
+    user: Annotated[str, typer.Option(help="Raw user id, as in the input log.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Show one user's sessions and long-term sets, in raw ids."""
+    from pipeline.inspect import user_sessions
+
+    result = user_sessions(directory, user)
+    if as_json:
+        typer.echo(json.dumps(result, ensure_ascii=False))
+        return
+    table = Table(title=f"user {result['user']}: {len(result['sessions'])} sessions", header_style="bold")
+    for name in ("start (UTC)", "items", "long-term sets"):
+        table.add_column(name, overflow="fold")
+    from datetime import datetime, timezone
+
+    for session in result["sessions"]:
+        started = datetime.fromtimestamp(session["start"], tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        long_term = "\n".join(f"{name}: {' '.join(values)}" for name, values in session["long_term"].items() if values)
+        table.add_row(started, " ".join(session["items"]), long_term or "[dim]none[/]")
+    console.print(table)
+
+
+@app.command()
+def synth(
+    out: OutOption,
+    events: Annotated[int, typer.Option(help="Number of events.")] = 60_000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    fmt: Annotated[str, typer.Option("--format", help="csv, csv.gz or parquet.")] = "csv",
+) -> None:
+    """Generate a realistic synthetic e-commerce log (events, items, users)."""
+    from pipeline.synth import SynthConfig, write_synth
+
+    if fmt not in ("csv", "csv.gz", "parquet"):
+        raise InputError(f"--format {fmt!r}: expected csv, csv.gz or parquet")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: the output path is a file; choose a directory with --out")
+    with console.status(f"generating {events:,} events"):
+        paths = write_synth(SynthConfig(n_events=events, seed=seed), out, fmt)
+    for name, path in paths.items():
+        console.print(f"{name:<7} {path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except InputError as error:
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: completed stages are kept; rerun the same command to continue")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+@app.command("train")
+def train_command(
+    data: Annotated[Path, typer.Option(help="A `sdm preprocess` output directory.")],
+    out: OutOption,
+    model: Annotated[str, typer.Option(help="sdm, youtube-dnn or popularity.")] = "sdm",
+    epochs: Annotated[int, typer.Option(help="Epochs at most (early stopping may end sooner).")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Sessions per batch.")] = 256,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    dim: Annotated[int, typer.Option(help="Hidden size d.")] = 64,
+    lstm_layers: Annotated[int, typer.Option(help="Stacked LSTM layers.")] = 2,
+    heads: Annotated[int, typer.Option(help="Self-attention heads.")] = 4,
+    dropout: Annotated[float, typer.Option(help="Dropout between LSTM layers.")] = 0.2,
+    fusion: Annotated[str, typer.Option(help="gated, add, concat or multiply.")] = "gated",
+    long_term: Annotated[bool, typer.Option("--long-term/--no-long-term", help="Use the long-term sets.")] = True,
+    short_term: Annotated[bool, typer.Option("--short-term/--no-short-term", help="Use the short-term session.")] = True,
+    side_info: Annotated[bool, typer.Option("--side-info/--no-side-info", help="Embed leaf/category/shop/brand with the item id.")] = True,
+    user_id: Annotated[bool, typer.Option("--user-id", help="Add a user id embedding to the profile vector.")] = False,
+    tie_output: Annotated[bool, typer.Option("--tie-output", help="Score with the input item embedding instead of a separate output matrix.")] = False,
+    loss: Annotated[str, typer.Option(help="auto (exact softmax up to 20,000 items, else sampled), sampled or full.")] = "auto",
+    negatives: Annotated[str, typer.Option(help="Sampled softmax negatives: log-uniform or in-batch.")] = "log-uniform",
+    num_negatives: Annotated[int, typer.Option(help="Log-uniform negatives per batch.")] = 1000,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without validation improvement.")] = 3,
+    select_metric: Annotated[str, typer.Option(help="Validation metric that picks best.pt.")] = "recall@50",
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same data, same machine: same result).")] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads; 0 = all cores.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train SDM (or a baseline) on preprocessed data; checkpoints and history go to --out."""
+    from sdm.train import TrainConfig, train
+
+    config = TrainConfig(
+        data=str(data), out=str(out), model=model, epochs=epochs, batch_size=batch_size, lr=lr, dim=dim,
+        lstm_layers=lstm_layers, heads=heads, dropout=dropout, fusion=fusion, long_term=long_term,
+        short_term=short_term, side_info=side_info, user_id=user_id, tie_output=tie_output, loss=loss,
+        negatives=negatives, num_negatives=num_negatives, patience=patience, select_metric=select_metric,
+        seed=seed, threads=threads,
+    )
+    run_training(config, resume=resume, quiet=quiet)
+
+
+def run_training(config, *, resume: bool, quiet: bool) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from sdm.train import train
+
+    progress = Progress(
+        TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[speed]:,.0f} targets/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=quiet, transient=True,
+    )
+    epoch_counter = {"epoch": 0}
+
+    def start_epoch(total: int):
+        epoch_counter["epoch"] += 1
+        task = progress.add_task("", total=total, epoch=epoch_counter["epoch"], loss=float("nan"), speed=0.0)
+        started = time.perf_counter()
+
+        def advance(done: int, loss: float) -> None:
+            progress.advance(task, done)
+            elapsed = time.perf_counter() - started
+            progress.update(task, loss=loss, speed=progress.tasks[task].completed / max(elapsed, 1e-9))
+
+        return advance
+
+    def report(epoch) -> None:
+        epoch_counter["epoch"] = epoch.epoch
+        metric = config.select_metric
+        shown = f"{metric} {epoch.valid[metric]:.4f}" if metric in epoch.valid else "no validation cases"
+        if not quiet:
+            console.print(
+                f"epoch {epoch.epoch:>3}  loss {epoch.loss:.4f}  {epoch.targets_per_second:,.0f} targets/s  "
+                f"{shown}{'  [green]best[/]' if epoch.improved else ''}"
+            )
+
+    with progress:
+        history = train(config, resume=resume, on_epoch=report, progress=None if quiet else start_epoch)
+    print_history(history, config.select_metric)
+    console.print(f"run saved in {config.out} (best.pt = best {config.select_metric}); next: sdm evaluate --run {config.out}")
+
+
+def print_history(history: list[dict], metric: str) -> None:
+    table = Table(title="Training", header_style="bold")
+    for name in ("epoch", "loss", "targets/s", f"valid {metric}", "best"):
+        table.add_column(name, justify="right")
+    for row in history:
+        value = row["valid"].get(metric)
+        table.add_row(
+            str(row["epoch"]), f"{row['loss']:.4f}", f"{row['targets_per_second']:,.0f}",
+            "-" if value is None else f"{value:.4f}", "*" if row["improved"] else "",
+        )
+    console.print(table)
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        raise InputError(f"--k {text!r}: expected comma-separated positive integers, e.g. 10,20,50,100") from None
+    if not ks or ks[0] < 1:
+        raise InputError(f"--k {text!r}: expected comma-separated positive integers, e.g. 10,20,50,100")
+    return ks
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option(help="A `sdm train` output directory.")],
+    split: Annotated[str, typer.Option(help="test or valid.")] = "test",
+    k: Annotated[str, typer.Option("--k", help="Cut-offs, comma-separated.")] = "10,20,50,100",
+    exclude_seen: Annotated[bool, typer.Option("--exclude-seen", help="Never recommend items the user already interacted with.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Full-catalogue retrieval metrics of a trained run; written to RUN/metrics-<split>.json."""
+    from pipeline.cache import write_json_atomic
+    from sdm.evaluate import evaluate_split
+    from sdm.train import load_trained
+
+    if split not in ("test", "valid"):
+        raise InputError(f"--split {split!r}: expected test or valid")
+    ks = parse_ks(k)
+    model, run_config, catalogue = load_trained(run)
+    metrics = evaluate_split(model, Path(run_config["train"]["data"]), catalogue, split, ks, exclude_seen)
+    suffix = "-exclude-seen" if exclude_seen else ""
+    write_json_atomic(run / f"metrics-{split}{suffix}.json", {"split": split, "exclude_seen": exclude_seen, "metrics": metrics})
+    if as_json:
+        typer.echo(json.dumps(metrics))
+        return
+    table = Table(title=f"{run} on {split} ({metrics['n_cases']:,} cases{', seen items excluded' if exclude_seen else ''})", header_style="bold")
+    table.add_column("K", justify="right")
+    names = ("hit_rate", "recall", "precision", "f1", "ndcg", "mrr")
+    for name in names:
+        table.add_column(name, justify="right")
+    for cutoff in ks:
+        table.add_row(str(cutoff), *(f"{metrics.get(f'{name}@{cutoff}', float('nan')):.4f}" for name in names))
+    console.print(table)
+
+
+@app.command("recommend")
+def recommend_command(
+    run: Annotated[Path, typer.Option(help="A `sdm train` output directory.")],
+    user: Annotated[str, typer.Option(help="Raw user id, as in the input log.")],
+    k: Annotated[int, typer.Option("-k", "--k", help="Number of items.")] = 10,
+    exclude_seen: Annotated[bool, typer.Option("--exclude-seen", help="Skip items the user already interacted with.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
+) -> None:
+    """The user's top items after their latest session, with raw ids, scores and side information."""
+    from sdm.serving import recommend
+    from sdm.train import load_trained
+
+    if k < 1:
+        raise InputError("-k must be at least 1")
+    model, run_config, catalogue = load_trained(run)
+    ranked = recommend(model, Path(run_config["train"]["data"]), catalogue, user, k, exclude_seen)
+    if as_json:
+        typer.echo(ranked.write_ndjson())
+        return
+    table = Table(title=f"top {k} for user {user}", header_style="bold")
+    for name in ranked.columns:
+        table.add_column(name, justify="right" if name in ("rank", "score") else "left")
+    for row in ranked.iter_rows():
+        table.add_row(*(f"{value:.4f}" if isinstance(value, float) else str(value) for value in row))
+    console.print(table)
+
+
+@app.command("export")
+def export_command(
+    run: Annotated[Path, typer.Option(help="A `sdm train` output directory.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for the exported files. [default: RUN/export]")] = None,
+) -> None:
+    """Write item vectors, users' current vectors (Parquet) and the user tower (TorchScript)."""
+    from sdm.serving import export_run
+    from sdm.train import load_trained
+
+    model, run_config, catalogue = load_trained(run)
+    target = out or run / "export"
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{target}: the output path is a file; choose a directory with --out")
+    summary = export_run(model, Path(run_config["train"]["data"]), catalogue, target)
+    console.print(f"exported {summary['items']:,} item and {summary['users']:,} user vectors (d={summary['dim']}) and user_tower.pt to {target}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes its data and runs.")] = Path("sdm-demo"),
+    epochs: Annotated[int, typer.Option(help="Training epochs for SDM.")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Run the whole job on the shipped sample data: preprocess, train SDM and baselines, evaluate, recommend."""
+    from pipeline.run import run_preprocess
+    from sdm.evaluate import evaluate_split
+    from sdm.serving import recommend
+    from sdm.train import TrainConfig, load_trained
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: the output path is a file; choose a directory with --out")
+    data = out / "data"
+    console.rule("1. sdm preprocess sample_data/events.csv")
+    config = PreprocessConfig(
+        logs=SAMPLE_DIR / "events.csv", items=SAMPLE_DIR / "items.csv", users=SAMPLE_DIR / "users.csv", out=data
+    )
+    print_summary({report.name: report.stats for report in run_preprocess(config)})
+    results = {}
+    for name in ("popularity", "youtube-dnn", "sdm"):
+        console.rule(f"2. sdm train --model {name}")
+        run = out / "runs" / f"{name}-seed{seed}"
+        train_config = TrainConfig(data=str(data), out=str(run), model=name, epochs=epochs, seed=seed)
+        if (run / "config.json").is_file() and (run / "last.pt").is_file():
+            run_training(train_config, resume=True, quiet=False)
+        else:
+            run_training(train_config, resume=False, quiet=False)
+        model, _, catalogue = load_trained(run)
+        results[name] = evaluate_split(model, data, catalogue, "test", [20, 50])
+    console.rule("3. sdm evaluate (test split, full catalogue)")
+    table = Table(header_style="bold")
+    table.add_column("model")
+    for metric in ("hit_rate@20", "recall@20", "ndcg@20", "hit_rate@50", "recall@50"):
+        table.add_column(metric, justify="right")
+    for name, metrics in results.items():
+        table.add_row(name, *(f"{metrics[m]:.4f}" for m in ("hit_rate@20", "recall@20", "ndcg@20", "hit_rate@50", "recall@50")))
+    console.print(table)
+    console.rule("4. sdm recommend")
+    model, run_config, catalogue = load_trained(out / "runs" / f"sdm-seed{seed}")
+    raw_user = pl_first_user(data)
+    ranked = recommend(model, data, catalogue, raw_user, 5, exclude_seen=False)
+    console.print(f"top 5 for user {raw_user}:")
+    console.print(ranked)
+
+
+def pl_first_user(data: Path) -> str:
+    import polars as pl
+
+    return pl.read_parquet(data / "events" / "vocab" / "user.parquet").get_column("raw")[0]

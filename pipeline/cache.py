@@ -1,0 +1,110 @@
+"""Stage directories that are either complete or absent, and the fingerprints that decide reuse.
+
+A stage is built in a hidden temporary directory next to its final place; its manifest is the
+last file written, and the directory is renamed into place only then. A run killed at any moment
+therefore leaves the old complete stage, or no stage, never one that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+HASH_CHUNK = 1 << 22
+
+
+def package_version() -> str:
+    try:
+        return version("sdm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def file_digest(path: Path) -> str:
+    """Content hash of a file (BLAKE2b): renaming or touching a file does not invalidate caches."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((stage_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def manifest_digest(stage_dir: Path) -> str:
+    return hashlib.blake2b((stage_dir / MANIFEST).read_bytes(), digest_size=16).hexdigest()
+
+
+def is_current(stage_dir: Path, fingerprint: dict[str, Any]) -> bool:
+    manifest = read_manifest(stage_dir)
+    return manifest is not None and manifest.get("fingerprint") == fingerprint
+
+
+def fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    with open(temporary, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def remove_leftovers(parent: Path, name: str) -> None:
+    """Delete temporary directories that a killed run left behind."""
+    for leftover in parent.glob(f".{name}.*-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def build_stage(
+    parent: Path,
+    name: str,
+    fingerprint: dict[str, Any],
+    build: Callable[[Path], dict[str, Any]],
+) -> dict[str, Any]:
+    """Run `build(tmp_dir) -> stats`, then publish tmp_dir as parent/name with its manifest."""
+    remove_leftovers(parent, name)
+    temporary = parent / f".{name}.tmp-{uuid.uuid4().hex}"
+    temporary.mkdir(parents=True)
+    try:
+        stats = build(temporary)
+        manifest = {"stage": name, "version": package_version(), "fingerprint": fingerprint, "stats": stats}
+        for written in temporary.rglob("*"):
+            if written.is_file():
+                with open(written, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        write_json_atomic(temporary / MANIFEST, manifest)
+        fsync_directory(temporary)
+        final = parent / name
+        if final.exists():
+            retired = parent / f".{name}.old-{uuid.uuid4().hex}"
+            os.replace(final, retired)
+            os.replace(temporary, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(temporary, final)
+        fsync_directory(parent)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return manifest

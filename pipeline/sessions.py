@@ -1,0 +1,57 @@
+"""Stage 2, sessions: cut each user's time-ordered events into short sessions (paper §3.1).
+
+Two adjacent events of a user stay together when they share a session id, or when the later one
+comes less than `session_gap` after the earlier one. A session that already holds
+`max_session_length` items is closed and the next event opens a new one.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from pipeline.events import ID
+
+SESSION_EVENT_SCHEMA = {"user": ID, "item": ID, "time": pl.Int64, "order": pl.UInt32,
+                        "session": ID, "position": ID}
+SESSION_SCHEMA = {"session": ID, "user": ID, "start": pl.Int64, "end": pl.Int64,
+                  "length": ID, "first_order": pl.UInt32, "items": pl.List(ID)}
+
+
+def opens_session(session_gap_ms: int) -> pl.Expr:
+    """True where an event starts a new session by the gap/id rule (before the length cap).
+    Expects events sorted by (user, time, input row)."""
+    first_of_user = pl.col("user") != pl.col("user").shift(1)
+    long_gap = (pl.col("time") - pl.col("time").shift(1)) >= session_gap_ms
+    shared_id = (pl.col("session_key") != 0) & (pl.col("session_key") == pl.col("session_key").shift(1))
+    return (first_of_user | (long_gap & ~shared_id)).fill_null(True)
+
+
+def assign_sessions(events: pl.DataFrame, session_gap_ms: int, max_session_length: int) -> pl.DataFrame:
+    """Events with their global `session` number (in user, time order) and `position` in it."""
+    return (
+        events.lazy()
+        .with_columns(rule_session=opens_session(session_gap_ms).cum_sum())
+        .with_columns(rule_position=pl.col("order") - pl.col("order").min().over("rule_session"))
+        .with_columns(
+            session=((pl.col("rule_position") % max_session_length) == 0).cum_sum() - 1,
+            position=pl.col("rule_position") % max_session_length,
+        )
+        .select(pl.col(name).cast(dtype) for name, dtype in SESSION_EVENT_SCHEMA.items())
+        .collect()
+    )
+
+
+def summarise_sessions(session_events: pl.DataFrame) -> pl.DataFrame:
+    """One row per session: its user, time span, length, first event and items in order."""
+    return (
+        session_events.group_by("session", maintain_order=True)
+        .agg(
+            pl.col("user").first(),
+            pl.col("time").first().alias("start"),
+            pl.col("time").last().alias("end"),
+            pl.len().alias("length"),
+            pl.col("order").first().alias("first_order"),
+            pl.col("item").alias("items"),
+        )
+        .select(pl.col(name).cast(dtype) for name, dtype in SESSION_SCHEMA.items())
+    )

@@ -1,0 +1,1 @@
+"""SDM: Sequential Deep Matching (Lv et al., CIKM 2019)."""

@@ -1,0 +1,83 @@
+"""Softmax losses over the item catalogue (paper §3.6: sampled softmax with cross-entropy).
+
+Every loss takes user_vecs [N, d] (one row per target), targets [N] item ids >= 1 and
+item_vectors [n_items, d] whose row 0 is padding and never a candidate, and returns the mean loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class LogUniformSampler:
+    """Zipf sampler over ids [1, n_items): P(id) = (log(id + 1) - log(id)) / log(n_items).
+
+    Item ids are ranked by descending training frequency, so this approximates the unigram
+    distribution without storing it (TF's log_uniform_candidate_sampler, shifted past padding).
+    """
+
+    def __init__(self, n_items: int):
+        if n_items < 2:
+            raise ValueError("need at least one non-padding item")
+        self.n_items = n_items
+
+    def sample(self, num: int, generator: torch.Generator | None = None) -> Tensor:
+        """-> ids [num], drawn with replacement."""
+        # Inverse CDF: P(id <= k) = log(k + 1) / log(n_items), so id = floor(n_items ** u), u ~ U[0, 1).
+        u = torch.rand(num, generator=generator, dtype=torch.float64)
+        ids = torch.exp(u * math.log(self.n_items)).floor().long()
+        return ids.clamp(1, self.n_items - 1)  # float rounding could reach n_items
+
+    def log_prob(self, ids: Tensor) -> Tensor:
+        """ids [...] in [1, n_items) -> log P(id) [...] (float32)."""
+        ids = ids.double()
+        return (torch.log(torch.log1p(1.0 / ids)) - math.log(math.log(self.n_items))).float()
+
+
+def sampled_softmax_loss(
+    user_vecs: Tensor,
+    targets: Tensor,
+    item_vectors: Tensor,
+    sampler: LogUniformSampler,
+    num_negatives: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Cross-entropy over {target} + num_negatives shared log-uniform negatives, with logQ correction.
+
+    Each negative's logit is reduced by log(num_negatives * P(id)), its expected count, so that
+    sum_j exp(logit_j) estimates the partition function over the catalogue; a negative equal to the
+    row's target (accidental hit) is dropped. Unlike TF, the target's own logit is not corrected:
+    the target is always a candidate, not a sample, and with this choice the loss converges to the
+    full softmax loss as num_negatives grows (TF's corrected target logit makes it drift by
+    log(num_negatives * P(target))).
+    """
+    negatives = sampler.sample(num_negatives, generator).to(targets.device)  # [S]
+    true_logits = (user_vecs * item_vectors[targets]).sum(-1, keepdim=True)  # [N, 1]
+    log_expected_count = math.log(num_negatives) + sampler.log_prob(negatives).to(user_vecs.dtype)  # [S]
+    sampled_logits = user_vecs @ item_vectors[negatives].T - log_expected_count  # [N, S]
+    sampled_logits = sampled_logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([true_logits, sampled_logits], dim=1)  # [N, 1 + S]
+    return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def in_batch_softmax_loss(user_vecs: Tensor, targets: Tensor, item_vectors: Tensor, log_q: Tensor) -> Tensor:
+    """Cross-entropy where row i's candidates are the targets of all rows, logit_ij = u_i . v_j - log q(t_j).
+
+    log_q [n_items]: log probability of an item appearing as a target (unigram), the rate at which
+    it is drawn as a negative. Another row with the same target is an accidental hit and is dropped.
+    """
+    logits = user_vecs @ item_vectors[targets].T - log_q[targets].to(user_vecs.dtype)  # [N, N]
+    rows = torch.arange(len(targets), device=targets.device)
+    accidental = (targets[None, :] == targets[:, None]) & (rows[None, :] != rows[:, None])  # [N, N]
+    logits = logits.masked_fill(accidental, float("-inf"))
+    return F.cross_entropy(logits, rows)
+
+
+def full_softmax_loss(user_vecs: Tensor, targets: Tensor, item_vectors: Tensor) -> Tensor:
+    """Exact cross-entropy over items 1..n_items-1."""
+    logits = user_vecs @ item_vectors[1:].T  # [N, n_items - 1]
+    return F.cross_entropy(logits, targets - 1)

@@ -1,0 +1,183 @@
+"""Exact top-K retrieval by maximum inner product over the whole item catalogue.
+
+SDM scores item v for user u as the inner product o_u · V_v of the fused user vector and
+the item output embedding (paper §3.6), and matching returns the K best items. This module
+does that exactly, with bounded memory, for any catalogue size:
+
+    for each query chunk Q (rows of `queries`):
+        best = K slots of (-inf, id -1)
+        for each item chunk I (rows of `items`):
+            S = items[I] @ queries[Q].T                      # [|I|, |Q|]
+            knock out the padding row and excluded (case, item) pairs with -inf
+            keep the entries of S that can still enter `best` (block-maximum filter)
+            best = top K of (best ∪ kept entries)
+
+The block-maximum filter is what makes this faster than `torch.topk` on every chunk.
+Items are grouped in blocks of 64 consecutive rows; the maximum of each block is one cheap
+reduction over S. An entry can only enter `best` if it beats the current K-th best score,
+and only if it is no smaller than the K-th largest block maximum of its chunk (those K block
+maxima are K distinct entries of the chunk). So only the few blocks passing both bounds are
+gathered, their qualifying entries extracted, and sorted together with `best`.
+
+Ordering is (score descending, item id ascending): ties go to the smaller id. A stable sort
+of `best` followed by the chunk's candidates (both listed in increasing id among equal
+scores, and every id of `best` smaller than the chunk's) implements exactly that. Scores
+must be finite: -inf marks "no item".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CSR = tuple[Tensor, Tensor]  # (indptr [N + 1], indices [nnz]), int64: row n owns indices[indptr[n]:indptr[n + 1]]
+
+BLOCK = 64  # items per block of the block-maximum filter
+
+
+def top_k(
+    queries: Tensor,
+    items: Tensor,
+    k: int,
+    *,
+    exclude: CSR | None = None,
+    item_chunk: int = 65_536,
+    query_chunk: int = 4_096,
+    skip_padding: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Exact maximum-inner-product top-k: scores [N, k] (descending) and item ids [N, k] (int64).
+
+    queries [N, d], items [M, d] (row 0 is the padding item and is never returned when
+    skip_padding). Memory is bounded by one [item_chunk, query_chunk] score block plus
+    small candidate buffers, whatever M is. Ties are broken by the smaller item id.
+    `exclude` is a CSR (indptr [N + 1], indices [nnz]) of item ids that case n must not get
+    (e.g. items the user has already seen). If k exceeds the number of eligible items, the
+    tail has score -inf and id -1.
+    """
+    if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
+        raise ValueError(f"expected queries [N, d] and items [M, d], got {tuple(queries.shape)} and {tuple(items.shape)}")
+    if queries.dtype != items.dtype:
+        raise ValueError(f"queries and items must share a dtype, got {queries.dtype} and {items.dtype}")
+    if k < 1 or item_chunk < 1 or query_chunk < 1:
+        raise ValueError("k, item_chunk and query_chunk must be positive")
+    n_cases, n_items = queries.shape[0], items.shape[0]
+    if exclude is not None:
+        indptr, indices = exclude
+        if indptr.shape != (n_cases + 1,):
+            raise ValueError(f"exclude indptr must have N + 1 = {n_cases + 1} entries, got {tuple(indptr.shape)}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_items):
+            raise ValueError(f"exclude holds item ids outside [0, {n_items})")
+
+    best_scores = torch.empty(n_cases, k, dtype=queries.dtype)
+    best_ids = torch.empty(n_cases, k, dtype=torch.int64)
+    for start in range(0, n_cases, query_chunk):
+        stop = min(start + query_chunk, n_cases)
+        excluded = _excluded_pairs(exclude, start, stop, item_chunk, n_items) if exclude is not None else None
+        best_scores[start:stop], best_ids[start:stop] = _top_k_for_query_chunk(
+            queries[start:stop], items, k, excluded, item_chunk, skip_padding
+        )
+    return best_scores, best_ids
+
+
+def _top_k_for_query_chunk(
+    queries: Tensor,
+    items: Tensor,
+    k: int,
+    excluded: tuple[Tensor, Tensor, Tensor] | None,
+    item_chunk: int,
+    skip_padding: bool,
+) -> tuple[Tensor, Tensor]:
+    """Running top-k of one query chunk over all item chunks: ([Q, k] scores, [Q, k] ids)."""
+    n_queries, n_items = queries.shape[0], items.shape[0]
+    best_scores = torch.full((n_queries, k), float("-inf"), dtype=queries.dtype)  # [Q, k]
+    best_ids = torch.full((n_queries, k), -1, dtype=torch.int64)  # [Q, k]
+    # One score buffer, reused by every item chunk; rows are padded to whole blocks.
+    padded_chunk = -(-min(item_chunk, n_items) // BLOCK) * BLOCK
+    buffer = torch.empty(padded_chunk, n_queries, dtype=queries.dtype)
+
+    for chunk_index, item_start in enumerate(range(0, n_items, item_chunk)):
+        item_stop = min(item_start + item_chunk, n_items)
+        n_rows = -(-(item_stop - item_start) // BLOCK) * BLOCK
+        scores = buffer[:n_rows]  # [I, Q], I a multiple of BLOCK
+        torch.mm(items[item_start:item_stop], queries.T, out=scores[: item_stop - item_start])
+        scores[item_stop - item_start :] = float("-inf")  # rows past the catalogue's end
+        if skip_padding and item_start == 0:
+            scores[0] = float("-inf")
+        if excluded is not None:
+            excluded_items, excluded_cases, chunk_bounds = excluded
+            lo, hi = chunk_bounds[chunk_index], chunk_bounds[chunk_index + 1]
+            scores[excluded_items[lo:hi] - item_start, excluded_cases[lo:hi]] = float("-inf")
+
+        threshold = best_scores[:, -1]  # [Q] current k-th best; later items must beat it strictly
+        case, item, score = _candidates(scores, threshold, k)
+        best_scores, best_ids = _merge(best_scores, best_ids, case, item + item_start, score, k)
+    return best_scores, best_ids
+
+
+def _candidates(scores: Tensor, threshold: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Entries of scores [I, Q] that may enter the running top-k, as (case [P], item [P], score [P])
+    sorted by case then item (item is the row within the chunk).
+
+    An entry qualifies if score > threshold[case]: an equal score loses the tie to the running
+    items, whose ids are smaller. While that lets more than k blocks through for some case
+    (the running top-k is not full yet, or the chunk is unusually good), entries must also be
+    >= the case's k-th largest block maximum: the chunk holds k entries at least that large,
+    and an equal one may still win on id.
+    """
+    n_blocks, n_queries = scores.shape[0] // BLOCK, scores.shape[1]
+    blocks = scores.view(n_blocks, BLOCK, n_queries)  # [nb, BLOCK, Q]
+    block_max = blocks.amax(dim=1)  # [nb, Q]
+    block_passes = block_max > threshold  # [nb, Q]
+    lower_bound = threshold.new_full((n_queries,), float("-inf"))  # [Q]
+    if n_blocks > k and int(block_passes.sum(dim=0).max()) > k:
+        lower_bound = block_max.topk(k, dim=0, sorted=False).values.amin(dim=0)
+        block_passes &= block_max >= lower_bound
+
+    # Blocks are listed case-major so that candidates come out sorted by (case, item).
+    block_case, block_index = block_passes.T.nonzero(as_tuple=True)  # [B], [B]
+    block_scores = blocks[block_index, :, block_case]  # [B, BLOCK]
+    block_threshold = threshold[block_case].unsqueeze(1)  # [B, 1]
+    block_lower_bound = lower_bound[block_case].unsqueeze(1)  # [B, 1]
+    entry_passes = (block_scores > block_threshold) & (block_scores >= block_lower_bound)  # [B, BLOCK]
+    block_row, lane = entry_passes.nonzero(as_tuple=True)  # [P], [P]
+    return block_case[block_row], block_index[block_row] * BLOCK + lane, block_scores[block_row, lane]
+
+
+def _merge(
+    best_scores: Tensor, best_ids: Tensor, case: Tensor, item: Tensor, score: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """Top-k of the running best [Q, k] and the candidates (sorted by case, then item id)."""
+    n_queries = best_scores.shape[0]
+    # Lay the ragged candidates out densely: row = case, column = rank among the case's candidates.
+    per_case = torch.bincount(case, minlength=n_queries)  # [Q]
+    first_of_case = torch.cumsum(per_case, 0) - per_case  # [Q]
+    column = torch.arange(case.numel()) - first_of_case[case]  # [P]
+    width = int(per_case.max()) if case.numel() else 0
+    dense_scores = best_scores.new_full((n_queries, width), float("-inf"))  # [Q, W]
+    dense_ids = best_ids.new_full((n_queries, width), -1)  # [Q, W]
+    dense_scores[case, column] = score
+    dense_ids[case, column] = item
+
+    # Among equal scores, running entries (smaller ids) precede candidates in id order, so a
+    # stable sort breaks ties by the smaller id.
+    all_scores = torch.cat([best_scores, dense_scores], dim=1)  # [Q, k + W]
+    all_ids = torch.cat([best_ids, dense_ids], dim=1)  # [Q, k + W]
+    top_scores, order = all_scores.sort(dim=1, descending=True, stable=True)
+    return top_scores[:, :k], all_ids.gather(1, order[:, :k])
+
+
+def _excluded_pairs(
+    exclude: CSR, start: int, stop: int, item_chunk: int, n_items: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The (item, case) pairs of cases [start, stop), case relative to start, sorted by item
+    chunk: (items [E], cases [E], chunk_bounds [n_chunks + 1]) with chunk c owning
+    pairs chunk_bounds[c]:chunk_bounds[c + 1]."""
+    indptr, indices = exclude
+    lo, hi = int(indptr[start]), int(indptr[stop])
+    per_case = indptr[start + 1 : stop + 1] - indptr[start:stop]  # [Q]
+    cases = torch.repeat_interleave(torch.arange(stop - start), per_case)  # [E]
+    chunk_of_pair = indices[lo:hi] // item_chunk  # [E]
+    chunk_of_pair, order = chunk_of_pair.sort(stable=True)
+    n_chunks = -(-n_items // item_chunk)
+    chunk_bounds = torch.searchsorted(chunk_of_pair, torch.arange(n_chunks + 1))
+    return indices[lo:hi][order], cases[order], chunk_bounds

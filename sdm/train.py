@@ -1,0 +1,292 @@
+"""`sdm train`: fit a model on the training split, select the epoch on the validation split.
+
+Every position of a training session is trained in one pass (causal masks), as in the paper's
+official code: position t predicts the item at t + 1, and the last position the first item of
+the user's next session.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.cache import manifest_digest
+from pipeline.errors import InputError
+from sdm.baselines import MODEL_NAMES, build_model
+from sdm.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint, read_run_config, save_checkpoint, write_run_json
+from sdm.config import ModelConfig
+from sdm.data import Catalogue, SessionData, length_grouped_batches, load_cases, load_catalogue, load_training
+from sdm.evaluate import evaluate_cases
+from sdm.losses import LogUniformSampler, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
+from sdm.model import Recommender
+
+FULL_SOFTMAX_MAX_ITEMS = 20_000  # --loss auto uses the exact softmax up to this catalogue size
+LOSSES = ("auto", "sampled", "full")
+NEGATIVES = ("log-uniform", "in-batch")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "sdm"
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    clip_norm: float = 5.0
+    loss: str = "auto"
+    negatives: str = "log-uniform"
+    num_negatives: int = 1000
+    patience: int = 3
+    select_metric: str = "recall@50"
+    ks: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
+    seed: int = 0
+    threads: int = 0  # 0 = every core
+    # model
+    dim: int = 64
+    lstm_layers: int = 2
+    heads: int = 4
+    dropout: float = 0.2
+    fusion: str = "gated"
+    long_term: bool = True
+    short_term: bool = True
+    side_info: bool = True
+    user_id: bool = False
+    tie_output: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.model in MODEL_NAMES, f"--model must be one of {', '.join(MODEL_NAMES)}"),
+            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
+            (self.negatives in NEGATIVES, f"--negatives must be one of {', '.join(NEGATIVES)}"),
+            (self.epochs >= 0 and self.batch_size >= 1 and self.lr > 0, "--epochs, --batch-size and --lr must be positive"),
+            (self.num_negatives >= 1, "--num-negatives must be at least 1"),
+            (self.long_term or self.short_term, "--no-long-term and --no-short-term together leave nothing to model"),
+            (self.dim % max(self.heads, 1) == 0, f"--dim {self.dim} must be divisible by --heads {self.heads}"),
+            (self.select_metric.partition("@")[2].isdigit(), "--select-metric must look like recall@50"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+        if int(self.select_metric.partition("@")[2]) not in self.ks:
+            self.ks = sorted({*self.ks, int(self.select_metric.partition("@")[2])})
+
+    def model_config(self, catalogue: Catalogue) -> ModelConfig:
+        return ModelConfig(
+            n_items=catalogue.n_items,
+            n_users=catalogue.n_users,
+            side_vocab=catalogue.side_vocab,
+            profile_vocab=catalogue.profile_vocab,
+            dim=self.dim,
+            lstm_layers=self.lstm_layers,
+            heads=self.heads,
+            dropout=self.dropout,
+            fusion=self.fusion,
+            use_long_term=self.long_term,
+            use_short_term=self.short_term,
+            use_side_info=self.side_info,
+            use_user_id=self.user_id,
+            tie_output=self.tie_output,
+        )
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    loss: float
+    targets_per_second: float
+    seconds: float
+    valid: dict[str, float]
+    improved: bool
+
+
+def make_loss(config: TrainConfig, catalogue: Catalogue) -> Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor]:
+    """The training loss as a function of (user vectors [N, d], targets [N], V, generator)."""
+    use_full = config.loss == "full" or (config.loss == "auto" and catalogue.n_items <= FULL_SOFTMAX_MAX_ITEMS)
+    if use_full:
+        return lambda users, targets, items, generator: full_softmax_loss(users, targets, items)
+    if config.negatives == "in-batch":
+        log_q = torch.log((catalogue.item_counts.double() + 1) / (catalogue.item_counts.sum() + catalogue.n_items)).float()
+        return lambda users, targets, items, generator: in_batch_softmax_loss(users, targets, items, log_q)
+    sampler = LogUniformSampler(catalogue.n_items)
+    return lambda users, targets, items, generator: sampled_softmax_loss(
+        users, targets, items, sampler, config.num_negatives, generator
+    )
+
+
+def loss_name(config: TrainConfig, catalogue: Catalogue) -> str:
+    if config.loss == "full" or (config.loss == "auto" and catalogue.n_items <= FULL_SOFTMAX_MAX_ITEMS):
+        return "full softmax"
+    if config.negatives == "in-batch":
+        return "in-batch sampled softmax (logQ)"
+    return f"sampled softmax, {config.num_negatives} log-uniform negatives (logQ)"
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Batch order and negatives depend only on (seed, epoch), so a resumed run repeats them."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def train_epoch(
+    model: Recommender,
+    optimizer: torch.optim.Optimizer,
+    train: SessionData,
+    loss_fn: Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor],
+    config: TrainConfig,
+    generator: torch.Generator,
+    on_batch: Callable[[int, float], None] | None = None,
+) -> tuple[float, int]:
+    """One pass over the training sessions -> (mean loss per target, number of targets)."""
+    model.train()
+    total_loss, total_targets = 0.0, 0
+    for rows in length_grouped_batches(train.tensors["lengths"], config.batch_size, generator):
+        batch = train.batch(rows)
+        targets = batch["targets"]  # [B, T]
+        predicts = targets > 0  # [B, T]
+        n_targets = int(predicts.sum())
+        if n_targets == 0:
+            continue
+        user_vectors = model(batch)[predicts]  # [N, d]
+        loss = loss_fn(user_vectors, targets[predicts], model.item_vectors(), generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+        optimizer.step()
+        total_loss += float(loss) * n_targets
+        total_targets += n_targets
+        if on_batch is not None:
+            on_batch(n_targets, float(loss))
+    return total_loss / max(total_targets, 1), total_targets
+
+
+def count_targets(train: SessionData) -> int:
+    return int((train.tensors["targets"] > 0).sum())
+
+
+def data_fingerprint(data: Path) -> str:
+    return manifest_digest(data / "splits")
+
+
+def prepare_run(config: TrainConfig, resume: bool) -> dict[str, Any] | None:
+    """Check the run directory; return the checkpoint to resume from, if any."""
+    run = Path(config.out)
+    if run.exists() and not run.is_dir():
+        raise InputError(f"{run}: the output path is a file; choose a directory with --out")
+    if resume:
+        if not (run / LAST).is_file():
+            if (run / CONFIG).is_file():
+                return None  # killed before its first checkpoint: start over
+            raise InputError(f"{run}: nothing to resume (no {LAST}); drop --resume to start a new run")
+        saved = read_run_config(run)["train"]
+        if {k: v for k, v in saved.items() if k != "epochs"} != {k: v for k, v in asdict(config).items() if k != "epochs"}:
+            raise InputError(f"{run}: --resume needs the same options as the original run (only --epochs may change)")
+        return load_checkpoint(run / LAST)
+    if (run / CONFIG).is_file():
+        raise InputError(f"{run}: already holds a run; pass --resume to continue it or choose another --out")
+    return None
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    progress: Callable[[int], Callable[[int, float], None]] | None = None,
+) -> list[dict[str, Any]]:
+    """Train, checkpointing every epoch under config.out; return the per-epoch history.
+    `progress(total_targets)` may return a per-batch callback (targets done, batch loss)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    data, run = Path(config.data), Path(config.out)
+    checkpoint = prepare_run(config, resume)
+    catalogue = load_catalogue(data)
+    train_data = load_training(data, catalogue)
+    valid, _ = load_cases(data, catalogue, "valid")
+    model_config = config.model_config(catalogue)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, model_config, catalogue.item_side, catalogue.item_counts)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.lr) if trainable else None
+
+    run.mkdir(parents=True, exist_ok=True)
+    run_config = {
+        "train": asdict(config),
+        "model": model_config.to_dict(),
+        "catalogue": catalogue.vocab_sizes(),
+        "data_fingerprint": data_fingerprint(data),
+        "loss": loss_name(config, catalogue) if trainable else "none",
+    }
+    write_run_json(run, CONFIG, run_config)
+
+    history: list[dict[str, Any]] = []
+    best_value, bad_epochs, start_epoch = -math.inf, 0, 0
+    if checkpoint is not None:
+        if checkpoint["data_fingerprint"] != run_config["data_fingerprint"]:
+            raise InputError(f"{run}: the data in {data} changed since this run started; start a new run")
+        model.load_state_dict(checkpoint["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"])
+        history = json.loads(checkpoint["history"])
+        best_value, bad_epochs, start_epoch = checkpoint["best_value"], checkpoint["bad_epochs"], checkpoint["epoch"] + 1
+
+    loss_fn = make_loss(config, catalogue)
+    epochs = config.epochs if trainable else 1
+    total_targets = count_targets(train_data)
+    for epoch in range(start_epoch, epochs):
+        if bad_epochs >= config.patience:
+            break
+        started = time.perf_counter()
+        mean_loss = 0.0
+        if optimizer is not None:
+            on_batch = progress(total_targets) if progress is not None else None
+            mean_loss, _ = train_epoch(model, optimizer, train_data, loss_fn, config, epoch_generator(config.seed, epoch), on_batch)
+        seconds = time.perf_counter() - started
+        metrics = evaluate_cases(model, valid, config.ks) if len(valid) else {}
+        value = metrics.get(config.select_metric, -mean_loss)
+        improved = value > best_value
+        best_value, bad_epochs = (value, 0) if improved else (best_value, bad_epochs + 1)
+        report = EpochReport(epoch + 1, mean_loss, total_targets / seconds if optimizer else 0.0, seconds, metrics, improved)
+        history.append(asdict(report))
+        if improved:
+            save_checkpoint({"model": model.state_dict(), "epoch": epoch, "config": json.dumps(run_config)}, run / BEST)
+        save_checkpoint(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer is not None else {},
+                "epoch": epoch,
+                "rng": torch.get_rng_state(),
+                "history": json.dumps(history),
+                "best_value": best_value,
+                "bad_epochs": bad_epochs,
+                "data_fingerprint": run_config["data_fingerprint"],
+            },
+            run / LAST,
+        )
+        write_run_json(run, HISTORY, history)
+        if on_epoch is not None:
+            on_epoch(report)
+    return history
+
+
+def load_trained(run: Path) -> tuple[Recommender, dict[str, Any], Catalogue]:
+    """The best model of a run, with its config and the catalogue of its data."""
+    run_config = read_run_config(run)
+    data = Path(run_config["train"]["data"])
+    catalogue = load_catalogue(data)
+    if data_fingerprint(data) != run_config["data_fingerprint"]:
+        raise InputError(f"{run}: its data {data} changed since training; retrain or re-run preprocess with the old options")
+    model = build_model(
+        run_config["train"]["model"], ModelConfig.from_dict(run_config["model"]), catalogue.item_side, catalogue.item_counts
+    )
+    model.load_state_dict(load_checkpoint(run / BEST)["model"])
+    model.eval()
+    return model, run_config, catalogue

@@ -1,0 +1,387 @@
+import json
+import math
+
+import pytest
+import torch
+
+from sdm.baselines import MODEL_NAMES, YouTubeDNN, build_model
+from sdm.config import ModelConfig
+from sdm.fusion import GatedFusion
+from sdm.losses import full_softmax_loss
+from sdm.model import SDM
+from sdm.short_term import attention_mask, user_attention_weights
+
+N_ITEMS = 40
+SIDE_VOCAB = {"leaf": 9, "category": 4, "shop": 7, "brand": 6}
+PROFILE_VOCAB = [5, 3]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    # These tensors are tiny: a second intra-op thread only adds synchronisation, which on a busy
+    # machine costs more than the work itself.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_config(**overrides) -> ModelConfig:
+    values = dict(n_items=N_ITEMS, n_users=20, side_vocab=SIDE_VOCAB, profile_vocab=PROFILE_VOCAB, dim=16, heads=4)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def make_item_side(config: ModelConfig, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    columns = [torch.randint(1, config.side_vocab[f], (config.n_items,), generator=g) for f in config.side_features]
+    item_side = torch.stack(columns, dim=1) if columns else torch.zeros(config.n_items, 0, dtype=torch.long)
+    item_side[0] = 0
+    return item_side
+
+
+def make_batch(config: ModelConfig, B: int = 6, T: int = 5, L: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded sessions of lengths 1..T and long-term sets of random sizes (row 0 empty)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[0] = T
+    items = torch.randint(1, config.n_items, (B, T), generator=g) * (torch.arange(T) < lengths[:, None])
+    batch = {
+        "items": items,
+        "lengths": lengths,
+        "profile": torch.stack([torch.randint(0, v, (B,), generator=g) for v in config.profile_vocab], 1)
+        if config.profile_vocab
+        else torch.zeros(B, 0, dtype=torch.long),
+        "user": torch.randint(1, config.n_users, (B,), generator=g),
+    }
+    set_sizes = torch.randint(0, L + 1, (B,), generator=g)
+    set_sizes[0] = 0
+    for f in ("item", *SIDE_VOCAB):
+        vocab = config.n_items if f == "item" else SIDE_VOCAB[f]
+        batch[f"long_{f}"] = torch.randint(1, vocab, (B, L), generator=g) * (torch.arange(L) < set_sizes[:, None])
+    return batch
+
+
+def make_model(name: str = "sdm", seed: int = 0, **overrides) -> torch.nn.Module:
+    config = make_config(**overrides)
+    torch.manual_seed(seed)
+    counts = torch.arange(config.n_items, 0, -1)
+    model = build_model(name, config, make_item_side(config), counts)
+    return model.eval()
+
+
+def pad_right(batch: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
+    """Append `extra` padding columns to the session and to every long-term set."""
+    padded = dict(batch)
+    for key, value in batch.items():
+        if key == "items" or key.startswith("long_"):
+            padded[key] = torch.cat([value, torch.zeros(value.shape[0], extra, dtype=value.dtype)], dim=1)
+    return padded
+
+
+ABLATIONS = [
+    {},
+    {"fusion": "add"},
+    {"fusion": "concat"},
+    {"fusion": "multiply"},
+    {"use_long_term": False},
+    {"use_short_term": False},
+    {"use_side_info": False},
+    {"use_user_id": True},
+    {"tie_output": True},
+    {"profile_vocab": []},
+    {"side_vocab": {"category": 4}},
+    {"lstm_layers": 1, "heads": 1},
+]
+
+
+@pytest.mark.parametrize("overrides", ABLATIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_output_shapes(name, overrides):
+    model = make_model(name, **overrides)
+    config = make_config(**overrides)
+    batch = make_batch(config)
+    width = 1 if name == "popularity" else config.dim
+    with torch.no_grad():
+        out = model(batch)
+        assert out.shape == (6, 5, width)
+        assert model.user_vectors(batch).shape == (6, width)
+        assert model.item_vectors().shape == (N_ITEMS, width)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("overrides", ABLATIONS[:7], ids=str)
+@pytest.mark.parametrize("name", ["sdm", "youtube-dnn"])
+def test_extra_padding_changes_nothing(name, overrides):
+    model = make_model(name, **overrides)
+    batch = make_batch(make_config(**overrides))
+    valid = torch.arange(5) < batch["lengths"][:, None]
+    with torch.no_grad():
+        out, padded_out = model(batch), model(pad_right(batch, 4))
+        torch.testing.assert_close(padded_out[:, :5][valid], out[valid], rtol=1e-5, atol=1e-6)
+        padded_users = model.user_vectors(pad_right(batch, 4))
+        torch.testing.assert_close(padded_users, model.user_vectors(batch), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(padded_out).all()
+
+
+@pytest.mark.parametrize("name", ["sdm", "youtube-dnn"])
+def test_every_position_equals_the_truncated_session(name):
+    # forward trains all prefixes at once; position t must be what evaluation sees for items 0..t.
+    model = make_model(name)
+    batch = make_batch(make_config())
+    with torch.no_grad():
+        out = model(batch)
+        for t in range(5):
+            truncated = dict(batch, items=batch["items"][:, : t + 1], lengths=batch["lengths"].clamp(max=t + 1))
+            rows = batch["lengths"] > t
+            torch.testing.assert_close(model.user_vectors(truncated)[rows], out[rows, t], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sdm", "youtube-dnn"])
+def test_later_items_do_not_change_earlier_positions(name):
+    model = make_model(name)
+    batch = make_batch(make_config())
+    changed = dict(batch, items=batch["items"].clone())
+    changed["items"][:, 2:] = (changed["items"][:, 2:] + 7) % (N_ITEMS - 1) + 1
+    with torch.no_grad():
+        out, changed_out = model(batch), model(changed)
+    torch.testing.assert_close(changed_out[:, :2], out[:, :2], rtol=0, atol=0)
+    assert not torch.allclose(changed_out[0, 2:], out[0, 2:])
+
+
+@pytest.mark.parametrize("name", ["sdm", "youtube-dnn"])
+def test_empty_long_term_sets_give_finite_outputs_and_gradients(name):
+    model = make_model(name).train()
+    batch = make_batch(make_config())
+    for key in batch:
+        if key.startswith("long_"):
+            batch[key] = torch.zeros_like(batch[key])
+    out = model(batch)
+    assert torch.isfinite(out).all()
+    out.square().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_sdm_long_term_vector_of_an_empty_set_is_tanh_of_the_bias():
+    # z_f = 0 for every empty set, so p = tanh(W 0 + b) = tanh(b).
+    model = make_model("sdm")
+    batch = make_batch(make_config())
+    e_u = model.user_embedding(batch)
+    with torch.no_grad():
+        p = model.long_term(batch, e_u, model.item_embedding)
+    torch.testing.assert_close(p[0], torch.tanh(model.long_term.combine.bias))
+
+
+def test_long_term_encoder_matches_a_plain_reference():
+    # Reference: project every set entry to d, softmax(h_k . e_u / sqrt(d)) over the non-padding
+    # entries one user at a time, z_f = sum alpha_k h_k (0 for an empty set), p = tanh(W z + b).
+    model = make_model("sdm")
+    batch = make_batch(make_config())
+    with torch.no_grad():
+        e_u = model.user_embedding(batch)
+        p = model.long_term(batch, e_u, model.item_embedding)
+        expected = []
+        for b in range(len(e_u)):
+            z = []
+            for f in model.long_term.features:
+                ids = batch[f"long_{f}"][b]
+                h = model.item_embedding.tables[f].weight[ids[ids != 0]]
+                if f in model.long_term.to_dim:
+                    h = h @ model.long_term.to_dim[f].weight.T
+                alpha = torch.softmax(h @ e_u[b] / math.sqrt(16), 0)
+                z.append(alpha @ h if len(h) else torch.zeros(16))
+            expected.append(torch.tanh(model.long_term.combine(torch.cat(z))))
+    torch.testing.assert_close(p, torch.stack(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_short_term_layers_match_plain_references():
+    model = make_model("sdm")
+    encoder = model.short_term
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16)
+    lengths = torch.tensor([5, 3, 1])
+    with torch.no_grad():
+        # Residual stack: h1 = LSTM_1(x), h2 = h1 + LSTM_2(h1).
+        h1, _ = encoder.lstm.layers[0](x)
+        h2, _ = encoder.lstm.layers[1](h1)
+        torch.testing.assert_close(encoder.lstm(x), h1 + h2)
+
+        # Multi-head self-attention, one head at a time, position t over valid keys k <= t.
+        attention = encoder.self_attention
+        q, k, v = attention.qkv(x).chunk(3, dim=-1)
+        heads = []
+        for head in range(4):
+            part = slice(4 * head, 4 * head + 4)
+            scores = q[..., part] @ k[..., part].transpose(1, 2) / 2.0  # [B, T, T], sqrt(d/H) = 2
+            blocked = torch.ones(5, 5).triu(1).bool() | (torch.arange(5) >= lengths[:, None, None])
+            blocked &= ~torch.eye(5, dtype=torch.bool)  # a padded position still sees itself
+            heads.append(torch.softmax(scores.masked_fill(blocked, float("-inf")), -1) @ v[..., part])
+        expected = attention.norm(x + attention.out(torch.cat(heads, -1)))
+        actual = attention(x, attention_mask(lengths, 5))
+        valid = torch.arange(5) < lengths[:, None]
+        torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_gated_fusion_matches_hand_computation():
+    fusion = GatedFusion(2)
+    with torch.no_grad():
+        fusion.W1.weight.copy_(torch.eye(2))
+        fusion.W1.bias.copy_(torch.tensor([0.0, math.log(3)]))
+        fusion.W2.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+        fusion.W3.weight.copy_(torch.tensor([[0.0, 0.0], [0.0, -1.0]]))
+    e_u = torch.tensor([[math.log(3), 0.0]])  # [B=1, 2]
+    s = torch.tensor([[[-math.log(3), 2.0]]])  # [B=1, T=1, 2]
+    p = torch.tensor([[4.0, 2 * math.log(3)]])  # [B=1, 2]
+    # dim 0: W1 e_u + W2 s + W3 p + b = ln3 - ln3 + 0 + 0    = 0    -> G = 1/2
+    # dim 1:                          = 0 + 0 - 2 ln3 + ln3  = -ln3 -> G = 1 / (1 + 3) = 1/4
+    expected = torch.tensor([[[0.5 * 4.0 + 0.5 * -math.log(3), 0.75 * 2 * math.log(3) + 0.25 * 2.0]]])
+    torch.testing.assert_close(fusion(e_u, s, p), expected)
+
+
+def test_user_attention_weights_sum_to_one_over_allowed_keys_only():
+    torch.manual_seed(0)
+    e_u, keys = torch.randn(3, 4), torch.randn(3, 6, 4)
+    allowed = torch.tensor([[1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    alpha = user_attention_weights(e_u, keys, allowed)
+    assert (alpha[~allowed] == 0).all()
+    torch.testing.assert_close(alpha.sum(-1), torch.tensor([1.0, 1.0, 0.0]))
+    # Against a plain softmax over the allowed keys of row 0.
+    scores = keys[0, [0, 1, 3]] @ e_u[0] / 2.0  # / sqrt(d)
+    torch.testing.assert_close(alpha[0, [0, 1, 3]], torch.softmax(scores, 0))
+
+
+def test_causal_user_attention_sees_only_the_valid_prefix():
+    torch.manual_seed(0)
+    lengths = torch.tensor([4, 2])
+    alpha = user_attention_weights(torch.randn(2, 4), torch.randn(2, 4, 4), attention_mask(lengths, 4))  # [B, T, T]
+    for b, length in enumerate(lengths.tolist()):
+        for t in range(length):
+            assert alpha[b, t, : t + 1].sum().item() == pytest.approx(1.0)
+            assert (alpha[b, t, t + 1 :] == 0).all()
+    assert torch.isfinite(alpha).all()
+
+
+def parameter_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, _ in model.named_parameters()}
+
+
+def test_ablations_change_the_parameter_set():
+    full = parameter_names(make_model())
+    side_tables = {f"item_embedding.tables.{f}.weight" for f in SIDE_VOCAB}
+    assert side_tables <= full
+    assert {"fusion.W1.weight", "long_term.combine.weight", "short_term.lstm.layers.1.weight_hh_l0"} <= full
+
+    no_side = parameter_names(make_model(use_side_info=False))
+    assert not side_tables & no_side
+    assert not any(name.startswith("long_term.to_dim") for name in no_side)  # only the item set, already d wide
+
+    no_long = parameter_names(make_model(use_long_term=False))
+    assert not any(name.startswith(("long_term.", "fusion.")) for name in no_long)
+    assert any(name.startswith("short_term.") for name in no_long)
+
+    no_short = parameter_names(make_model(use_short_term=False))
+    assert not any(name.startswith(("short_term.", "fusion.", "item_embedding.project")) for name in no_short)
+    assert side_tables <= no_short  # the long-term sets still use them
+
+    tied = parameter_names(make_model(tie_output=True))
+    assert "output_items.weight" in full and "output_items.weight" not in tied
+
+    assert "user_embedding.user_table.weight" in parameter_names(make_model(use_user_id=True))
+    assert parameter_names(make_model("popularity")) == set()
+
+
+def test_every_parameter_gets_a_gradient():
+    model = make_model().train()
+    model(make_batch(make_config())).sum().backward()
+    model.item_vectors().sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+def test_padding_rows_get_no_gradient():
+    # Padding entries of sessions, long-term sets and profiles must not move the padding embeddings.
+    model = make_model().train()
+    model(pad_right(make_batch(make_config()), 3)).square().sum().backward()
+    for name, table in model.item_embedding.tables.items():
+        assert table.weight.grad[1:].abs().sum() > 0, name
+        assert (table.weight.grad[0] == 0).all(), name
+    for table in model.user_embedding.profile_tables:
+        assert (table.weight.grad[0] == 0).all()
+
+
+def test_recurrent_weights_start_orthogonal():
+    model = make_model()
+    for lstm in model.short_term.lstm.layers:
+        for gate in lstm.weight_hh_l0.detach().chunk(4):
+            torch.testing.assert_close(gate @ gate.T, torch.eye(gate.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_same_seed_same_outputs_even_with_dropout():
+    batch = make_batch(make_config())
+    outputs = []
+    for _ in range(2):
+        model = make_model(seed=3).train()
+        torch.manual_seed(11)
+        outputs.append(model(batch))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    other = make_model(seed=4).train()
+    torch.manual_seed(11)
+    assert not torch.allclose(other(batch), outputs[0])
+
+
+def test_popularity_ranks_items_by_count():
+    counts = torch.tensor([0, 5, 50, 1, 7])
+    config = make_config(n_items=5)
+    model = build_model("popularity", config, make_item_side(config), counts)
+    batch = make_batch(config, B=2, T=3)
+    scores = model.user_vectors(batch) @ model.item_vectors().T  # [B, n_items]
+    torch.testing.assert_close(scores[1], torch.log1p(counts.float()))
+    assert scores[0, 1:].argsort(descending=True).tolist() == [1, 3, 0, 2]
+
+
+def test_youtube_dnn_pools_the_session_prefix():
+    # With one item repeated through the session the cumulative mean is constant, so every position
+    # must produce the same vector.
+    model = make_model("youtube-dnn")
+    assert isinstance(model, YouTubeDNN)
+    batch = make_batch(make_config(), B=2, T=4)
+    batch["items"] = torch.tensor([[3, 3, 3, 3], [5, 0, 0, 0]])
+    batch["lengths"] = torch.tensor([4, 1])
+    with torch.no_grad():
+        out = model(batch)
+    torch.testing.assert_close(out[0], out[0, :1].expand(4, -1))
+
+
+def test_config_round_trips_through_json():
+    widths = {"item": 16, "leaf": 4, "category": 4, "shop": 8, "brand": 4}
+    config = make_config(fusion="concat", use_user_id=True, embedding_widths=widths)
+    restored = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert restored == config
+    assert restored.long_features == ("item", "leaf", "category", "shop", "brand")
+    assert make_config(use_side_info=False).long_features == ("item",)
+    with pytest.raises(ValueError):
+        ModelConfig.from_dict({**config.to_dict(), "hidden": 3})
+    with pytest.raises(ValueError):
+        make_config(use_long_term=False, use_short_term=False)
+
+
+def test_sdm_overfits_eight_sessions():
+    torch.manual_seed(0)
+    config = make_config(dim=32, dropout=0.0)
+    model = SDM(config, make_item_side(config))
+    batch = make_batch(config, B=8, T=4, L=6, seed=1)
+    valid = torch.arange(4) < batch["lengths"][:, None]  # [B, T]
+    # Distinct items everywhere, so that no two training inputs coincide.
+    batch["items"] = (torch.randperm(N_ITEMS - 1)[:32].view(8, 4) + 1) * valid
+    targets = torch.randint(1, N_ITEMS, valid.shape, generator=torch.Generator().manual_seed(2))[valid]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(200):
+        loss = full_softmax_loss(model(batch)[valid], targets, model.item_vectors())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        scores = model(batch)[valid] @ model.item_vectors()[1:].T
+    assert (scores.argmax(-1) + 1 == targets).all(), f"loss {loss.item():.3f}"

@@ -1,0 +1,302 @@
+"""Reading raw logs (formats, delimiters, column roles, timestamps) and the events stage
+(filters, dense ids), asserted on what `sdm preprocess` writes."""
+
+from __future__ import annotations
+
+import gzip
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from conftest import (
+    BASE_MS,
+    DAY_MS,
+    KEEP_ALL_ITEMS,
+    MINUTE_MS,
+    Outcome,
+    preprocess,
+    raw_events,
+    run_main,
+    sessions_of,
+    stats,
+    vocabulary,
+    write_log,
+)
+
+ROWS = [("007", "7", BASE_MS), ("7", "007", BASE_MS + 1_000), ("007", "x", BASE_MS + 2_000)]
+
+
+def utc_ms(*parts: int) -> int:
+    return int(datetime(*parts, tzinfo=timezone.utc).timestamp() * 1000)
+
+
+def events_as_rows(out: Path) -> set[tuple[str, str, int]]:
+    return set(raw_events(out).iter_rows())
+
+
+# --- formats and delimiters ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sep", [",", "\t", "|", ";"], ids=["comma", "tab", "pipe", "semicolon"])
+def test_delimiter_is_detected(tmp_path: Path, sep: str) -> None:
+    logs = write_log(tmp_path / "events.csv", ROWS, sep=sep)
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == set(ROWS)
+
+
+def test_sep_overrides_a_misleading_detection(tmp_path: Path) -> None:
+    # Every line holds more commas than pipes, so detection alone would split on commas.
+    rows = [("u1", "a,b,c,d", BASE_MS), ("u1", "e,f,g,h", BASE_MS + 1_000)]
+    logs = write_log(tmp_path / "events.psv", rows, sep="|")
+    preprocess(logs, tmp_path / "out", "--sep", "|", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == set(rows)
+
+
+def test_quoted_fields_may_contain_the_delimiter(tmp_path: Path) -> None:
+    logs = tmp_path / "events.csv"
+    logs.write_text(
+        "user,item,title,time\n"
+        f'u1,a,"Shoes, red",{BASE_MS}\n'
+        f"u1,b,plain,{BASE_MS + 1_000}\n"
+        f'u2,a,"x, y, z",{BASE_MS + 2_000}\n'
+    )
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == {("u1", "a", BASE_MS), ("u1", "b", BASE_MS + 1_000),
+                                                 ("u2", "a", BASE_MS + 2_000)}
+
+
+def test_headerless_file_with_columns_keeps_its_first_row(tmp_path: Path) -> None:
+    logs = write_log(tmp_path / "events.csv", [(u, i, "pv", t) for u, i, t in ROWS], header=None)
+    preprocess(logs, tmp_path / "out", "--no-header", "--columns", "user,item,behavior,time", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == set(ROWS)
+
+
+def test_gzipped_csv(tmp_path: Path) -> None:
+    logs = write_log(tmp_path / "events.csv.gz", ROWS)
+    assert gzip.decompress(logs.read_bytes()).startswith(b"user,item,time")
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == set(ROWS)
+
+
+def test_parquet_with_integer_times(tmp_path: Path) -> None:
+    logs = tmp_path / "events.parquet"
+    pl.DataFrame({"user_id": [u for u, _, _ in ROWS], "item_id": [i for _, i, _ in ROWS],
+                  "timestamp": [t // 1000 for _, _, t in ROWS]}).write_parquet(logs)
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == set(ROWS)
+
+
+@pytest.mark.parametrize("zone", [None, "UTC", "Europe/Berlin"])
+def test_parquet_with_datetime_column(tmp_path: Path, zone: str | None) -> None:
+    # 2023-11-14 22:13:20 wall-clock time; in Berlin (UTC+1 in November) that is 21:13:20 UTC.
+    wall = [datetime(2023, 11, 14, 22, 13, 20), datetime(2023, 11, 14, 22, 14, 20)]
+    frame = pl.DataFrame({"user": ["u1", "u1"], "item": ["a", "b"], "time": wall})
+    if zone is not None:
+        frame = frame.with_columns(pl.col("time").dt.replace_time_zone(zone))
+    frame.write_parquet(tmp_path / "events.parquet")
+    preprocess(tmp_path / "events.parquet", tmp_path / "out", *KEEP_ALL_ITEMS)
+    offset_ms = 3_600_000 if zone == "Europe/Berlin" else 0
+    expected = utc_ms(2023, 11, 14, 22, 13, 20) - offset_ms
+    assert raw_events(tmp_path / "out").get_column("time").to_list() == [expected, expected + MINUTE_MS]
+
+
+@pytest.mark.parametrize("newline", ["\r\n", "\r"], ids=["crlf", "cr-only"])
+def test_windows_and_old_mac_line_endings(tmp_path: Path, newline: str) -> None:
+    logs = write_log(tmp_path / "events.csv", ROWS, newline=newline)
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == set(ROWS)  # no stray "\r" in ids or times
+
+
+def test_trailing_empty_column(tmp_path: Path) -> None:
+    logs = write_log(tmp_path / "events.csv", [(*row, None) for row in ROWS], header=("user", "item", "time", ""))
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == set(ROWS)
+
+
+def test_leading_unnamed_index_column(tmp_path: Path) -> None:
+    rows = [(index, *row) for index, row in enumerate(ROWS)]
+    logs = write_log(tmp_path / "events.csv", rows, header=("", "user", "item", "time"))
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == set(ROWS)
+
+
+def test_ids_are_kept_as_exact_strings(tmp_path: Path) -> None:
+    logs = write_log(tmp_path / "events.csv", ROWS)
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert sorted(vocabulary(tmp_path / "out", "item").values()) == ["007", "7", "x"]
+    assert sorted(vocabulary(tmp_path / "out", "user").values()) == ["007", "7"]
+    assert sessions_of(tmp_path / "out", "007") == [["7", "x"]]
+
+
+# --- timestamps -----------------------------------------------------------------------------------
+
+T0 = utc_ms(2018, 2, 4, 8, 28)
+TIME_SPELLINGS = {
+    "unix-seconds": ([str(T0 // 1000), str(T0 // 1000 + 60)], []),
+    "unix-milliseconds": ([str(T0), str(T0 + MINUTE_MS)], []),
+    "iso-space": (["2018-02-04 08:28:00", "2018-02-04 08:29:00"], []),
+    "iso-t": (["2018-02-04T08:28:00", "2018-02-04T08:29:00"], []),
+    "iso-fraction-z": (["2018-02-04T08:28:00.000Z", "2018-02-04T08:29:00.000Z"], []),
+    "iso-offset": (["2018-02-04T09:28:00+01:00", "2018-02-04T09:29:00+01:00"], []),
+    "utc-suffix": (["2018-02-04 08:28:00 UTC", "2018-02-04 08:29:00 UTC"], []),
+    "slashes-no-padding": (["2018/2/4 8:28", "2018/2/4 8:29"], []),
+    "time-format": (["04.02.2018 08:28", "04.02.2018 08:29"], ["--time-format", "%d.%m.%Y %H:%M"]),
+}
+
+
+@pytest.mark.parametrize("spelling", TIME_SPELLINGS)
+def test_time_spellings(tmp_path: Path, spelling: str) -> None:
+    times, options = TIME_SPELLINGS[spelling]
+    logs = write_log(tmp_path / "events.csv", [("u1", "a", times[0]), ("u1", "b", times[1])], sep=";")
+    preprocess(logs, tmp_path / "out", *options, *KEEP_ALL_ITEMS)
+    assert raw_events(tmp_path / "out").get_column("time").to_list() == [T0, T0 + MINUTE_MS]
+
+
+def test_month_day_format_without_leading_zero(tmp_path: Path) -> None:
+    # Tmall writes Aug 29 as 829 and Jan 1 as 101; the year is unknown, so only month and day count.
+    rows = [("u1", "a", "829"), ("u1", "b", "830"), ("u1", "c", "1111"), ("u2", "d", "101")]
+    logs = write_log(tmp_path / "events.csv", rows)
+    preprocess(logs, tmp_path / "out", "--time-format", "%m%d", *KEEP_ALL_ITEMS)
+    times = dict(raw_events(tmp_path / "out").select("item", "time").iter_rows())
+    month_day = {item: (datetime.fromtimestamp(ms / 1000, timezone.utc).month,
+                        datetime.fromtimestamp(ms / 1000, timezone.utc).day) for item, ms in times.items()}
+    assert month_day == {"a": (8, 29), "b": (8, 30), "c": (11, 11), "d": (1, 1)}
+    assert times["b"] - times["a"] == DAY_MS
+
+
+# --- column roles ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("user_id", "item_id", "timestamp"),
+        ("UserID", "ItemID", "Time"),
+        ("uid", "sku", "ts"),
+        ("visitorid", "product_id", "event_time"),
+    ],
+)
+def test_roles_found_by_common_names(tmp_path: Path, header: tuple[str, str, str]) -> None:
+    logs = write_log(tmp_path / "events.csv", ROWS, header=header)
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == set(ROWS)
+
+
+def test_roles_found_in_any_column_order_among_other_columns(tmp_path: Path) -> None:
+    rows = [(t, "5", i, u) for u, i, t in ROWS]
+    logs = write_log(tmp_path / "events.csv", rows, header=("timestamp", "rating", "item_id", "user_id"))
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == set(ROWS)
+
+
+def test_column_option_names_the_roles(tmp_path: Path) -> None:
+    logs = write_log(tmp_path / "events.csv", ROWS, header=("who", "what", "when"))
+    preprocess(logs, tmp_path / "out", "--column", "user=who", "--column", "item=what", "--column", "time=when",
+               *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == set(ROWS)
+
+
+def test_column_option_wins_over_a_common_name(tmp_path: Path) -> None:
+    rows = [(u, i, "sku-" + i, t) for u, i, t in ROWS]
+    logs = write_log(tmp_path / "events.csv", rows, header=("user", "item_id", "sku", "time"))
+    preprocess(logs, tmp_path / "out", "--column", "item=sku", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == {(u, "sku-" + i, t) for u, i, t in ROWS}
+
+
+def test_config_file_sets_columns_and_parameters(tmp_path: Path) -> None:
+    rows = [("u1", "a", "04.02.2018 08:28"), ("u1", "b", "04.02.2018 08:34"), ("u1", "c", "04.02.2018 08:35")]
+    logs = write_log(tmp_path / "events.csv", rows, header=("who", "what", "when"))
+    config = tmp_path / "sdm.toml"
+    config.write_text(
+        "[preprocess]\n"
+        'column = { user = "who", item = "what", time = "when" }\n'
+        'time_format = "%d.%m.%Y %H:%M"\n'
+        'session_gap = "5m"\n'
+        "min_item_count = 1\n"
+    )
+    preprocess(logs, tmp_path / "out", "--config", config)
+    # a 6-minute gap splits only because the config's 5m replaced the default 10m
+    assert sessions_of(tmp_path / "out", "u1") == [["a"], ["b", "c"]]
+
+
+def test_command_line_wins_over_config_file(tmp_path: Path) -> None:
+    rows = [("u1", "a", BASE_MS), ("u1", "b", BASE_MS + 6 * MINUTE_MS)]
+    logs = write_log(tmp_path / "events.csv", rows)
+    config = tmp_path / "sdm.toml"
+    config.write_text('[preprocess]\nsession_gap = "5m"\nmin_item_count = 1\n')
+    preprocess(logs, tmp_path / "out", "--config", config, "--session-gap", "10m")
+    assert sessions_of(tmp_path / "out", "u1") == [["a", "b"]]
+
+
+# --- events stage: filters and dense ids ----------------------------------------------------------
+
+
+def counted_rows(counts: dict[str, int], user: str = "u1") -> list[tuple[str, str, int]]:
+    """`count` events of each item, one second apart."""
+    items = [item for item, count in counts.items() for _ in range(count)]
+    return [(user, item, BASE_MS + index * 1_000) for index, item in enumerate(items)]
+
+
+def test_min_item_count_default_is_five(tmp_path: Path) -> None:
+    logs = write_log(tmp_path / "events.csv", counted_rows({"five": 5, "four": 4}))
+    preprocess(logs, tmp_path / "out")
+    assert set(vocabulary(tmp_path / "out", "item").values()) == {"five"}
+    assert stats(tmp_path / "out")["dropped_rare_items"] == 4
+
+
+def test_min_item_count_option(tmp_path: Path) -> None:
+    logs = write_log(tmp_path / "events.csv", counted_rows({"three": 3, "two": 2, "one": 1}))
+    preprocess(logs, tmp_path / "out", "--min-item-count", "2")
+    assert set(vocabulary(tmp_path / "out", "item").values()) == {"three", "two"}
+    assert stats(tmp_path / "out")["dropped_rare_items"] == 1
+
+
+def test_max_user_events_drops_spam_users(tmp_path: Path) -> None:
+    rows = counted_rows({"a": 1, "b": 1, "c": 1}, user="busy") + counted_rows({"a": 1, "b": 1}, user="calm")
+    logs = write_log(tmp_path / "events.csv", rows)
+    preprocess(logs, tmp_path / "out", "--max-user-events", "2", *KEEP_ALL_ITEMS)
+    assert set(vocabulary(tmp_path / "out", "user").values()) == {"calm"}
+    assert stats(tmp_path / "out")["dropped_spam_users"] == 3
+
+
+def test_exact_duplicates_are_dropped_and_counted(tmp_path: Path) -> None:
+    rows = [("u1", "a", BASE_MS), ("u1", "a", BASE_MS), ("u1", "a", BASE_MS + 1_000), ("u1", "b", BASE_MS)]
+    logs = write_log(tmp_path / "events.csv", rows)
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert sorted(raw_events(tmp_path / "out").iter_rows()) == sorted(set(rows))
+    assert stats(tmp_path / "out")["dropped_duplicates"] == 1
+    preprocess(logs, tmp_path / "kept", "--keep-duplicates", *KEEP_ALL_ITEMS)
+    assert raw_events(tmp_path / "kept").height == 4
+
+
+def test_null_ids_are_dropped_and_counted(tmp_path: Path) -> None:
+    rows = [("u1", "a", BASE_MS), (None, "a", BASE_MS + 1), ("u1", None, BASE_MS + 2), ("u1", "b", None),
+            ("u1", "b", BASE_MS + 3)]
+    logs = write_log(tmp_path / "events.csv", rows)
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert sorted(raw_events(tmp_path / "out").iter_rows()) == [("u1", "a", BASE_MS), ("u1", "b", BASE_MS + 3)]
+    assert stats(tmp_path / "out")["dropped_null_ids"] == 3
+    assert stats(tmp_path / "out")["rows_read"] == 5
+
+
+def test_strict_makes_null_ids_an_error(tmp_path: Path) -> None:
+    logs = write_log(tmp_path / "events.csv", [("u1", "a", BASE_MS), (None, "a", BASE_MS + 1)])
+    outcome: Outcome = run_main("preprocess", logs, "--out", tmp_path / "out", "--strict", *KEEP_ALL_ITEMS)
+    assert outcome.exit_code == 2
+    assert "Traceback" not in outcome.stderr and outcome.stderr.strip()
+
+
+def test_ids_follow_descending_frequency_and_zero_is_padding(tmp_path: Path) -> None:
+    rows = (counted_rows({"c": 1, "a": 2, "b": 3}, user="light")
+            + counted_rows({"b": 1, "a": 1, "c": 1, "d": 1, "e": 1}, user="heavy"))
+    logs = write_log(tmp_path / "events.csv", rows)
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    items = {raw: id_ for id_, raw in vocabulary(tmp_path / "out", "item").items()}
+    assert items["b"] == 1 and items["a"] == 2 and items["c"] == 3  # 4, 3 and 2 events
+    assert {items["d"], items["e"]} == {4, 5}
+    users = {raw: id_ for id_, raw in vocabulary(tmp_path / "out", "user").items()}
+    assert users == {"light": 1, "heavy": 2}  # 6 events vs 5
+    events = pl.read_parquet(tmp_path / "out" / "events" / "events.parquet")
+    assert events.get_column("item").min() == 1 and events.get_column("user").min() == 1
