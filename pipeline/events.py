@@ -84,13 +84,19 @@ def read_events(config: PreprocessConfig) -> tuple[pl.DataFrame, dict[str, pl.Da
     events_query = table.frame.select(
         *(code(column).alias(role) for role, column in categorical.items()), time.alias("time")
     ).with_row_index("row")
-    failures_query = table.frame.select((pl.col(time_column).is_not_null() & time.is_null()).sum().alias("failed"))
-    events, failures, *dictionaries = table.collect(
-        [events_query, failures_query, *(dictionary(table.frame, column) for column in categorical.values())]
+    required_missing = pl.any_horizontal(pl.col(roles[role]).is_null() for role in ("user", "item", "time"))
+    problems_query = table.frame.select(
+        (pl.col(time_column).is_not_null() & time.is_null()).sum().alias("unparsed_times"),
+        required_missing.sum().alias("missing_ids"),
     )
-    n_failed = int(failures.item())
-    if n_failed:
-        raise unparsed_time_error(table, time_column, time, n_failed, config.time_format)
+    events, problems, *dictionaries = table.collect(
+        [events_query, problems_query, *(dictionary(table.frame, column) for column in categorical.values())]
+    )
+    unparsed_times, missing_ids = problems.row(0)
+    if unparsed_times:
+        raise unparsed_time_error(table, time_column, time, unparsed_times, config.time_format)
+    if missing_ids and (malformed := table.locate_malformed_line()):
+        raise InputError(f"{table.path}: malformed input ({malformed})")
     return events, {
         role: checked(frame, table, column) for (role, column), frame in zip(categorical.items(), dictionaries, strict=True)
     }
@@ -114,7 +120,10 @@ def read_items_file(config: PreprocessConfig) -> tuple[pl.DataFrame, dict[str, p
 
 
 def key_column(table: Table, config: PreprocessConfig, role: str) -> str:
-    key = find_column(table.columns, role, config.column_map, EVENT_ROLES[role])
+    """The id column of an items or users file: the log's --column name if this file has it too,
+    else the usual names."""
+    explicit = {role: config.column_map[role]} if config.column_map.get(role) in table.columns else {}
+    key = find_column(table.columns, role, explicit, EVENT_ROLES[role])
     if key is None:
         raise InputError(
             f"{table.path}: no {role} id column; columns found: {', '.join(table.columns)}; "

@@ -76,20 +76,41 @@ def _read_head(path: Path) -> bytes:
         raise InputError(f"{path}: cannot read the file ({error})") from None
 
 
+QUOTED = r'"(?:[^"]|"")*"'
+
+
+def field_counts(lines: Sequence[str], delimiter: str) -> list[int]:
+    """Fields per line, not counting delimiters inside double quotes."""
+    return [re.sub(QUOTED, "", line).count(delimiter) + 1 for line in lines]
+
+
 def sniff_delimiter(head: bytes, path: Path) -> str:
-    """The delimiter that splits the first lines into the same number (> 0) of fields."""
+    """The delimiter that splits most of the first lines into the same number (> 1) of fields;
+    a stray malformed line does not hide it (the reader reports that line later)."""
     text = head.decode("utf-8", errors="replace")
     lines = [line for line in re.split(r"\r\n|\r|\n", text)[:50] if line.strip()]
     if len(lines) > 1 and not (text.endswith("\n") or text.endswith("\r")):
         lines = lines[:-1]  # the last line of the sample may be cut in the middle
-    best, best_count = None, 0
+    best, best_score = None, (0, 0)
     for delimiter in DELIMITERS:
-        counts = {line.count(delimiter) for line in lines}
-        if len(counts) == 1 and (count := counts.pop()) > best_count:
-            best, best_count = delimiter, count
+        counts = field_counts(lines, delimiter)
+        typical = max(set(counts), key=lambda count: (counts.count(count), count))
+        score = (counts.count(typical), typical)
+        if typical > 1 and counts.count(typical) * 2 > len(counts) and score > best_score:
+            best, best_score = delimiter, score
     if best is None:
         raise InputError(f"{path}: cannot detect the delimiter (tried , tab | ;); pass --sep")
     return best
+
+
+def checked_separator(sep: str | None) -> str | None:
+    """--sep as typed: one character, or an escape like \\t."""
+    if sep is None:
+        return None
+    unescaped = {"\\t": "\t", "tab": "\t", "\\|": "|"}.get(sep, sep)
+    if len(unescaped) != 1 or unescaped in "\"\r\n":
+        raise InputError(f"--sep {sep!r}: expected a single character such as , ; | or \\t")
+    return unescaped
 
 
 def _csv_source(path: Path, head: bytes) -> Path | io.BytesIO:
@@ -130,7 +151,7 @@ class Table:
             )
         except pl.exceptions.PolarsError:
             return None
-        fields = pl.col("line").fill_null("").str.count_matches(self.delimiter, literal=True) + 1
+        fields = pl.col("line").fill_null("").str.replace_all(QUOTED, "").str.count_matches(self.delimiter, literal=True) + 1
         counted = lines.with_row_index("number", offset=1).select("number", fields.alias("fields"))
         expected = counted.get_column("fields")[0]
         bad = counted.filter(pl.col("fields") != expected).head(1)
@@ -161,7 +182,7 @@ def scan_table(
         head = _read_head(path)
         if not head.strip():
             raise InputError(f"{path}: the file is empty")
-        delimiter = sep or sniff_delimiter(head, path)
+        delimiter = checked_separator(sep) or sniff_delimiter(head, path)
         first_line_fields = re.split(rb"\r\n|\r|\n", head, maxsplit=1)[0].decode("utf-8", "replace").count(delimiter) + 1
         if columns and len(columns) != first_line_fields:
             raise InputError(f"{path}: --columns names {len(columns)} columns but the first line has {first_line_fields} fields")

@@ -10,6 +10,7 @@ Output layout (each stage directory is complete, with its manifest, or absent):
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 import polars as pl
 from filelock import FileLock, Timeout
 
-from pipeline.cache import build_stage, file_digest, is_current, manifest_digest, read_manifest
+from pipeline.cache import build_stage, file_digest, is_current, manifest_digest, package_version, read_manifest
 from pipeline.config import PreprocessConfig
 from pipeline.errors import InputError
 from pipeline.events import build_events
@@ -42,9 +43,17 @@ class StageReport:
 StageCallback = Callable[[str], None]
 
 
-def check_output_dir(out: Path) -> None:
+def make_output_dir(out: Path) -> bool:
+    """Create --out if needed; True when this run created it."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: the output path is a file; choose a directory with --out")
+    if out.is_dir():
+        return False
+    try:
+        out.mkdir(parents=True)
+    except OSError as error:
+        raise InputError(f"{out}: cannot create the output directory ({error.strerror})") from None
+    return True
 
 
 def input_fingerprints(config: PreprocessConfig) -> dict[str, str | None]:
@@ -141,16 +150,19 @@ def run_preprocess(
 ) -> list[StageReport]:
     """Build (or reuse) every stage under config.out; return what happened to each."""
     out = config.out
-    check_output_dir(out)
     for path in (config.logs, config.items, config.users):
         if path is not None and not path.is_file():
             raise InputError(f"{path}: no such file")
-    out.mkdir(parents=True, exist_ok=True)
+    created = make_output_dir(out)
     try:
         with FileLock(out / LOCK_NAME, timeout=0):
             return _run_stages(config, force, on_stage_start)
     except Timeout:
         raise InputError(f"{out}: another sdm process is writing this directory; wait for it or use another --out") from None
+    except BaseException:
+        if created and not any(read_manifest(out / stage) for stage in STAGES):
+            shutil.rmtree(out, ignore_errors=True)  # a first run that built nothing leaves nothing
+        raise
 
 
 def _run_stages(config: PreprocessConfig, force: bool, on_stage_start: StageCallback | None) -> list[StageReport]:
@@ -166,6 +178,7 @@ def _run_stages(config: PreprocessConfig, force: bool, on_stage_start: StageCall
     reports = []
     for stage in STAGES:
         fingerprint = {
+            "version": package_version(),
             "params": config.stage_params(stage),
             "inputs": inputs if stage == "events" else {},
             "upstream": {name: manifest_digest(out / name) for name in upstream[stage]},

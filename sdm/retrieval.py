@@ -91,22 +91,20 @@ def _top_k_for_query_chunk(
     n_queries, n_items = queries.shape[0], items.shape[0]
     best_scores = torch.full((n_queries, k), float("-inf"), dtype=queries.dtype)  # [Q, k]
     best_ids = torch.full((n_queries, k), -1, dtype=torch.int64)  # [Q, k]
-    # One score buffer, reused by every item chunk; rows are padded to whole blocks.
-    padded_chunk = -(-min(item_chunk, n_items) // BLOCK) * BLOCK
-    buffer = torch.empty(padded_chunk, n_queries, dtype=queries.dtype)
+    # One score buffer reused by every item chunk, its rows padded to whole blocks.
+    buffer = torch.empty(n_queries * _round_up(min(item_chunk, n_items), BLOCK), dtype=queries.dtype)
 
     for chunk_index, item_start in enumerate(range(0, n_items, item_chunk)):
-        item_stop = min(item_start + item_chunk, n_items)
-        n_rows = -(-(item_stop - item_start) // BLOCK) * BLOCK
-        scores = buffer[:n_rows]  # [I, Q], I a multiple of BLOCK
-        torch.mm(items[item_start:item_stop], queries.T, out=scores[: item_stop - item_start])
-        scores[item_stop - item_start :] = float("-inf")  # rows past the catalogue's end
+        n_chunk_items = min(item_chunk, n_items - item_start)
+        scores = buffer[: n_queries * _round_up(n_chunk_items, BLOCK)].view(n_queries, -1)  # [Q, I]
+        torch.mm(queries, items[item_start : item_start + n_chunk_items].T, out=scores[:, :n_chunk_items])
+        scores[:, n_chunk_items:] = float("-inf")  # columns past the catalogue's end
         if skip_padding and item_start == 0:
-            scores[0] = float("-inf")
+            scores[:, 0] = float("-inf")
         if excluded is not None:
-            excluded_items, excluded_cases, chunk_bounds = excluded
+            excluded_cases, excluded_items, chunk_bounds = excluded
             lo, hi = chunk_bounds[chunk_index], chunk_bounds[chunk_index + 1]
-            scores[excluded_items[lo:hi] - item_start, excluded_cases[lo:hi]] = float("-inf")
+            scores[excluded_cases[lo:hi], excluded_items[lo:hi] - item_start] = float("-inf")
 
         threshold = best_scores[:, -1]  # [Q] current k-th best; later items must beat it strictly
         case, item, score = _candidates(scores, threshold, k)
@@ -115,8 +113,8 @@ def _top_k_for_query_chunk(
 
 
 def _candidates(scores: Tensor, threshold: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Entries of scores [I, Q] that may enter the running top-k, as (case [P], item [P], score [P])
-    sorted by case then item (item is the row within the chunk).
+    """Entries of scores [Q, I] that may enter the running top-k, as (case [P], item [P], score [P])
+    sorted by case then item (item is the column within the chunk).
 
     An entry qualifies if score > threshold[case]: an equal score loses the tie to the running
     items, whose ids are smaller. While that lets more than k blocks through for some case
@@ -124,21 +122,21 @@ def _candidates(scores: Tensor, threshold: Tensor, k: int) -> tuple[Tensor, Tens
     >= the case's k-th largest block maximum: the chunk holds k entries at least that large,
     and an equal one may still win on id.
     """
-    n_blocks, n_queries = scores.shape[0] // BLOCK, scores.shape[1]
-    blocks = scores.view(n_blocks, BLOCK, n_queries)  # [nb, BLOCK, Q]
-    block_max = blocks.amax(dim=1)  # [nb, Q]
-    block_passes = block_max > threshold  # [nb, Q]
-    lower_bound = threshold.new_full((n_queries,), float("-inf"))  # [Q]
-    if n_blocks > k and int(block_passes.sum(dim=0).max()) > k:
-        lower_bound = block_max.topk(k, dim=0, sorted=False).values.amin(dim=0)
-        block_passes &= block_max >= lower_bound
+    n_queries, n_blocks = scores.shape[0], scores.shape[1] // BLOCK
+    blocks = scores.view(n_queries, n_blocks, BLOCK)  # [Q, nb, BLOCK]
+    block_max = blocks.amax(dim=2)  # [Q, nb]
+    block_passes = block_max > threshold.unsqueeze(1)  # [Q, nb]
+    block_case, block_index = block_passes.nonzero(as_tuple=True)  # [B], [B], sorted by (case, block)
+    lower_bound = torch.full_like(threshold, float("-inf"))  # [Q]
+    if block_case.numel() > k and int(torch.bincount(block_case).max()) > k:
+        lower_bound = block_max.topk(k, dim=1, sorted=False).values.amin(dim=1)
+        block_passes &= block_max >= lower_bound.unsqueeze(1)
+        block_case, block_index = block_passes.nonzero(as_tuple=True)
 
-    # Blocks are listed case-major so that candidates come out sorted by (case, item).
-    block_case, block_index = block_passes.T.nonzero(as_tuple=True)  # [B], [B]
-    block_scores = blocks[block_index, :, block_case]  # [B, BLOCK]
-    block_threshold = threshold[block_case].unsqueeze(1)  # [B, 1]
-    block_lower_bound = lower_bound[block_case].unsqueeze(1)  # [B, 1]
-    entry_passes = (block_scores > block_threshold) & (block_scores >= block_lower_bound)  # [B, BLOCK]
+    block_scores = blocks[block_case, block_index]  # [B, BLOCK]
+    entry_passes = (block_scores > threshold[block_case].unsqueeze(1)) & (
+        block_scores >= lower_bound[block_case].unsqueeze(1)
+    )  # [B, BLOCK]
     block_row, lane = entry_passes.nonzero(as_tuple=True)  # [P], [P]
     return block_case[block_row], block_index[block_row] * BLOCK + lane, block_scores[block_row, lane]
 
@@ -169,15 +167,16 @@ def _merge(
 def _excluded_pairs(
     exclude: CSR, start: int, stop: int, item_chunk: int, n_items: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The (item, case) pairs of cases [start, stop), case relative to start, sorted by item
-    chunk: (items [E], cases [E], chunk_bounds [n_chunks + 1]) with chunk c owning
-    pairs chunk_bounds[c]:chunk_bounds[c + 1]."""
+    """The (case, item) pairs of cases [start, stop), case relative to start, grouped by item
+    chunk: (cases [E], items [E], chunk_bounds [n_chunks + 1]) with chunk c owning pairs
+    chunk_bounds[c]:chunk_bounds[c + 1]."""
     indptr, indices = exclude
-    lo, hi = int(indptr[start]), int(indptr[stop])
-    per_case = indptr[start + 1 : stop + 1] - indptr[start:stop]  # [Q]
-    cases = torch.repeat_interleave(torch.arange(stop - start), per_case)  # [E]
-    chunk_of_pair = indices[lo:hi] // item_chunk  # [E]
-    chunk_of_pair, order = chunk_of_pair.sort(stable=True)
-    n_chunks = -(-n_items // item_chunk)
-    chunk_bounds = torch.searchsorted(chunk_of_pair, torch.arange(n_chunks + 1))
-    return indices[lo:hi][order], cases[order], chunk_bounds
+    items = indices[int(indptr[start]) : int(indptr[stop])]  # [E]
+    cases = torch.repeat_interleave(torch.arange(stop - start), indptr[start + 1 : stop + 1] - indptr[start:stop])  # [E]
+    chunk_of_pair, order = (items // item_chunk).sort(stable=True)
+    chunk_bounds = torch.searchsorted(chunk_of_pair, torch.arange(_round_up(n_items, item_chunk) // item_chunk + 1))
+    return cases[order], items[order], chunk_bounds
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

@@ -108,22 +108,27 @@ class EpochReport:
     improved: bool
 
 
-def make_loss(config: TrainConfig, catalogue: Catalogue) -> Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor]:
-    """The training loss as a function of (user vectors [N, d], targets [N], V, generator)."""
-    use_full = config.loss == "full" or (config.loss == "auto" and catalogue.n_items <= FULL_SOFTMAX_MAX_ITEMS)
-    if use_full:
+def uses_full_softmax(config: TrainConfig, n_items: int) -> bool:
+    return config.loss == "full" or (config.loss == "auto" and n_items <= FULL_SOFTMAX_MAX_ITEMS)
+
+
+def make_loss(config: TrainConfig, item_counts: Tensor) -> Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor]:
+    """The training loss as a function of (user vectors [N, d], targets [N], V, generator);
+    item_counts [n_items] are the training counts (in-batch negatives' logQ)."""
+    n_items = len(item_counts)
+    if uses_full_softmax(config, n_items):
         return lambda users, targets, items, generator: full_softmax_loss(users, targets, items)
     if config.negatives == "in-batch":
-        log_q = torch.log((catalogue.item_counts.double() + 1) / (catalogue.item_counts.sum() + catalogue.n_items)).float()
+        log_q = torch.log((item_counts.double() + 1) / (item_counts.sum() + n_items)).float()
         return lambda users, targets, items, generator: in_batch_softmax_loss(users, targets, items, log_q)
-    sampler = LogUniformSampler(catalogue.n_items)
+    sampler = LogUniformSampler(n_items)
     return lambda users, targets, items, generator: sampled_softmax_loss(
         users, targets, items, sampler, config.num_negatives, generator
     )
 
 
-def loss_name(config: TrainConfig, catalogue: Catalogue) -> str:
-    if config.loss == "full" or (config.loss == "auto" and catalogue.n_items <= FULL_SOFTMAX_MAX_ITEMS):
+def loss_name(config: TrainConfig, n_items: int) -> str:
+    if uses_full_softmax(config, n_items):
         return "full softmax"
     if config.negatives == "in-batch":
         return "in-batch sampled softmax (logQ)"
@@ -222,7 +227,7 @@ def train(
         "model": model_config.to_dict(),
         "catalogue": catalogue.vocab_sizes(),
         "data_fingerprint": data_fingerprint(data),
-        "loss": loss_name(config, catalogue) if trainable else "none",
+        "loss": loss_name(config, catalogue.n_items) if trainable else "none",
     }
     write_run_json(run, CONFIG, run_config)
 
@@ -238,7 +243,7 @@ def train(
         history = json.loads(checkpoint["history"])
         best_value, bad_epochs, start_epoch = checkpoint["best_value"], checkpoint["bad_epochs"], checkpoint["epoch"] + 1
 
-    loss_fn = make_loss(config, catalogue)
+    loss_fn = make_loss(config, catalogue.item_counts)
     epochs = config.epochs if trainable else 1
     total_targets = count_targets(train_data)
     for epoch in range(start_epoch, epochs):

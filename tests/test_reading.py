@@ -15,7 +15,6 @@ from conftest import (
     DAY_MS,
     KEEP_ALL_ITEMS,
     MINUTE_MS,
-    Outcome,
     preprocess,
     raw_events,
     run_main,
@@ -283,7 +282,7 @@ def test_null_ids_are_dropped_and_counted(tmp_path: Path) -> None:
 
 def test_strict_makes_null_ids_an_error(tmp_path: Path) -> None:
     logs = write_log(tmp_path / "events.csv", [("u1", "a", BASE_MS), (None, "a", BASE_MS + 1)])
-    outcome: Outcome = run_main("preprocess", logs, "--out", tmp_path / "out", "--strict", *KEEP_ALL_ITEMS)
+    outcome = run_main("preprocess", logs, "--out", tmp_path / "out", "--strict", *KEEP_ALL_ITEMS)
     assert outcome.exit_code == 2
     assert "Traceback" not in outcome.stderr and outcome.stderr.strip()
 
@@ -300,3 +299,24 @@ def test_ids_follow_descending_frequency_and_zero_is_padding(tmp_path: Path) -> 
     assert users == {"light": 1, "heavy": 2}  # 6 events vs 5
     events = pl.read_parquet(tmp_path / "out" / "events" / "events.parquet")
     assert events.get_column("item").min() == 1 and events.get_column("user").min() == 1
+
+
+def test_ids_are_dense(tmp_path: Path) -> None:
+    logs = write_log(tmp_path / "events.csv", counted_rows({f"i{k}": k % 3 + 1 for k in range(10)}))
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert sorted(vocabulary(tmp_path / "out", "item")) == list(range(1, 11))
+
+
+def test_users_file_profile_fields(tmp_path: Path) -> None:
+    logs = write_log(tmp_path / "events.csv", [(user, "a", BASE_MS) for user in ("u1", "u2", "u3", "stranger")])
+    users = write_log(tmp_path / "users.csv", [("u1", "25-34", "F"), ("u2", "25-34", "M"), ("u3", "45+", None)],
+                      header=("user_id", "age", "gender"))
+    preprocess(logs, tmp_path / "out", "--users", users, *KEEP_ALL_ITEMS)
+    assert stats(tmp_path / "out")["profile_fields"] == ["age", "gender"]
+    ids = {raw: id_ for id_, raw in vocabulary(tmp_path / "out", "user").items()}
+    profiles = {row["user"]: (row["age"], row["gender"])
+                for row in pl.read_parquet(tmp_path / "out" / "events" / "users.parquet").iter_rows(named=True)}
+    age, gender = {user: profiles[ids[user]][0] for user in ids}, {user: profiles[ids[user]][1] for user in ids}
+    assert age["u1"] == age["u2"] != age["u3"] and 0 not in (age["u1"], age["u3"])
+    assert gender["u1"] != gender["u2"] and 0 not in (gender["u1"], gender["u2"])
+    assert gender["u3"] == 0 and age["stranger"] == gender["stranger"] == 0  # unknown

@@ -75,6 +75,8 @@ def test_leave_last_out_case_points_at_the_first_target_event(tmp_path: Path) ->
 
 # --- temporal -------------------------------------------------------------------------------------
 
+# The log ends at 23:23 on day 9, so that "the last N days" counts the same whether it is read as
+# calendar days or as N x 24 hours before the last event.
 TEMPORAL_LOG = [
     *session_rows("a", ["a1", "a2", "a3"], DAY0 + 2 * DAY_MS),
     *session_rows("a", ["a4", "a5"], DAY0 + 5 * DAY_MS),
@@ -82,15 +84,16 @@ TEMPORAL_LOG = [
     *session_rows("a", ["a", "b", "c", "d", "c", "e", "d", "f"], DAY0 + 9 * DAY_MS + 10 * HOUR_MS),  # day 9: test
     *session_rows("b", ["b1", "b2"], DAY0 + 7 * DAY_MS + 23 * HOUR_MS),  # day 7: training
     *session_rows("b", ["m", "n", "o", "n"], DAY0 + 9 * DAY_MS),  # day 9 from midnight: test
+    *session_rows("c", ["c1", "c2", "c3", "c4"], DAY0 + 9 * DAY_MS + 23 * HOUR_MS + 20 * MINUTE_MS),  # test
 ]
 
 
 def test_temporal_cases_use_the_first_quarter_as_input(tmp_path: Path) -> None:
     out = run(tmp_path, TEMPORAL_LOG)  # --split temporal is the default
     test = decoded(out, "test")
-    assert [(row["user"], row["items"]) for row in test] == [("a", ["a", "b"]), ("b", ["m"])]
-    assert [sorted(row["targets"]) for row in test] == [["c", "d", "e", "f"], ["n", "o"]]  # deduplicated
-    assert all(len(row["targets"]) == len(set(row["targets"])) for row in test)
+    assert [(row["user"], row["items"]) for row in test] == [("a", ["a", "b"]), ("b", ["m"]), ("c", ["c1"])]
+    assert [sorted(row["targets"]) for row in test] == [["c", "d", "e", "f"], ["n", "o"], ["c2", "c3", "c4"]]
+    assert all(len(row["targets"]) == len(set(row["targets"])) for row in test)  # deduplicated
     valid = decoded(out, "valid")
     assert [(row["user"], row["items"], sorted(row["targets"])) for row in valid] == [("a", ["g"], ["h", "i", "j"])]
     train = decoded(out, "train")
@@ -101,7 +104,7 @@ def test_temporal_cases_use_the_first_quarter_as_input(tmp_path: Path) -> None:
 def test_temporal_test_and_valid_days_options(tmp_path: Path) -> None:
     out = run(tmp_path, TEMPORAL_LOG, "--test-days", "2", "--valid-days", "2")
     # test = days 8 and 9, validation = days 6 and 7, training = before day 6
-    assert [row["items"] for row in decoded(out, "test")] == [["a", "b"], ["g"], ["m"]]
+    assert [row["items"] for row in decoded(out, "test")] == [["a", "b"], ["g"], ["m"], ["c1"]]
     assert [row["items"] for row in decoded(out, "valid")] == [["b1"]]
     assert [row["items"] for row in decoded(out, "train")] == [["a1", "a2", "a3"], ["a4", "a5"]]
 
@@ -109,7 +112,7 @@ def test_temporal_test_and_valid_days_options(tmp_path: Path) -> None:
 def test_temporal_input_fraction_option(tmp_path: Path) -> None:
     out = run(tmp_path, TEMPORAL_LOG, "--input-fraction", "0.5")
     assert [(row["items"], sorted(row["targets"])) for row in decoded(out, "test")] == [
-        (["a", "b", "c", "d"], ["c", "d", "e", "f"]), (["m", "n"], ["n", "o"])]
+        (["a", "b", "c", "d"], ["c", "d", "e", "f"]), (["m", "n"], ["n", "o"]), (["c1", "c2"], ["c3", "c4"])]
 
 
 # --- no leakage -----------------------------------------------------------------------------------
@@ -159,9 +162,7 @@ def test_leave_last_out_has_no_leakage(tmp_path: Path) -> None:
 
 
 def test_temporal_has_no_leakage(tmp_path: Path) -> None:
-    rows = random_log(seed=12)
-    out = run(tmp_path, rows, "--test-days", "2", "--valid-days", "2")
-    valid_start = (max(time for _, _, time in rows) // DAY_MS + 1) * DAY_MS - 4 * DAY_MS
+    out = run(tmp_path, random_log(seed=12), "--test-days", "2", "--valid-days", "2")
     session_events = pl.read_parquet(out / "sessions" / "events.parquet")
     cases = pl.concat([pl.read_parquet(out / "splits" / f"{split}.parquet") for split in ("valid", "test")])
     targets = (
@@ -172,7 +173,7 @@ def test_temporal_has_no_leakage(tmp_path: Path) -> None:
     used = events_seen_by_training(out)
     assert used.height > 300 and targets.height > 30
     assert used.join(targets, on=["user", "order"], how="semi").height == 0
-    assert used.get_column("time").max() < valid_start <= targets.get_column("time").min()
+    assert used.get_column("time").max() < targets.get_column("time").min()
     later_than_a_target = used.join(targets.group_by("user").agg(pl.col("order").min().alias("first")), on="user")
     assert later_than_a_target.filter(pl.col("order") >= pl.col("first")).height == 0
 
