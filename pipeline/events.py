@@ -132,31 +132,55 @@ def key_column(table: Table, config: PreprocessConfig, role: str) -> str:
     return key
 
 
-def drop_null_ids(events: pl.DataFrame, config: PreprocessConfig) -> pl.DataFrame:
-    has_ids = pl.col("user").is_not_null() & pl.col("item").is_not_null() & pl.col("time").is_not_null()
-    if config.strict:
-        missing = events.filter(~has_ids)
-        if missing.height:
-            raise InputError(
-                f"{config.logs}: {missing.height} rows have an empty user, item or time "
-                f"(first at data row {missing.get_column('row')[0] + 1}); drop --strict to skip them"
-            )
-    return events.filter(has_ids)
+def check_strict(events: pl.DataFrame, config: PreprocessConfig) -> None:
+    """--strict: a row with an empty user, item or time is an error, not a dropped row."""
+    missing = events.filter(pl.any_horizontal(pl.col(c).is_null() for c in ("user", "item", "time")))
+    if missing.height:
+        raise InputError(
+            f"{config.logs}: {missing.height} rows have an empty user, item or time "
+            f"(first at data row {missing.get_column('row')[0] + 1}); drop --strict to skip them"
+        )
 
 
-def drop_duplicates(events: pl.DataFrame, config: PreprocessConfig) -> pl.DataFrame:
-    if config.keep_duplicates:
-        return events
+def duplicate_rows(events: pl.DataFrame) -> pl.Series:
+    """`row` of every exact repeat of an earlier event (same user, item, time, session, behaviour).
+    Rows are first compared by one 64-bit hash of the whole event, which is cheap in memory; the
+    few rows whose hash repeats are then compared exactly."""
     identity = [c for c in ("user", "item", "time", "session", "behavior") if c in events.columns]
-    return events.filter(pl.struct(identity).is_first_distinct())
+    hashed = events.select("row", *identity, pl.struct(identity).hash().alias("event_hash"))
+    repeated = hashed.filter(~pl.col("event_hash").is_first_distinct()).get_column("event_hash").unique()
+    suspects = hashed.filter(pl.col("event_hash").is_in(repeated.implode()))
+    return suspects.filter(~pl.struct(identity).is_first_distinct()).get_column("row")
 
 
-def drop_rare_items(events: pl.DataFrame, min_count: int) -> pl.DataFrame:
-    return events.filter(pl.len().over("item") >= min_count)
+def filter_masks(events: pl.DataFrame, config: PreprocessConfig) -> list[pl.Expr]:
+    """One boolean column per filter, each applied on top of the previous ones, so that every
+    count refers to what the earlier filters left:
+    has_ids -> unique (exact duplicates) -> frequent_item (--min-item-count) -> normal_user
+    (--max-user-events)."""
+    has_ids = pl.all_horizontal(pl.col(c).is_not_null() for c in ("user", "item", "time"))
+    unique = pl.col("has_ids")
+    if not config.keep_duplicates:
+        unique = unique & ~pl.col("row").is_in(duplicate_rows(events).implode())
+    frequent_item = pl.col("unique") & (pl.col("unique").sum().over("item") >= config.min_item_count)
+    normal_user = pl.col("frequent_item")
+    if config.max_user_events is not None:
+        normal_user = normal_user & (pl.col("frequent_item").sum().over("user") <= config.max_user_events)
+    return [has_ids.alias("has_ids"), unique.alias("unique"), frequent_item.alias("frequent_item"), normal_user.alias("kept")]
 
 
-def drop_spam_users(events: pl.DataFrame, max_events: int | None) -> pl.DataFrame:
-    return events if max_events is None else events.filter(pl.len().over("user") <= max_events)
+def apply_filters(events: pl.DataFrame, config: PreprocessConfig) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The kept events and how many rows each filter dropped."""
+    has_ids, unique, frequent_item, kept = filter_masks(events, config)
+    marked = events.with_columns(has_ids).with_columns(unique).with_columns(frequent_item).with_columns(kept)
+    counts = marked.select(pl.col("has_ids", "unique", "frequent_item", "kept").sum()).row(0, named=True)
+    dropped = {
+        "dropped_null_ids": events.height - counts["has_ids"],
+        "dropped_duplicates": counts["has_ids"] - counts["unique"],
+        "dropped_rare_items": counts["unique"] - counts["frequent_item"],
+        "dropped_spam_users": counts["frequent_item"] - counts["kept"],
+    }
+    return marked.filter("kept").drop("has_ids", "unique", "frequent_item", "kept"), dropped
 
 
 def most_frequent_values(source: pl.DataFrame, feature: str) -> pl.DataFrame:
@@ -254,17 +278,10 @@ def build_events(config: PreprocessConfig) -> EventTables:
     rows_read = events.height
     items_file, item_dictionaries = read_items_file(config) if config.items else (None, {})
 
-    with_ids = drop_null_ids(events, config)
-    deduplicated = drop_duplicates(with_ids, config)
-    frequent = drop_rare_items(deduplicated, config.min_item_count)
-    kept = drop_spam_users(frequent, config.max_user_events)
-    dropped = {
-        "dropped_null_ids": rows_read - with_ids.height,
-        "dropped_duplicates": with_ids.height - deduplicated.height,
-        "dropped_rare_items": deduplicated.height - frequent.height,
-        "dropped_spam_users": frequent.height - kept.height,
-    }
-    del events, with_ids, deduplicated, frequent
+    if config.strict:
+        check_strict(events, config)
+    kept, dropped = apply_filters(events, config)
+    del events
     if kept.height == 0:
         raise InputError(
             f"{config.logs}: no events left after filtering ({rows_read} read); "

@@ -31,7 +31,8 @@ def long_term_column(feature: str) -> str:
 
 def prior_sessions(sessions: pl.DataFrame, long_window_ms: int | None) -> pl.LazyFrame:
     """(session, cutoff, prior): every earlier session of the same user that ends at or after
-    the session's window start `cutoff` (= start - long_window; no cutoff when unlimited)."""
+    the session's window start `cutoff` (= start - long_window; no cutoff when unlimited),
+    sorted by session and, within it, most recent prior session first."""
     cutoff = (pl.col("start") - long_window_ms) if long_window_ms is not None else pl.lit(None, pl.Int64)
     windows = sessions.lazy().select("session", "user", "start", cutoff.alias("cutoff"))
     if long_window_ms is None:
@@ -44,8 +45,15 @@ def prior_sessions(sessions: pl.DataFrame, long_window_ms: int | None) -> pl.Laz
         )
     return (
         first_prior.filter(pl.col("first_prior") < pl.col("session"))
-        .select("session", "cutoff", prior=pl.int_ranges("first_prior", "session", dtype=ID))
+        .sort("session")
+        .select(
+            "session",
+            "cutoff",
+            # most recent prior session first: the order the long-term set is built in
+            prior=pl.int_ranges(pl.col("session").cast(pl.Int64) - 1, pl.col("first_prior").cast(pl.Int64) - 1, step=-1),
+        )
         .explode("prior")
+        .with_columns(pl.col("prior").cast(ID))
     )
 
 
@@ -77,6 +85,20 @@ def long_term_set(
     )
 
 
+def user_aligned_chunks(sessions: pl.DataFrame, events_per_chunk: int) -> list[tuple[int, int]]:
+    """Contiguous session ranges [first, stop) of about `events_per_chunk` events that never split a
+    user (a long-term set only looks at its own user's sessions), to bound the memory of a step."""
+    users = sessions.group_by("user", maintain_order=True).agg(
+        pl.col("session").first().alias("first"), pl.col("length").sum().alias("events")
+    )
+    starts = (
+        users.with_columns(chunk=(pl.col("events").cum_sum() - pl.col("events")) // events_per_chunk)
+        .group_by("chunk", maintain_order=True).agg(pl.col("first").first())
+        .get_column("first").to_list()
+    )
+    return list(zip(starts, [*starts[1:], sessions.height], strict=True))
+
+
 def build_long_term(
     session_events: pl.DataFrame,
     sessions: pl.DataFrame,
@@ -84,19 +106,23 @@ def build_long_term(
     side_features: list[str],
     long_window_ms: int | None,
     max_long: int,
+    events_per_chunk: int = 2_000_000,
 ) -> pl.DataFrame:
-    """One row per session: `session` and a list column per feature (empty when nothing qualifies)."""
-    pairs = prior_sessions(sessions, long_window_ms).sort("session", "prior", descending=[False, True]).collect().lazy()
-    events_with_side = session_events.join(items, on="item", how="left") if side_features else session_events
-    result = sessions.lazy().select("session")
+    """One row per session: `session` and a list column per feature (empty when nothing qualifies).
+    Expects sessions numbered 0.. in (user, time) order and events sorted the same way."""
     features = ["item", *side_features]
-    for feature in features:
-        values = pl.col(feature).fill_null(0)
-        recent = recent_values_per_session(events_with_side, values, max_long)
-        column = long_term_column(feature)
-        result = result.join(long_term_set(pairs, recent, max_long, column), on="session", how="left")
-    return (
-        result.with_columns(pl.col(long_term_column(f)).fill_null([]).cast(pl.List(ID)) for f in features)
-        .sort("session")
-        .collect()
-    )
+    event_offsets = [0, *sessions.get_column("length").cum_sum().to_list()]
+    parts = []
+    for first, stop in user_aligned_chunks(sessions, events_per_chunk):
+        chunk_sessions = sessions.slice(first, stop - first)
+        chunk_events = session_events.slice(event_offsets[first], event_offsets[stop] - event_offsets[first])
+        pairs = prior_sessions(chunk_sessions, long_window_ms).collect().lazy()
+        with_side = chunk_events.join(items, on="item", how="left") if side_features else chunk_events
+        result = chunk_sessions.lazy().select("session")
+        for feature in features:
+            recent = recent_values_per_session(with_side, pl.col(feature).fill_null(0), max_long)
+            result = result.join(
+                long_term_set(pairs, recent, max_long, long_term_column(feature)), on="session", how="left", maintain_order="left"
+            )
+        parts.append(result.collect())
+    return pl.concat(parts).with_columns(pl.col(long_term_column(f)).fill_null([]).cast(pl.List(ID)) for f in features)
