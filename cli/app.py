@@ -30,6 +30,8 @@ err_console = Console(stderr=True)
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
+# The sample log spans 28 days; three test and two validation days give about 900 and 650 cases.
+DEMO_TEST_DAYS, DEMO_VALID_DAYS = 3.0, 2.0
 
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output directory (created if missing).")]
 
@@ -314,6 +316,7 @@ def evaluate(
     split: Annotated[str, typer.Option(help="test or valid.")] = "test",
     k: Annotated[str, typer.Option("--k", help="Cut-offs, comma-separated.")] = "10,20,50,100",
     exclude_seen: Annotated[bool, typer.Option("--exclude-seen", help="Never recommend items the user already interacted with.")] = False,
+    index: Annotated[str, typer.Option(help="exact, or a faiss index: hnsw, flat or ivf (needs the faiss extra); reports its recall against exact search.")] = "exact",
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Full-catalogue retrieval metrics of a trained run; written to RUN/metrics-<split>.json."""
@@ -323,11 +326,17 @@ def evaluate(
 
     if split not in ("test", "valid"):
         raise InputError(f"--split {split!r}: expected test or valid")
+    from sdm.ann import INDEX_KINDS
+
+    if index not in ("exact", *INDEX_KINDS):
+        raise InputError(f"--index {index!r}: expected exact or one of {', '.join(INDEX_KINDS)}")
     ks = parse_ks(k)
     model, run_config, catalogue = load_trained(run)
-    metrics = evaluate_split(model, Path(run_config["train"]["data"]), catalogue, split, ks, exclude_seen)
-    suffix = "-exclude-seen" if exclude_seen else ""
-    write_json_atomic(run / f"metrics-{split}{suffix}.json", {"split": split, "exclude_seen": exclude_seen, "metrics": metrics})
+    metrics = evaluate_split(model, Path(run_config["train"]["data"]), catalogue, split, ks, exclude_seen, index)
+    suffix = ("-exclude-seen" if exclude_seen else "") + ("" if index == "exact" else f"-{index}")
+    write_json_atomic(
+        run / f"metrics-{split}{suffix}.json", {"split": split, "exclude_seen": exclude_seen, "index": index, "metrics": metrics}
+    )
     if as_json:
         typer.echo(json.dumps(metrics))
         return
@@ -336,6 +345,9 @@ def evaluate(
     names = ("hit_rate", "recall", "precision", "f1", "ndcg", "mrr")
     for name in names:
         table.add_column(name, justify="right")
+    if index != "exact":
+        names += ("index_recall",)
+        table.add_column(f"{index} recall vs exact", justify="right")
     for cutoff in ks:
         table.add_row(str(cutoff), *(f"{metrics.get(f'{name}@{cutoff}', float('nan')):.4f}" for name in names))
     console.print(table)
@@ -400,9 +412,10 @@ def demo(
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: the output path is a file; choose a directory with --out")
     data = out / "data"
-    console.rule("1. sdm preprocess sample_data/events.csv")
+    console.rule(f"1. sdm preprocess sample_data/events.csv --test-days {DEMO_TEST_DAYS:g} --valid-days {DEMO_VALID_DAYS:g}")
     config = PreprocessConfig(
-        logs=SAMPLE_DIR / "events.csv", items=SAMPLE_DIR / "items.csv", users=SAMPLE_DIR / "users.csv", out=data
+        logs=SAMPLE_DIR / "events.csv", items=SAMPLE_DIR / "items.csv", users=SAMPLE_DIR / "users.csv", out=data,
+        test_days=DEMO_TEST_DAYS, valid_days=DEMO_VALID_DAYS,
     )
     print_summary({report.name: report.stats for report in run_preprocess(config)})
     results = {}
@@ -426,13 +439,14 @@ def demo(
     console.print(table)
     console.rule("4. sdm recommend")
     model, run_config, catalogue = load_trained(out / "runs" / f"sdm-seed{seed}")
-    raw_user = pl_first_user(data)
+    raw_user = most_active_user(data)
     ranked = recommend(model, data, catalogue, raw_user, 5, exclude_seen=False)
     console.print(f"top 5 for user {raw_user}:")
     console.print(ranked)
 
 
-def pl_first_user(data: Path) -> str:
+def most_active_user(data: Path) -> str:
+    """Raw id of the user with the most events (dense id 1)."""
     import polars as pl
 
     return pl.read_parquet(data / "events" / "vocab" / "user.parquet").get_column("raw")[0]

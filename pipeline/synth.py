@@ -67,6 +67,8 @@ class SynthConfig:
     # sessions
     favourite_intent_share: float = 0.75  # sessions whose intent is a favourite category
     preference_strength: float = 0.7  # fresh picks in such sessions from the favourite brand/shop
+    consideration_size: int = 6  # items per favourite slot that the user keeps coming back to
+    revisit_share: float = 0.35  # fresh picks in favourite sessions that revisit a considered item
     follow_share: float = 0.5  # non-first events continuing the current run (leaf/brand/shop)
     noise_share: float = 0.1  # non-first events clicked anywhere in the catalogue
     reuse_share: float = 0.6  # cart/fav/buy events acting on the item just viewed
@@ -83,15 +85,15 @@ class SynthConfig:
     behavior_probabilities: tuple[float, float, float, float] = (0.895, 0.055, 0.03, 0.02)
 
     def __post_init__(self) -> None:
-        if self.n_events < 1 or self.days < 1 or self.favourite_categories < 1:
-            raise ValueError("n_events, days and favourite_categories must be positive")
+        if self.n_events < 1 or self.days < 1 or self.favourite_categories < 1 or self.consideration_size < 1:
+            raise ValueError("n_events, days, favourite_categories and consideration_size must be positive")
         if self.n_users is not None and self.n_users < 1:
             raise ValueError("n_users must be positive")
         if self.n_items is not None and self.n_items < 16:
             raise ValueError("n_items must be at least 16")
         shares = (
             self.missing_brand_share, self.drift_share, self.favourite_intent_share,
-            self.preference_strength, self.follow_share, self.noise_share, self.reuse_share,
+            self.preference_strength, self.revisit_share, self.follow_share, self.noise_share, self.reuse_share,
             self.tie_share, self.duplicate_share,
         )
         if not all(0.0 <= share <= 1.0 for share in shares):
@@ -183,6 +185,9 @@ class Users:
     slot_category: np.ndarray
     slot_brand_group: np.ndarray
     slot_shop_group: np.ndarray
+    # [U, K + 1, C]: items of the slot's liked (category, brand) the user considers for weeks and
+    # revisits across sessions -- what only the long-term item set can remember.
+    slot_considered: np.ndarray
     drift_slot: np.ndarray  # [U]
     drift_time: np.ndarray  # [U] seconds from start; +inf for users whose taste does not drift
 
@@ -304,6 +309,7 @@ def _build_users(config: SynthConfig, catalogue: Catalogue, rng: np.random.Gener
     )
     slot_brand_group = catalogue.item_brand_group[items_of_category.draw(slot_category, rng)]
     slot_shop_group = catalogue.item_shop_group[items_of_category.draw(slot_category, rng)]
+    slot_considered = catalogue.by_brand_group.draw(np.repeat(slot_brand_group, config.consideration_size), rng)
 
     drifting = rng.random(n_users) < config.drift_share
     drift_time = np.where(drifting, rng.uniform(0.25, 0.75, n_users) * config.span_s, np.inf)
@@ -315,6 +321,7 @@ def _build_users(config: SynthConfig, catalogue: Catalogue, rng: np.random.Gener
         slot_category=slot_category.reshape(n_users, n_slots + 1),
         slot_brand_group=slot_brand_group.reshape(n_users, n_slots + 1),
         slot_shop_group=slot_shop_group.reshape(n_users, n_slots + 1),
+        slot_considered=slot_considered.reshape(n_users, n_slots + 1, config.consideration_size),
         drift_slot=rng.integers(0, n_slots, n_users),
         drift_time=drift_time,
     )
@@ -414,6 +421,7 @@ class Intents:
     category: np.ndarray  # [S]
     liked_brand_group: np.ndarray  # [S] meaningful where favourite
     liked_shop_group: np.ndarray  # [S]
+    considered: np.ndarray  # [S, C] the slot's considered items, meaningful where favourite
 
 
 def _session_intents(
@@ -433,6 +441,7 @@ def _session_intents(
         category=np.where(favourite, users.slot_category[user, slot], any_category),
         liked_brand_group=users.slot_brand_group[user, slot],
         liked_shop_group=users.slot_shop_group[user, slot],
+        considered=users.slot_considered[user, slot],
     )
 
 
@@ -455,15 +464,22 @@ def _choose_items(
     item = np.zeros(config.n_events, dtype=np.int64)
 
     # FRESH: from the liked brand or shop of a favourite intent, or anything in the intent category.
+    # A session opens by browsing the category at large and only then narrows to the user's own
+    # brands, shops and considered items: its first clicks show the intent, not the taste, which
+    # only earlier sessions (the long-term sets) reveal.
     fresh = np.flatnonzero(mode == FRESH)
     session = sessions.of_event[fresh]
-    prefers = intents.favourite[session] & (rng.random(len(fresh)) < config.preference_strength)
+    narrowing = intents.favourite[session] & ~sessions.opens[fresh]
+    prefers = narrowing & (rng.random(len(fresh)) < config.preference_strength)
     source = np.where(prefers, np.where(rng.random(len(fresh)) < 0.5, 2, 1), 0)
     item[fresh] = _draw_from(source, [
         (catalogue.by_category, intents.category[session]),
         (catalogue.by_brand_group, intents.liked_brand_group[session]),
         (catalogue.by_shop_group, intents.liked_shop_group[session]),
     ], rng)
+    revisits = narrowing & (rng.random(len(fresh)) < config.revisit_share)
+    pick = rng.integers(0, config.consideration_size, len(fresh))
+    item[fresh] = np.where(revisits, intents.considered[session, pick], item[fresh])
 
     # FOLLOW: same leaf, brand or shop as the run's anchor, the latest FRESH event (sessions open
     # with one), so neighbouring events resemble each other and order matters.

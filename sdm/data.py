@@ -125,7 +125,9 @@ def _attach_context(rows: pl.DataFrame, data: Path) -> pl.DataFrame:
     """Join each row's long-term sets (by session) and user profile (by user)."""
     long_term = pl.read_parquet(data / "long_term" / "long_term.parquet")
     users = pl.read_parquet(data / "events" / "users.parquet")
-    return rows.join(long_term, on="session", how="left").join(users, on="user", how="left")
+    return rows.join(long_term, on="session", how="left", maintain_order="left").join(
+        users, on="user", how="left", maintain_order="left"
+    )
 
 
 def _context_tensors(frame: pl.DataFrame, catalogue: Catalogue) -> Batch:

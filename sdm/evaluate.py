@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sdm.ann import faiss_top_k, overlap_recall
 from sdm.data import SessionData, load_cases, seen_items
 from sdm.metrics import ranking_metrics
 from sdm.model import Recommender
@@ -36,16 +37,33 @@ def evaluate_cases(
     cases: SessionData,
     ks: Sequence[int],
     exclude: tuple[Tensor, Tensor] | None = None,
+    index: str = "exact",
 ) -> dict[str, float]:
-    _, ids = retrieve(model, cases, max(ks), exclude)
-    return ranking_metrics(ids, (cases.targets_indptr, cases.targets_indices), ks)
+    """Ranking metrics of exact top-K, or of a faiss index (`index` in sdm.ann.INDEX_KINDS), in
+    which case `index_recall@K` says how much of the exact top-K the index found."""
+    if index == "exact":
+        _, ids = retrieve(model, cases, max(ks), exclude)
+        return ranking_metrics(ids, (cases.targets_indptr, cases.targets_indices), ks)
+    model.eval()
+    with torch.no_grad():
+        queries, items = embed_cases(model, cases), model.item_vectors()
+        _, exact = top_k(queries, items, max(ks), exclude=exclude)
+    _, approximate = faiss_top_k(queries, items, max(ks), index, exclude)
+    metrics = ranking_metrics(approximate, (cases.targets_indptr, cases.targets_indices), ks)
+    return metrics | {f"index_recall@{k}": overlap_recall(approximate[:, :k], exact[:, :k]) for k in ks}
 
 
 def evaluate_split(
-    model: Recommender, data: Path, catalogue, split: str, ks: Sequence[int], exclude_seen: bool = False
+    model: Recommender,
+    data: Path,
+    catalogue,
+    split: str,
+    ks: Sequence[int],
+    exclude_seen: bool = False,
+    index: str = "exact",
 ) -> dict[str, float]:
     cases, keys = load_cases(data, catalogue, split)
     if len(cases) == 0:
         return {"n_cases": 0}
     exclude = seen_items(data, keys) if exclude_seen else None
-    return evaluate_cases(model, cases, ks, exclude)
+    return evaluate_cases(model, cases, ks, exclude, index)

@@ -4,25 +4,24 @@ SDM scores item v for user u as the inner product o_u · V_v of the fused user v
 the item output embedding (paper §3.6), and matching returns the K best items. This module
 does that exactly, with bounded memory, for any catalogue size:
 
-    for each query chunk Q (rows of `queries`):
-        best = K slots of (-inf, id -1)
-        for each item chunk I (rows of `items`):
-            S = items[I] @ queries[Q].T                      # [|I|, |Q|]
-            knock out the padding row and excluded (case, item) pairs with -inf
+    for each query chunk Q:
+        best = K slots of (score -inf, id -1) per query
+        for each item chunk I:
+            S = queries[Q] @ items[I].T                      # [|Q|, |I|]
+            set S to -inf for the padding item and the excluded (case, item) pairs
             keep the entries of S that can still enter `best` (block-maximum filter)
-            best = top K of (best ∪ kept entries)
+            now and then: best = top K of (best ∪ kept entries)
 
-The block-maximum filter is what makes this faster than `torch.topk` on every chunk.
-Items are grouped in blocks of 64 consecutive rows; the maximum of each block is one cheap
-reduction over S. An entry can only enter `best` if it beats the current K-th best score,
-and only if it is no smaller than the K-th largest block maximum of its chunk (those K block
-maxima are K distinct entries of the chunk). So only the few blocks passing both bounds are
-gathered, their qualifying entries extracted, and sorted together with `best`.
+The block-maximum filter is what makes this faster than `torch.topk` on every chunk (the
+bare mm + topk floor): the items of a chunk are cut into blocks of 64 and one cheap
+reduction gives each block's maximum per query. Only blocks whose maximum can still enter
+`best` are gathered and filtered entry by entry, and for random-looking scores those are
+a handful per query once the first chunk has set the bar.
 
-Ordering is (score descending, item id ascending): ties go to the smaller id. A stable sort
-of `best` followed by the chunk's candidates (both listed in increasing id among equal
-scores, and every id of `best` smaller than the chunk's) implements exactly that. Scores
-must be finite: -inf marks "no item".
+Ordering is (score descending, item id ascending): ties go to the smaller id. Merging is a
+stable sort of `best` followed by the candidates, each query's candidates in increasing id
+order and all with larger ids than `best`, which implements exactly that order.
+Scores must be finite: -inf marks "no item".
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ CSR = tuple[Tensor, Tensor]  # (indptr [N + 1], indices [nnz]), int64: row n own
 BLOCK = 64  # items per block of the block-maximum filter
 
 
+@torch.no_grad()
 def top_k(
     queries: Tensor,
     items: Tensor,
@@ -48,21 +48,22 @@ def top_k(
     """Exact maximum-inner-product top-k: scores [N, k] (descending) and item ids [N, k] (int64).
 
     queries [N, d], items [M, d] (row 0 is the padding item and is never returned when
-    skip_padding). Memory is bounded by one [item_chunk, query_chunk] score block plus
-    small candidate buffers, whatever M is. Ties are broken by the smaller item id.
+    skip_padding). Memory is bounded by one [query_chunk, item_chunk] score block plus
+    candidate buffers of about query_chunk * k entries, whatever M is. Ties are broken by the smaller item id.
     `exclude` is a CSR (indptr [N + 1], indices [nnz]) of item ids that case n must not get
     (e.g. items the user has already seen). If k exceeds the number of eligible items, the
     tail has score -inf and id -1.
     """
     if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
-        raise ValueError(f"expected queries [N, d] and items [M, d], got {tuple(queries.shape)} and {tuple(items.shape)}")
+        raise ValueError(f"expected queries [N, d] and items [M, d], got {list(queries.shape)} and {list(items.shape)}")
     if queries.dtype != items.dtype:
         raise ValueError(f"queries and items must share a dtype, got {queries.dtype} and {items.dtype}")
     if k < 1 or item_chunk < 1 or query_chunk < 1:
         raise ValueError("k, item_chunk and query_chunk must be positive")
     n_cases, n_items = queries.shape[0], items.shape[0]
     if exclude is not None:
-        indptr, indices = exclude
+        indptr, indices = (torch.as_tensor(part, dtype=torch.int64) for part in exclude)
+        exclude = (indptr, indices)
         if indptr.shape != (n_cases + 1,):
             raise ValueError(f"exclude indptr must have N + 1 = {n_cases + 1} entries, got {tuple(indptr.shape)}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_items):
@@ -93,6 +94,11 @@ def _top_k_for_query_chunk(
     best_ids = torch.full((n_queries, k), -1, dtype=torch.int64)  # [Q, k]
     # One score buffer reused by every item chunk, its rows padded to whole blocks.
     buffer = torch.empty(n_queries * _round_up(min(item_chunk, n_items), BLOCK), dtype=queries.dtype)
+    # Merging costs the same however few candidates a chunk yields, so candidates are pooled
+    # until there are about k per case. Between merges the threshold lags behind, which only
+    # lets a few more candidates through.
+    pooled: list[tuple[Tensor, Tensor, Tensor]] = []
+    n_pooled = 0
 
     for chunk_index, item_start in enumerate(range(0, n_items, item_chunk)):
         n_chunk_items = min(item_chunk, n_items - item_start)
@@ -106,9 +112,13 @@ def _top_k_for_query_chunk(
             lo, hi = chunk_bounds[chunk_index], chunk_bounds[chunk_index + 1]
             scores[excluded_cases[lo:hi], excluded_items[lo:hi] - item_start] = float("-inf")
 
-        threshold = best_scores[:, -1]  # [Q] current k-th best; later items must beat it strictly
-        case, item, score = _candidates(scores, threshold, k)
-        best_scores, best_ids = _merge(best_scores, best_ids, case, item + item_start, score, k)
+        case, item, score = _candidates(scores, best_scores[:, -1], k)
+        pooled.append((case, item + item_start, score))
+        n_pooled += case.numel()
+        if n_pooled >= n_queries * k or item_start + item_chunk >= n_items:
+            case, item, score = (torch.cat(parts) for parts in zip(*pooled))
+            best_scores, best_ids = _merge(best_scores, best_ids, case, item, score, k)
+            pooled, n_pooled = [], 0
     return best_scores, best_ids
 
 
@@ -116,37 +126,37 @@ def _candidates(scores: Tensor, threshold: Tensor, k: int) -> tuple[Tensor, Tens
     """Entries of scores [Q, I] that may enter the running top-k, as (case [P], item [P], score [P])
     sorted by case then item (item is the column within the chunk).
 
-    An entry qualifies if score > threshold[case]: an equal score loses the tie to the running
-    items, whose ids are smaller. While that lets more than k blocks through for some case
-    (the running top-k is not full yet, or the chunk is unusually good), entries must also be
-    >= the case's k-th largest block maximum: the chunk holds k entries at least that large,
-    and an equal one may still win on id.
+    An entry qualifies if score > threshold[case], the running k-th best: an equal score
+    loses the tie to the running items, whose ids are smaller. When that lets more than k
+    blocks through for some case (the running top-k is not full yet, or the chunk is unusually
+    good), entries must also be >= the case's k-th largest block maximum: the chunk holds k
+    entries at least that large, and an equal one may still win on id.
     """
     n_queries, n_blocks = scores.shape[0], scores.shape[1] // BLOCK
     blocks = scores.view(n_queries, n_blocks, BLOCK)  # [Q, nb, BLOCK]
     block_max = blocks.amax(dim=2)  # [Q, nb]
-    block_passes = block_max > threshold.unsqueeze(1)  # [Q, nb]
-    block_case, block_index = block_passes.nonzero(as_tuple=True)  # [B], [B], sorted by (case, block)
-    lower_bound = torch.full_like(threshold, float("-inf"))  # [Q]
+    floor = torch.nextafter(threshold, threshold.new_tensor(float("inf")))  # [Q]; score > threshold <=> score >= floor
+    # [B], [B]: the blocks to look into, sorted by case then block
+    block_case, block_index = (block_max >= floor.unsqueeze(1)).nonzero(as_tuple=True)
     if block_case.numel() > k and int(torch.bincount(block_case).max()) > k:
-        lower_bound = block_max.topk(k, dim=1, sorted=False).values.amin(dim=1)
-        block_passes &= block_max >= lower_bound.unsqueeze(1)
-        block_case, block_index = block_passes.nonzero(as_tuple=True)
+        floor = torch.maximum(floor, block_max.topk(k, dim=1, sorted=False).values.amin(dim=1))
+        block_case, block_index = (block_max >= floor.unsqueeze(1)).nonzero(as_tuple=True)
 
     block_scores = blocks[block_case, block_index]  # [B, BLOCK]
-    entry_passes = (block_scores > threshold[block_case].unsqueeze(1)) & (
-        block_scores >= lower_bound[block_case].unsqueeze(1)
-    )  # [B, BLOCK]
-    block_row, lane = entry_passes.nonzero(as_tuple=True)  # [P], [P]
+    block_row, lane = (block_scores >= floor[block_case].unsqueeze(1)).nonzero(as_tuple=True)  # [P], [P]
     return block_case[block_row], block_index[block_row] * BLOCK + lane, block_scores[block_row, lane]
 
 
 def _merge(
     best_scores: Tensor, best_ids: Tensor, case: Tensor, item: Tensor, score: Tensor, k: int
 ) -> tuple[Tensor, Tensor]:
-    """Top-k of the running best [Q, k] and the candidates (sorted by case, then item id)."""
+    """Top-k of the running best [Q, k] and the candidates (case [P], item [P], score [P]), whose
+    items come in increasing id order within each case and are all larger than the running ids."""
     n_queries = best_scores.shape[0]
-    # Lay the ragged candidates out densely: row = case, column = rank among the case's candidates.
+    # Group the candidates by case (keeping the id order) and lay them out densely:
+    # row = case, column = rank among the case's candidates.
+    by_case = torch.argsort(case, stable=True)
+    case, item, score = case[by_case], item[by_case], score[by_case]
     per_case = torch.bincount(case, minlength=n_queries)  # [Q]
     first_of_case = torch.cumsum(per_case, 0) - per_case  # [Q]
     column = torch.arange(case.numel()) - first_of_case[case]  # [P]
@@ -172,7 +182,8 @@ def _excluded_pairs(
     chunk_bounds[c]:chunk_bounds[c + 1]."""
     indptr, indices = exclude
     items = indices[int(indptr[start]) : int(indptr[stop])]  # [E]
-    cases = torch.repeat_interleave(torch.arange(stop - start), indptr[start + 1 : stop + 1] - indptr[start:stop])  # [E]
+    per_case = indptr[start + 1 : stop + 1] - indptr[start:stop]  # [Q]
+    cases = torch.repeat_interleave(torch.arange(stop - start), per_case)  # [E]
     chunk_of_pair, order = (items // item_chunk).sort(stable=True)
     chunk_bounds = torch.searchsorted(chunk_of_pair, torch.arange(_round_up(n_items, item_chunk) // item_chunk + 1))
     return cases[order], items[order], chunk_bounds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,9 @@ def export_run(model: Recommender, data: Path, catalogue: Catalogue, out: Path) 
 
     example = inputs.batch(torch.arange(min(len(inputs), 8)))
     tower = UserTower(model, catalogue.long_features).eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # shapes are symbolic in the trace; the warning is about a fixed 3-way unpack (q, k, v)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(tower, tower_arguments(example, catalogue.long_features), check_trace=False)
     written = {
         "items.parquet": lambda path: vector_frame(item_vocab.get_column("raw"), item_vectors).write_parquet(path),

@@ -165,10 +165,10 @@ def train_epoch(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
         optimizer.step()
-        total_loss += float(loss) * n_targets
+        total_loss += float(loss.detach()) * n_targets
         total_targets += n_targets
         if on_batch is not None:
-            on_batch(n_targets, float(loss))
+            on_batch(n_targets, float(loss.detach()))
     return total_loss / max(total_targets, 1), total_targets
 
 

@@ -1,0 +1,160 @@
+"""Exact top-k retrieval against a brute-force full sort of the score matrix.
+
+Embeddings are small integers (or multiples of 1/8), so every inner product is exact in
+float32 whatever order the matrix product sums in, and scores compare bit for bit. Small
+integers also produce many exactly tied scores, which exercises the tie rule.
+"""
+
+import pytest
+import torch
+
+from sdm.retrieval import top_k
+
+NEG_INF = float("-inf")
+
+
+def brute_force_top_k(queries, items, k, exclude=None, skip_padding=True):
+    """Sort every row of the full score matrix; stable, so equal scores keep increasing id order."""
+    scores = queries @ items.T  # [N, M]
+    if skip_padding:
+        scores[:, 0] = NEG_INF
+    if exclude is not None:
+        indptr, indices = exclude
+        cases = torch.repeat_interleave(torch.arange(queries.shape[0]), indptr.diff())
+        scores[cases, indices] = NEG_INF
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+    top_scores = scores.gather(1, order)
+    top_ids = torch.where(top_scores == NEG_INF, -1, order)
+    missing = k - top_scores.shape[1]  # k larger than the catalogue
+    top_scores = torch.cat([top_scores, torch.full((queries.shape[0], missing), NEG_INF)], dim=1)
+    top_ids = torch.cat([top_ids, torch.full((queries.shape[0], missing), -1)], dim=1)
+    return top_scores, top_ids
+
+
+def integer_embeddings(n, d, low=-2, high=3):
+    return torch.randint(low, high, (n, d)).float()
+
+
+def random_exclusions(n_cases, n_items, max_per_case):
+    per_case = torch.randint(0, max_per_case + 1, (n_cases,))
+    indptr = torch.cat([torch.zeros(1, dtype=torch.int64), per_case.cumsum(0)])
+    return indptr, torch.randint(0, n_items, (int(per_case.sum()),))
+
+
+@pytest.mark.parametrize(
+    ("item_chunk", "query_chunk"),
+    [
+        (7, 5),  # item chunks much smaller than k and than one 64-item block
+        (100, 64),  # chunks that divide neither M nor N
+        (64, 13),  # exactly one block per chunk
+        (1000, 1000),  # a single chunk each way
+        (65_536, 4_096),  # the defaults
+    ],
+)
+@pytest.mark.parametrize("with_exclusions", [False, True])
+def test_matches_brute_force_for_chunk_sizes(item_chunk, query_chunk, with_exclusions):
+    torch.manual_seed(0)
+    queries, items = integer_embeddings(37, 4), integer_embeddings(523, 4)
+    exclude = random_exclusions(37, 523, 40) if with_exclusions else None
+    for k in (1, 20, 150):
+        scores, ids = top_k(queries, items, k, exclude=exclude, item_chunk=item_chunk, query_chunk=query_chunk)
+        expected_scores, expected_ids = brute_force_top_k(queries, items, k, exclude)
+        assert torch.equal(scores, expected_scores)
+        assert torch.equal(ids, expected_ids)
+
+
+def test_matches_brute_force_on_continuous_scores_over_many_chunks():
+    # Few ties here; many 64-item blocks per chunk and a small k exercise the block-maximum
+    # bound and the pooling of candidates between merges.
+    torch.manual_seed(1)
+    queries = torch.randint(-64, 65, (50, 16)).float() / 8
+    items = torch.randint(-64, 65, (5000, 16)).float() / 8
+    exclude = random_exclusions(50, 5000, 300)
+    for k, item_chunk in [(1, 1000), (3, 640), (10, 999), (100, 2048)]:
+        scores, ids = top_k(queries, items, k, exclude=exclude, item_chunk=item_chunk, query_chunk=16)
+        expected_scores, expected_ids = brute_force_top_k(queries, items, k, exclude)
+        assert torch.equal(scores, expected_scores)
+        assert torch.equal(ids, expected_ids)
+
+
+def test_matches_brute_force_on_random_shapes():
+    torch.manual_seed(2)
+    for _ in range(40):
+        n_cases, n_items, dim = (int(torch.randint(1, high, ())) for high in (30, 800, 5))
+        k, item_chunk, query_chunk = (int(torch.randint(1, high, ())) for high in (120, 400, 40))
+        queries, items = integer_embeddings(n_cases, dim), integer_embeddings(n_items, dim)
+        exclude = random_exclusions(n_cases, n_items, 20)
+        skip_padding = bool(torch.randint(0, 2, ()))
+        chunks = {"item_chunk": item_chunk, "query_chunk": query_chunk}
+        scores, ids = top_k(queries, items, k, exclude=exclude, skip_padding=skip_padding, **chunks)
+        expected_scores, expected_ids = brute_force_top_k(queries, items, k, exclude, skip_padding)
+        assert torch.equal(scores, expected_scores)
+        assert torch.equal(ids, expected_ids)
+
+
+def test_returned_scores_are_the_inner_products_in_descending_order():
+    torch.manual_seed(3)
+    queries, items = torch.randn(20, 8), torch.randn(900, 8)
+    scores, ids = top_k(queries, items, 30, item_chunk=128)
+    assert torch.all(scores[:, :-1] >= scores[:, 1:])
+    recomputed = (queries.unsqueeze(1) * items[ids]).sum(-1)  # [N, k]
+    torch.testing.assert_close(scores, recomputed)
+
+
+def test_padding_item_is_never_returned():
+    torch.manual_seed(4)
+    queries = torch.rand(10, 4) + 0.1  # positive, so the all-100 padding row has the best score for everyone
+    items = torch.rand(300, 4)
+    items[0] = 100.0
+    _, ids = top_k(queries, items, 299, item_chunk=50)
+    assert not (ids == 0).any()
+    assert torch.equal(ids.sort(dim=1).values, torch.arange(1, 300).expand(10, -1))  # every other item appears
+    _, ids_with_padding = top_k(queries, items, 5, skip_padding=False)
+    assert torch.all(ids_with_padding[:, 0] == 0)
+
+
+def test_excluded_items_are_skipped():
+    # One query, items scored 1..9 by their id; excluding the best two promotes the next.
+    queries = torch.ones(2, 1)
+    items = torch.arange(10, dtype=torch.float32).unsqueeze(1)
+    exclude = (torch.tensor([0, 2, 2]), torch.tensor([9, 8]))  # case 0 has seen items 9 and 8, case 1 nothing
+    scores, ids = top_k(queries, items, 3, exclude=exclude, item_chunk=4)
+    assert ids.tolist() == [[7, 6, 5], [9, 8, 7]]
+    assert scores.tolist() == [[7.0, 6.0, 5.0], [9.0, 8.0, 7.0]]
+
+
+def test_ties_go_to_the_smaller_item_id():
+    queries = torch.ones(3, 2)
+    items = torch.ones(200, 2)  # every item scores 2
+    items[150] = 2.0  # except item 150, which scores 4
+    _, ids = top_k(queries, items, 5, item_chunk=17)
+    assert ids.tolist() == [[150, 1, 2, 3, 4]] * 3
+
+
+def test_k_larger_than_the_eligible_items_pads_with_minus_one():
+    queries = torch.tensor([[1.0], [-1.0]])
+    items = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]])  # item 0 is padding
+    exclude = (torch.tensor([0, 1, 1]), torch.tensor([3]))
+    scores, ids = top_k(queries, items, 6, exclude=exclude, item_chunk=2)
+    assert ids.tolist() == [[4, 2, 1, -1, -1, -1], [1, 2, 3, 4, -1, -1]]
+    assert scores.tolist() == [[4.0, 2.0, 1.0] + [NEG_INF] * 3, [-1.0, -2.0, -3.0, -4.0] + [NEG_INF] * 2]
+
+
+def test_same_inputs_give_the_same_outputs():
+    torch.manual_seed(5)
+    queries, items = torch.randn(64, 16), torch.randn(3000, 16)
+    first = top_k(queries, items, 25, item_chunk=700, query_chunk=20)
+    second = top_k(queries, items, 25, item_chunk=700, query_chunk=20)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_rejects_bad_inputs():
+    queries, items = torch.zeros(3, 4), torch.zeros(10, 4)
+    with pytest.raises(ValueError):
+        top_k(queries, torch.zeros(10, 5), 2)
+    with pytest.raises(ValueError):
+        top_k(queries, items, 0)
+    with pytest.raises(ValueError):
+        top_k(queries, items, 2, exclude=(torch.tensor([0, 1]), torch.tensor([1])))  # indptr too short
+    with pytest.raises(ValueError):
+        top_k(queries, items, 2, exclude=(torch.tensor([0, 1, 1, 1]), torch.tensor([10])))  # item out of range
