@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 import sys
-import tomllib
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -16,6 +15,11 @@ from rich.table import Table
 
 from pipeline.config import PreprocessConfig, parse_duration
 from pipeline.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 app = typer.Typer(
     name="sdm",
@@ -60,7 +64,8 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise InputError(f"{path}: invalid TOML ({error})") from None
     section = document.get("preprocess", document)
-    known = {f.name for f in fields(PreprocessConfig)} | {"column", "session_gap", "long_window"}
+    paths_and_units = {"logs", "out", "items", "users", "session_gap_ms", "long_window_ms"}
+    known = {f.name for f in fields(PreprocessConfig)} - paths_and_units | {"column", "session_gap", "long_window"}
     unknown = sorted(set(section) - known)
     if unknown:
         raise InputError(f"{path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
@@ -113,7 +118,10 @@ def preprocess(
         settings["session_gap_ms"] = parse_duration(settings.pop("session_gap"), option="--session-gap")
     if "long_window" in settings:
         settings["long_window_ms"] = parse_duration(settings.pop("long_window"), option="--long-window", allow_none=True)
-    config = PreprocessConfig(logs=logs, out=out, items=items, users=users, column_map=column_map, **settings)
+    try:
+        config = PreprocessConfig(logs=logs, out=out, items=items, users=users, column_map=column_map, **settings)
+    except TypeError as error:
+        raise InputError(f"{config_file}: a setting has the wrong type ({error})") from None
 
     with console.status("") as status:
         reports = run_preprocess(

@@ -5,10 +5,12 @@ to chew on, and it plants exactly the signals SDM is built to exploit:
 
 - a catalogue  category -> leaf category -> item, every item with one shop and one brand,
   Zipf-like popularity at every level;
-- users with a few favourite categories and, inside each, a favourite brand and shop that
-  persist for weeks (the long-term behaviour L^u of the paper) and occasionally drift;
+- users with a few favourite categories and, inside each, a favourite brand and shop and a few
+  considered items they come back to, that persist for weeks (the long-term behaviour L^u of the
+  paper) and occasionally drift;
 - sessions with one intent category whose items form runs sharing a leaf, brand or shop
-  (order inside the session S^u matters), plus random clicks;
+  (order inside the session S^u matters), plus random clicks; many sessions open on a trending
+  item unrelated to the intent, so that a short prefix alone often misleads;
 - seconds between clicks inside a session, hours to days between a user's sessions.
 
 Everything is drawn with whole-array numpy operations: there is no Python loop over events,
@@ -48,7 +50,7 @@ class SynthConfig:
 
     n_events: int = 60_000
     seed: int = 0
-    n_users: int | None = None  # default: about n_events / 40
+    n_users: int | None = None  # default: about n_events / 100
     n_items: int | None = None  # default: about n_events / 15, within [500, 2_000_000]
     start: str = "2024-03-01"  # UTC date of the first day
     days: int = 28
@@ -59,17 +61,18 @@ class SynthConfig:
     missing_brand_share: float = 0.03  # unbranded items (empty brand)
 
     # users
-    favourite_categories: int = 3  # preference slots per user, each with a brand and a shop
+    favourite_categories: int = 2  # preference slots per user, each with a brand and a shop
     profile_tilt: float = 0.7  # sigma of the log-normal tilt of category taste by age x gender
     activity_sigma: float = 1.0  # sigma of the log-normal activity level (sessions per user)
     drift_share: float = 0.5  # users who swap one favourite slot once during the period
 
     # sessions
-    favourite_intent_share: float = 0.75  # sessions whose intent is a favourite category
-    preference_strength: float = 0.7  # fresh picks in such sessions from the favourite brand/shop
-    consideration_size: int = 6  # items per favourite slot that the user keeps coming back to
-    revisit_share: float = 0.35  # fresh picks in favourite sessions that revisit a considered item
-    follow_share: float = 0.5  # non-first events continuing the current run (leaf/brand/shop)
+    favourite_intent_share: float = 0.85  # sessions whose intent is a favourite category
+    preference_strength: float = 0.85  # fresh picks in such sessions from the favourite brand/shop
+    consideration_size: int = 4  # items per favourite slot that the user keeps coming back to
+    revisit_share: float = 0.7  # fresh picks in favourite sessions that revisit a considered item
+    landing_share: float = 0.5  # sessions whose first click is a trending item from anywhere
+    follow_share: float = 0.3  # non-first events continuing the current run (leaf/brand/shop)
     noise_share: float = 0.1  # non-first events clicked anywhere in the catalogue
     reuse_share: float = 0.6  # cart/fav/buy events acting on the item just viewed
     session_length_median: float = 3.5
@@ -93,7 +96,7 @@ class SynthConfig:
             raise ValueError("n_items must be at least 16")
         shares = (
             self.missing_brand_share, self.drift_share, self.favourite_intent_share,
-            self.preference_strength, self.revisit_share, self.follow_share, self.noise_share, self.reuse_share,
+            self.preference_strength, self.revisit_share, self.landing_share, self.follow_share, self.noise_share, self.reuse_share,
             self.tie_share, self.duplicate_share,
         )
         if not all(0.0 <= share <= 1.0 for share in shares):
@@ -106,7 +109,7 @@ class SynthConfig:
 
     @property
     def user_count(self) -> int:
-        return self.n_users if self.n_users is not None else max(1, self.n_events // 40)
+        return self.n_users if self.n_users is not None else max(1, self.n_events // 100)
 
     @property
     def item_count(self) -> int:
@@ -492,8 +495,11 @@ def _choose_items(
         (catalogue.by_shop_group, catalogue.item_shop_group[anchor_item]),
     ], rng)
 
-    # NOISE: anything, by popularity. REPEAT: the item of the latest non-REPEAT event.
-    noise = np.flatnonzero(mode == NOISE)
+    # NOISE: anything, by popularity. LANDING: many sessions open on a trending item from anywhere
+    # (a home-page or deal click) before the intent shows; what follows still follows the intent,
+    # so a short prefix may say little and the long-term history more. REPEAT: the item of the
+    # latest non-REPEAT event.
+    noise = np.flatnonzero((mode == NOISE) | (sessions.opens & (rng.random(config.n_events) < config.landing_share)))
     item[noise] = catalogue.anywhere.draw(np.zeros(len(noise), dtype=np.int64), rng)
     return item[_forward_fill_index(mode != REPEAT)]
 

@@ -13,8 +13,8 @@ does that exactly, with bounded memory, for any catalogue size:
             now and then: best = top K of (best ∪ kept entries)
 
 The block-maximum filter is what makes this faster than `torch.topk` on every chunk (the
-bare mm + topk floor): the items of a chunk are cut into blocks of 64 and one cheap
-reduction gives each block's maximum per query. Only blocks whose maximum can still enter
+bare mm + topk floor): the items of a chunk are cut into blocks of (up to) 64, and one
+cheap reduction gives each block's maximum per query. Only blocks whose maximum can still enter
 `best` are gathered and filtered entry by entry, and for random-looking scores those are
 a handful per query once the first chunk has set the bar.
 
@@ -31,7 +31,7 @@ from torch import Tensor
 
 CSR = tuple[Tensor, Tensor]  # (indptr [N + 1], indices [nnz]), int64: row n owns indices[indptr[n]:indptr[n + 1]]
 
-BLOCK = 64  # items per block of the block-maximum filter
+MAX_BLOCK = 64  # items per block of the block-maximum filter, at most
 
 
 @torch.no_grad()
@@ -48,11 +48,11 @@ def top_k(
     """Exact maximum-inner-product top-k: scores [N, k] (descending) and item ids [N, k] (int64).
 
     queries [N, d], items [M, d] (row 0 is the padding item and is never returned when
-    skip_padding). Memory is bounded by one [query_chunk, item_chunk] score block plus
-    candidate buffers of about query_chunk * k entries, whatever M is. Ties are broken by the smaller item id.
-    `exclude` is a CSR (indptr [N + 1], indices [nnz]) of item ids that case n must not get
-    (e.g. items the user has already seen). If k exceeds the number of eligible items, the
-    tail has score -inf and id -1.
+    skip_padding). Ties are broken by the smaller item id. `exclude` is a CSR
+    (indptr [N + 1], indices [nnz]) of the item ids case n must not get (e.g. items the user
+    has already seen). If k exceeds the number of eligible items, the tail has score -inf
+    and id -1. Memory is one [query_chunk, item_chunk] score block plus candidate buffers of
+    about query_chunk * k entries, whatever M is.
     """
     if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
         raise ValueError(f"expected queries [N, d] and items [M, d], got {list(queries.shape)} and {list(items.shape)}")
@@ -92,8 +92,11 @@ def _top_k_for_query_chunk(
     n_queries, n_items = queries.shape[0], items.shape[0]
     best_scores = torch.full((n_queries, k), float("-inf"), dtype=queries.dtype)  # [Q, k]
     best_ids = torch.full((n_queries, k), -1, dtype=torch.int64)  # [Q, k]
+    # Blocks small enough for a chunk to hold more than k of them, so that its k-th largest
+    # block maximum can bound the candidates while the running top-k is still empty.
+    block = max(1, min(MAX_BLOCK, min(item_chunk, n_items) // (k + 1)))
     # One score buffer reused by every item chunk, its rows padded to whole blocks.
-    buffer = torch.empty(n_queries * _round_up(min(item_chunk, n_items), BLOCK), dtype=queries.dtype)
+    buffer = torch.empty(n_queries * _round_up(min(item_chunk, n_items), block), dtype=queries.dtype)
     # Merging costs the same however few candidates a chunk yields, so candidates are pooled
     # until there are about k per case. Between merges the threshold lags behind, which only
     # lets a few more candidates through.
@@ -102,7 +105,7 @@ def _top_k_for_query_chunk(
 
     for chunk_index, item_start in enumerate(range(0, n_items, item_chunk)):
         n_chunk_items = min(item_chunk, n_items - item_start)
-        scores = buffer[: n_queries * _round_up(n_chunk_items, BLOCK)].view(n_queries, -1)  # [Q, I]
+        scores = buffer[: n_queries * _round_up(n_chunk_items, block)].view(n_queries, -1)  # [Q, I]
         torch.mm(queries, items[item_start : item_start + n_chunk_items].T, out=scores[:, :n_chunk_items])
         scores[:, n_chunk_items:] = float("-inf")  # columns past the catalogue's end
         if skip_padding and item_start == 0:
@@ -112,7 +115,7 @@ def _top_k_for_query_chunk(
             lo, hi = chunk_bounds[chunk_index], chunk_bounds[chunk_index + 1]
             scores[excluded_cases[lo:hi], excluded_items[lo:hi] - item_start] = float("-inf")
 
-        case, item, score = _candidates(scores, best_scores[:, -1], k)
+        case, item, score = _candidates(scores, best_scores[:, -1], k, block)
         pooled.append((case, item + item_start, score))
         n_pooled += case.numel()
         if n_pooled >= n_queries * k or item_start + item_chunk >= n_items:
@@ -122,7 +125,7 @@ def _top_k_for_query_chunk(
     return best_scores, best_ids
 
 
-def _candidates(scores: Tensor, threshold: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+def _candidates(scores: Tensor, threshold: Tensor, k: int, block: int) -> tuple[Tensor, Tensor, Tensor]:
     """Entries of scores [Q, I] that may enter the running top-k, as (case [P], item [P], score [P])
     sorted by case then item (item is the column within the chunk).
 
@@ -132,8 +135,8 @@ def _candidates(scores: Tensor, threshold: Tensor, k: int) -> tuple[Tensor, Tens
     good), entries must also be >= the case's k-th largest block maximum: the chunk holds k
     entries at least that large, and an equal one may still win on id.
     """
-    n_queries, n_blocks = scores.shape[0], scores.shape[1] // BLOCK
-    blocks = scores.view(n_queries, n_blocks, BLOCK)  # [Q, nb, BLOCK]
+    n_queries, n_blocks = scores.shape[0], scores.shape[1] // block
+    blocks = scores.view(n_queries, n_blocks, block)  # [Q, nb, block]
     block_max = blocks.amax(dim=2)  # [Q, nb]
     floor = torch.nextafter(threshold, threshold.new_tensor(float("inf")))  # [Q]; score > threshold <=> score >= floor
     # [B], [B]: the blocks to look into, sorted by case then block
@@ -142,9 +145,9 @@ def _candidates(scores: Tensor, threshold: Tensor, k: int) -> tuple[Tensor, Tens
         floor = torch.maximum(floor, block_max.topk(k, dim=1, sorted=False).values.amin(dim=1))
         block_case, block_index = (block_max >= floor.unsqueeze(1)).nonzero(as_tuple=True)
 
-    block_scores = blocks[block_case, block_index]  # [B, BLOCK]
+    block_scores = blocks[block_case, block_index]  # [B, block]
     block_row, lane = (block_scores >= floor[block_case].unsqueeze(1)).nonzero(as_tuple=True)  # [P], [P]
-    return block_case[block_row], block_index[block_row] * BLOCK + lane, block_scores[block_row, lane]
+    return block_case[block_row], block_index[block_row] * block + lane, block_scores[block_row, lane]
 
 
 def _merge(

@@ -1,0 +1,208 @@
+"""Shared set-up for the training, evaluation, serving and end-to-end tests.
+
+Preprocessed data and trained runs are expensive, so each is built once per test process and
+shared by every module that asks for it (pytest would build a session fixture imported into
+several modules once per module; the cache below makes it once in all). The runs are small
+(dim 16-32, one LSTM layer, a few epochs) so that the whole suite stays fast on two cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import polars as pl
+import pytest
+import torch
+
+import cli.app
+from pipeline.config import PreprocessConfig
+from pipeline.run import run_preprocess
+from pipeline.synth import SynthConfig, write_synth
+from sdm.checkpoint import HISTORY, LAST, load_checkpoint
+from sdm.train import EpochReport, TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO / "sample_data"
+SAMPLE_FILES = {name: SAMPLE_DIR / f"{name}.csv" for name in ("events", "items", "users")}
+DAY_MS = 86_400_000
+# The sample data's split, passed explicitly because tests recompute its period boundaries.
+SAMPLE_TEST_DAYS, SAMPLE_VALID_DAYS = 1.0, 1.0
+
+# A small synthetic log (about 800 training sessions, 300 items) for the many short runs.
+TINY_SYNTH = SynthConfig(n_events=6_000, seed=3)
+TINY_TEST_DAYS, TINY_VALID_DAYS = 2.0, 2.0
+
+SMALL_MODEL = {"dim": 16, "heads": 2, "lstm_layers": 1}
+SMALL_MODEL_ARGS = ("--dim", "16", "--heads", "2", "--lstm-layers", "1", "--threads", "2", "--quiet")
+SAMPLE_RUN_EPOCHS = 3
+TIMING_FIELDS = ("seconds", "targets_per_second")
+
+_built: dict[str, Any] = {}
+
+
+def built_once(key: str, build: Callable[[], Any]) -> Any:
+    """build() the first time `key` is asked for in this process, the cached value afterwards."""
+    if key not in _built:
+        _built[key] = build()
+    return _built[key]
+
+
+def preprocess_sample(out: Path) -> Path:
+    run_preprocess(
+        PreprocessConfig(
+            logs=SAMPLE_FILES["events"], items=SAMPLE_FILES["items"], users=SAMPLE_FILES["users"], out=out,
+            test_days=SAMPLE_TEST_DAYS, valid_days=SAMPLE_VALID_DAYS,
+        )
+    )
+    return out
+
+
+def write_tiny_log(out: Path) -> dict[str, Path]:
+    return write_synth(TINY_SYNTH, out)
+
+
+def preprocess_tiny(raw: dict[str, Path], out: Path, **overrides: Any) -> Path:
+    options = {"test_days": TINY_TEST_DAYS, "valid_days": TINY_VALID_DAYS} | overrides
+    run_preprocess(PreprocessConfig(logs=raw["events"], items=raw["items"], users=raw["users"], out=out, **options))
+    return out
+
+
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return built_once("sample_data", lambda: preprocess_sample(tmp_path_factory.mktemp("sample") / "data"))
+
+
+def tiny_log(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return built_once("tiny_log", lambda: write_tiny_log(tmp_path_factory.mktemp("tiny_raw")))
+
+
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return built_once("tiny_data", lambda: preprocess_tiny(tiny_log(tmp_path_factory), tmp_path_factory.mktemp("tiny") / "data"))
+
+
+@dataclass
+class EpochSnapshot:
+    """What the run directory held right after an epoch ended."""
+
+    report: EpochReport
+    last_epoch: int  # the "epoch" stored in last.pt (0-based)
+    history_length: int  # entries in history.json
+    model: dict[str, torch.Tensor]  # last.pt's model state
+
+
+@dataclass
+class TrainedRun:
+    path: Path
+    data: Path
+    config: TrainConfig
+    history: list[dict[str, Any]]
+    snapshots: list[EpochSnapshot] = field(default_factory=list)
+
+
+def train_recording(config: TrainConfig, **options: Any) -> TrainedRun:
+    """train(config), snapshotting last.pt and history.json after every epoch."""
+    run = Path(config.out)
+    snapshots: list[EpochSnapshot] = []
+
+    def record(report: EpochReport) -> None:
+        last = load_checkpoint(run / LAST)
+        history = json.loads((run / HISTORY).read_text())["epochs"]
+        snapshots.append(EpochSnapshot(report, last["epoch"], len(history), last["model"]))
+
+    history = train(config, on_epoch=record, **options)
+    return TrainedRun(run, Path(config.data), config, history, snapshots)
+
+
+def sample_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """SDM trained for a few epochs on the sample data (small dims, full softmax)."""
+
+    def build() -> TrainedRun:
+        data = sample_data(tmp_path_factory)
+        out = tmp_path_factory.mktemp("sample_run") / "sdm"
+        config = TrainConfig(
+            data=str(data), out=str(out), epochs=SAMPLE_RUN_EPOCHS, batch_size=512, dim=32, heads=2, lstm_layers=1,
+            seed=0, patience=SAMPLE_RUN_EPOCHS,
+        )
+        return train_recording(config)
+
+    return built_once("sample_run", build)
+
+
+def without_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History entries minus the wall-clock fields, which legitimately differ between runs."""
+    return [{key: value for key, value in entry.items() if key not in TIMING_FIELDS} for entry in history]
+
+
+def read_split(data: Path, split: str) -> pl.DataFrame:
+    return pl.read_parquet(data / "splits" / f"{split}.parquet")
+
+
+def read_vocab(data: Path, name: str) -> pl.DataFrame:
+    return pl.read_parquet(data / "events" / "vocab" / f"{name}.parquet")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_sdm(*args: object) -> Outcome:
+    """Run the `sdm` entry point (cli.app.main) in-process, as the console script does: bad input
+    exits with 2 and one message on stderr; an escaping exception is printed and gives 1."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    exit_code = 0
+    with (
+        mock.patch.object(sys, "argv", ["sdm", *(str(arg) for arg in args)]),
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+    ):
+        try:
+            cli.app.main()
+        except SystemExit as exit_:
+            exit_code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        except Exception:
+            traceback.print_exc()
+            exit_code = 1
+    return Outcome(exit_code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_sdm_ok(*args: object) -> Outcome:
+    outcome = run_sdm(*args)
+    assert outcome.exit_code == 0, outcome.output
+    return outcome
+
+
+def sdm_process(*args: object, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The installed `sdm` console script in a child process, with a wide terminal for rich tables."""
+    return subprocess.run(
+        ["sdm", *(str(arg) for arg in args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env=child_env(),
+    )
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+
+
+def states_equal(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
