@@ -64,7 +64,7 @@ def training_throughput(n_items: int, n_rows: int, threads: int) -> dict[str, fl
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
     data, item_side = synthetic_sessions(n_rows, n_items, generator)
-    config = TrainConfig(data="", out="", dim=32, batch_size=512, loss="sampled", num_negatives=255)
+    config = TrainConfig(data="", out="", dim=32, batch_size=512, loss="sampled", num_negatives=255, tie_output=False)
     model_config = ModelConfig(
         n_items=n_items, n_users=1000, side_vocab=SIDE_VOCAB, profile_vocab=[10] * PROFILE_FIELDS, dim=32
     )

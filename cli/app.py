@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import fields
@@ -204,6 +205,9 @@ def synth(
 
 
 def main() -> None:
+    # Idle OpenMP threads sleep instead of spinning: on a machine shared with other work, spinning
+    # threads made training several times slower (set OMP_WAIT_POLICY=ACTIVE to override).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
     except InputError as error:
@@ -231,7 +235,7 @@ def train_command(
     short_term: Annotated[bool, typer.Option("--short-term/--no-short-term", help="Use the short-term session.")] = True,
     side_info: Annotated[bool, typer.Option("--side-info/--no-side-info", help="Embed leaf/category/shop/brand with the item id.")] = True,
     user_id: Annotated[bool, typer.Option("--user-id", help="Add a user id embedding to the profile vector.")] = False,
-    tie_output: Annotated[bool, typer.Option("--tie-output", help="Score with the input item embedding instead of a separate output matrix.")] = False,
+    tie_output: Annotated[bool, typer.Option("--tie-output/--no-tie-output", help="Score items with their input embedding (id + side information) rather than a separate output matrix V.")] = True,
     loss: Annotated[str, typer.Option(help="auto (exact softmax up to 20,000 items, else sampled), sampled or full.")] = "auto",
     negatives: Annotated[str, typer.Option(help="Sampled softmax negatives: log-uniform or in-batch.")] = "log-uniform",
     num_negatives: Annotated[int, typer.Option(help="Log-uniform negatives per batch.")] = 1000,

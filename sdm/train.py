@@ -23,7 +23,15 @@ from pipeline.errors import InputError
 from sdm.baselines import MODEL_NAMES, build_model
 from sdm.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint, read_run_config, save_checkpoint, write_run_json
 from sdm.config import ModelConfig
-from sdm.data import Catalogue, SessionData, length_grouped_batches, load_cases, load_catalogue, load_training
+from sdm.data import (
+    Catalogue,
+    SessionData,
+    length_grouped_batches,
+    load_cases,
+    load_catalogue,
+    load_training,
+    require_stage,
+)
 from sdm.evaluate import evaluate_cases
 from sdm.losses import LogUniformSampler, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
 from sdm.model import Recommender
@@ -60,7 +68,7 @@ class TrainConfig:
     short_term: bool = True
     side_info: bool = True
     user_id: bool = False
-    tie_output: bool = False
+    tie_output: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -69,6 +77,7 @@ class TrainConfig:
             (self.negatives in NEGATIVES, f"--negatives must be one of {', '.join(NEGATIVES)}"),
             (self.epochs >= 0 and self.batch_size >= 1 and self.lr > 0, "--epochs, --batch-size and --lr must be positive"),
             (self.num_negatives >= 1, "--num-negatives must be at least 1"),
+            (self.patience >= 1, "--patience must be at least 1"),
             (self.long_term or self.short_term, "--no-long-term and --no-short-term together leave nothing to model"),
             (self.dim % max(self.heads, 1) == 0, f"--dim {self.dim} must be divisible by --heads {self.heads}"),
             (self.select_metric.partition("@")[2].isdigit(), "--select-metric must look like recall@50"),
@@ -177,6 +186,7 @@ def count_targets(train: SessionData) -> int:
 
 
 def data_fingerprint(data: Path) -> str:
+    require_stage(data, "splits")
     return manifest_digest(data / "splits")
 
 
@@ -190,9 +200,12 @@ def prepare_run(config: TrainConfig, resume: bool) -> dict[str, Any] | None:
             if (run / CONFIG).is_file():
                 return None  # killed before its first checkpoint: start over
             raise InputError(f"{run}: nothing to resume (no {LAST}); drop --resume to start a new run")
-        saved = read_run_config(run)["train"]
-        if {k: v for k, v in saved.items() if k != "epochs"} != {k: v for k, v in asdict(config).items() if k != "epochs"}:
+        saved = read_run_config(run)
+        free = ("epochs", "out")  # a run may be moved, or given more epochs
+        if {k: v for k, v in saved["train"].items() if k not in free} != {k: v for k, v in asdict(config).items() if k not in free}:
             raise InputError(f"{run}: --resume needs the same options as the original run (only --epochs may change)")
+        if saved["data_fingerprint"] != data_fingerprint(Path(config.data)):
+            raise InputError(f"{run}: the data in {config.data} changed since this run started; start a new run")
         return load_checkpoint(run / LAST)
     if (run / CONFIG).is_file():
         raise InputError(f"{run}: already holds a run; pass --resume to continue it or choose another --out")
@@ -234,8 +247,6 @@ def train(
     history: list[dict[str, Any]] = []
     best_value, bad_epochs, start_epoch = -math.inf, 0, 0
     if checkpoint is not None:
-        if checkpoint["data_fingerprint"] != run_config["data_fingerprint"]:
-            raise InputError(f"{run}: the data in {data} changed since this run started; start a new run")
         model.load_state_dict(checkpoint["model"])
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -272,7 +283,6 @@ def train(
                 "history": json.dumps(history),
                 "best_value": best_value,
                 "bad_epochs": bad_epochs,
-                "data_fingerprint": run_config["data_fingerprint"],
             },
             run / LAST,
         )

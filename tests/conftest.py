@@ -6,6 +6,13 @@ Times in the hand-written logs are unix milliseconds around `BASE_MS`, so that e
 
 from __future__ import annotations
 
+import os
+
+# As `sdm` itself does (cli.app.main): idle OpenMP threads sleep instead of spinning, which on a
+# shared machine made two-thread training several times slower. Set before anything loads torch;
+# child `sdm` processes inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import contextlib
 import gzip
 import io

@@ -30,6 +30,7 @@ from training_helpers import (
     SAMPLE_VALID_DAYS,
     SMALL_MODEL,
     SMALL_MODEL_ARGS,
+    TEST_THREADS,
     TrainedRun,
     child_env,
     preprocess_tiny,
@@ -46,7 +47,7 @@ from training_helpers import sample_run as build_sample_run
 from training_helpers import tiny_data as build_tiny_data
 from training_helpers import tiny_log as build_tiny_log
 
-torch.set_num_threads(2)
+torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +74,7 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 
 
 def small_config(data: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(data=str(data), out=str(out), epochs=2, batch_size=256, threads=2, **SMALL_MODEL)
+    values = dict(data=str(data), out=str(out), epochs=2, batch_size=256, threads=TEST_THREADS, **SMALL_MODEL)
     return TrainConfig(**(values | overrides))
 
 
@@ -316,12 +317,12 @@ def test_a_resume_refused_for_changed_data_leaves_the_run_untouched(tiny_data, t
     data = preprocess_tiny(build_tiny_log(tmp_path_factory), tmp_path / "data")
     run = tmp_path / "run"
     run_sdm_ok("train", "--data", data, "--out", run, "--epochs", "1", *SMALL_MODEL_ARGS)
-    config_before = (run / CONFIG).read_bytes()
+    config_before = read_json(run / CONFIG)
     preprocess_tiny(build_tiny_log(tmp_path_factory), data, valid_days=3.0)  # new splits, new fingerprint
 
     refused = run_sdm("train", "--data", data, "--out", run, "--epochs", "2", *SMALL_MODEL_ARGS, "--resume")
     assert refused.exit_code == 2 and "changed" in refused.stderr, refused.output
-    assert (run / CONFIG).read_bytes() == config_before
+    assert read_json(run / CONFIG) == config_before, "the refused resume rewrote config.json"
     evaluated = run_sdm("evaluate", "--run", run, "--json")
     assert evaluated.exit_code == 2 and "changed" in evaluated.stderr, evaluated.output
 
@@ -352,8 +353,8 @@ def test_patience_zero_is_refused_or_still_trains(tiny_data, tmp_path):
         assert "--patience" in outcome.stderr
     else:
         assert outcome.exit_code == 0, outcome.output
+        assert (run / BEST).is_file(), "exit 0 without training a single epoch"
         assert len(read_json(run / HISTORY)["epochs"]) >= 1
-        assert (run / BEST).is_file()
 
 
 # --- every model, ablation and loss ----------------------------------------------------------------

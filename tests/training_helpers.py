@@ -23,14 +23,15 @@ from unittest import mock
 
 import polars as pl
 import pytest
+
 import torch
 
-import cli.app
-from pipeline.config import PreprocessConfig
-from pipeline.run import run_preprocess
-from pipeline.synth import SynthConfig, write_synth
-from sdm.checkpoint import HISTORY, LAST, load_checkpoint
-from sdm.train import EpochReport, TrainConfig, train
+import cli.app  # noqa: E402
+from pipeline.config import PreprocessConfig  # noqa: E402
+from pipeline.run import run_preprocess  # noqa: E402
+from pipeline.synth import SynthConfig, write_synth  # noqa: E402
+from sdm.checkpoint import HISTORY, LAST, load_checkpoint  # noqa: E402
+from sdm.train import EpochReport, TrainConfig, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO / "sample_data"
@@ -44,7 +45,8 @@ TINY_SYNTH = SynthConfig(n_events=6_000, seed=3)
 TINY_TEST_DAYS, TINY_VALID_DAYS = 2.0, 2.0
 
 SMALL_MODEL = {"dim": 16, "heads": 2, "lstm_layers": 1}
-SMALL_MODEL_ARGS = ("--dim", "16", "--heads", "2", "--lstm-layers", "1", "--threads", "2", "--quiet")
+TEST_THREADS = 2
+SMALL_MODEL_ARGS = ("--dim", "16", "--heads", "2", "--lstm-layers", "1", "--threads", str(TEST_THREADS), "--quiet")
 SAMPLE_RUN_EPOCHS = 3
 TIMING_FIELDS = ("seconds", "targets_per_second")
 
