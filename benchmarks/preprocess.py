@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -90,7 +91,7 @@ def main() -> None:
         stages = " · ".join(f"{name} {seconds:.1f}s" for name, seconds in full["stages"].items())
         text = f"""Command: `python benchmarks/preprocess.py --events {args.events} --write-docs`
 (synthetic log from `sdm synth`, with items and users files; {result['csv_mb']:.0f} MB of CSV).
-Machine: {platform.machine()}, {platform.processor() or 'cpu'}, 2 cores, Python {platform.python_version()}, polars {pl.__version__}.
+Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, polars {pl.__version__}.
 
 | measure | bare `read_csv` + sort | `sdm preprocess` (all 4 stages) | ratio | target |
 |---|---|---|---|---|

@@ -232,7 +232,7 @@ def train(
     torch.manual_seed(config.seed)
     model = build_model(config.model, model_config, catalogue.item_side, catalogue.item_counts)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=config.lr) if trainable else None
+    optimizer = torch.optim.Adam(trainable, lr=config.lr, fused=True) if trainable else None
 
     run.mkdir(parents=True, exist_ok=True)
     run_config = {
