@@ -247,7 +247,7 @@ def train_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train SDM (or a baseline) on preprocessed data; checkpoints and history go to --out."""
-    from sdm.train import TrainConfig, train
+    from sdm.train import TrainConfig
 
     config = TrainConfig(
         data=str(data), out=str(out), model=model, epochs=epochs, batch_size=batch_size, lr=lr, dim=dim,

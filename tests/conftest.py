@@ -62,6 +62,10 @@ class Outcome:
     stdout: str
     stderr: str
 
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
 
 def invoke(*args: object) -> Outcome:
     """Run the Typer app in-process (fast; an InputError surfaces as an exception, exit code 1)."""
@@ -159,3 +163,32 @@ def require_dataset(folder: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"dataset folder {path} is absent")
     return path
+
+
+# Data and runs shared by the training, evaluation and serving tests, built once per session.
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training_helpers import preprocess_sample
+
+    return preprocess_sample(tmp_path_factory.mktemp("sample") / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_log(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from training_helpers import write_tiny_log
+
+    return write_tiny_log(tmp_path_factory.mktemp("tiny_raw"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_log: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training_helpers import preprocess_tiny
+
+    return preprocess_tiny(tiny_log, tmp_path_factory.mktemp("tiny") / "data")
+
+
+@pytest.fixture(scope="session")
+def sample_run(sample_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    from training_helpers import train_sample_run
+
+    return train_sample_run(sample_data, tmp_path_factory.mktemp("sample_run") / "sdm")

@@ -16,29 +16,11 @@ from sdm.checkpoint import BEST, LAST
 from sdm.data import load_cases, seen_items
 from sdm.evaluate import embed_cases, retrieve
 from sdm.train import load_trained
-from training_helpers import SMALL_MODEL_ARGS, TEST_THREADS, TrainedRun, read_json, read_split, run_sdm, run_sdm_ok
-from training_helpers import sample_data as build_sample_data
-from training_helpers import sample_run as build_sample_run
-from training_helpers import tiny_data as build_tiny_data
+from training_helpers import SMALL_MODEL_ARGS, TEST_THREADS, read_json, read_split, run_sdm, run_sdm_ok
 
 torch.set_num_threads(TEST_THREADS)
 
 METRIC_NAMES = ("hit_rate", "recall", "precision", "f1", "ndcg", "mrr")
-
-
-@pytest.fixture(scope="session")
-def sample_data(tmp_path_factory) -> Path:
-    return build_sample_data(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def sample_run(tmp_path_factory) -> TrainedRun:
-    return build_sample_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    return build_tiny_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ each other in hit_rate@20, with youtube-dnn ahead.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

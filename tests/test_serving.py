@@ -14,18 +14,12 @@ import torch
 from sdm.data import SessionData, input_tensors
 from sdm.serving import tower_arguments
 from sdm.train import load_trained
-from training_helpers import SAMPLE_FILES, TEST_THREADS, TrainedRun, read_json, read_vocab, run_sdm, run_sdm_ok
-from training_helpers import sample_run as build_sample_run
+from training_helpers import SAMPLE_FILES, TEST_THREADS, read_json, read_vocab, run_sdm, run_sdm_ok
 
 torch.set_num_threads(TEST_THREADS)
 
 K = 10
 SIDE_COLUMNS = {"leaf": "leaf_category", "category": "category", "shop": "shop", "brand": "brand"}
-
-
-@pytest.fixture(scope="session")
-def sample_run(tmp_path_factory) -> TrainedRun:
-    return build_sample_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

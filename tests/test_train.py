@@ -31,7 +31,6 @@ from training_helpers import (
     SMALL_MODEL,
     SMALL_MODEL_ARGS,
     TEST_THREADS,
-    TrainedRun,
     child_env,
     preprocess_tiny,
     read_json,
@@ -42,27 +41,8 @@ from training_helpers import (
     states_equal,
     without_timing,
 )
-from training_helpers import sample_data as build_sample_data
-from training_helpers import sample_run as build_sample_run
-from training_helpers import tiny_data as build_tiny_data
-from training_helpers import tiny_log as build_tiny_log
 
 torch.set_num_threads(TEST_THREADS)
-
-
-@pytest.fixture(scope="session")
-def sample_data(tmp_path_factory) -> Path:
-    return build_sample_data(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def sample_run(tmp_path_factory) -> TrainedRun:
-    return build_sample_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    return build_tiny_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -311,14 +291,14 @@ def test_training_into_an_existing_run_without_resume_is_refused(tiny_run, tiny_
     assert file_states(tiny_run) == before
 
 
-def test_a_resume_refused_for_changed_data_leaves_the_run_untouched(tiny_data, tmp_path, tmp_path_factory):
-    # Bug: train() rewrites config.json (with the new data fingerprint) before it compares the
-    # checkpoint's fingerprint, so after the refusal the old model passes for one trained on the new data.
-    data = preprocess_tiny(build_tiny_log(tmp_path_factory), tmp_path / "data")
+def test_a_resume_refused_for_changed_data_leaves_the_run_untouched(tiny_log, tmp_path):
+    # Regression: train() once rewrote config.json (with the new data fingerprint) before comparing
+    # fingerprints, so after the refusal the old model passed for one trained on the new data.
+    data = preprocess_tiny(tiny_log, tmp_path / "data")
     run = tmp_path / "run"
     run_sdm_ok("train", "--data", data, "--out", run, "--epochs", "1", *SMALL_MODEL_ARGS)
     config_before = read_json(run / CONFIG)
-    preprocess_tiny(build_tiny_log(tmp_path_factory), data, valid_days=3.0)  # new splits, new fingerprint
+    preprocess_tiny(tiny_log, data, valid_days=3.0)  # new splits, new fingerprint
 
     refused = run_sdm("train", "--data", data, "--out", run, "--epochs", "2", *SMALL_MODEL_ARGS, "--resume")
     assert refused.exit_code == 2 and "changed" in refused.stderr, refused.output

@@ -8,30 +8,23 @@ several modules once per module; the cache below makes it once in all). The runs
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
-import sys
-import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import polars as pl
-import pytest
 
 import torch
 
-import cli.app  # noqa: E402
-from pipeline.config import PreprocessConfig  # noqa: E402
-from pipeline.run import run_preprocess  # noqa: E402
-from pipeline.synth import SynthConfig, write_synth  # noqa: E402
-from sdm.checkpoint import HISTORY, LAST, load_checkpoint  # noqa: E402
-from sdm.train import EpochReport, TrainConfig, train  # noqa: E402
+from conftest import Outcome, run_main as run_sdm
+from pipeline.config import PreprocessConfig
+from pipeline.run import run_preprocess
+from pipeline.synth import SynthConfig, write_synth
+from sdm.checkpoint import HISTORY, LAST, load_checkpoint
+from sdm.train import EpochReport, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO / "sample_data"
@@ -49,16 +42,6 @@ TEST_THREADS = 2
 SMALL_MODEL_ARGS = ("--dim", "16", "--heads", "2", "--lstm-layers", "1", "--threads", str(TEST_THREADS), "--quiet")
 SAMPLE_RUN_EPOCHS = 3
 TIMING_FIELDS = ("seconds", "targets_per_second")
-
-_built: dict[str, Any] = {}
-
-
-def built_once(key: str, build: Callable[[], Any]) -> Any:
-    """build() the first time `key` is asked for in this process, the cached value afterwards."""
-    if key not in _built:
-        _built[key] = build()
-    return _built[key]
-
 
 def preprocess_sample(out: Path) -> Path:
     run_preprocess(
@@ -78,18 +61,6 @@ def preprocess_tiny(raw: dict[str, Path], out: Path, **overrides: Any) -> Path:
     options = {"test_days": TINY_TEST_DAYS, "valid_days": TINY_VALID_DAYS} | overrides
     run_preprocess(PreprocessConfig(logs=raw["events"], items=raw["items"], users=raw["users"], out=out, **options))
     return out
-
-
-def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return built_once("sample_data", lambda: preprocess_sample(tmp_path_factory.mktemp("sample") / "data"))
-
-
-def tiny_log(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return built_once("tiny_log", lambda: write_tiny_log(tmp_path_factory.mktemp("tiny_raw")))
-
-
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return built_once("tiny_data", lambda: preprocess_tiny(tiny_log(tmp_path_factory), tmp_path_factory.mktemp("tiny") / "data"))
 
 
 @dataclass
@@ -125,19 +96,13 @@ def train_recording(config: TrainConfig, **options: Any) -> TrainedRun:
     return TrainedRun(run, Path(config.data), config, history, snapshots)
 
 
-def sample_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+def train_sample_run(data: Path, out: Path) -> TrainedRun:
     """SDM trained for a few epochs on the sample data (small dims, full softmax)."""
-
-    def build() -> TrainedRun:
-        data = sample_data(tmp_path_factory)
-        out = tmp_path_factory.mktemp("sample_run") / "sdm"
-        config = TrainConfig(
-            data=str(data), out=str(out), epochs=SAMPLE_RUN_EPOCHS, batch_size=512, dim=32, heads=2, lstm_layers=1,
-            seed=0, patience=SAMPLE_RUN_EPOCHS,
-        )
-        return train_recording(config)
-
-    return built_once("sample_run", build)
+    config = TrainConfig(
+        data=str(data), out=str(out), epochs=SAMPLE_RUN_EPOCHS, batch_size=512, dim=32, heads=2, lstm_layers=1,
+        seed=0, patience=SAMPLE_RUN_EPOCHS,
+    )
+    return train_recording(config)
 
 
 def without_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -155,37 +120,6 @@ def read_vocab(data: Path, name: str) -> pl.DataFrame:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
-
-
-@dataclass
-class Outcome:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-
-def run_sdm(*args: object) -> Outcome:
-    """Run the `sdm` entry point (cli.app.main) in-process, as the console script does: bad input
-    exits with 2 and one message on stderr; an escaping exception is printed and gives 1."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    exit_code = 0
-    with (
-        mock.patch.object(sys, "argv", ["sdm", *(str(arg) for arg in args)]),
-        contextlib.redirect_stdout(stdout),
-        contextlib.redirect_stderr(stderr),
-    ):
-        try:
-            cli.app.main()
-        except SystemExit as exit_:
-            exit_code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-        except Exception:
-            traceback.print_exc()
-            exit_code = 1
-    return Outcome(exit_code, stdout.getvalue(), stderr.getvalue())
 
 
 def run_sdm_ok(*args: object) -> Outcome:
