@@ -233,3 +233,25 @@ def test_conflicting_rows_of_an_items_file_resolve_to_the_most_frequent(tmp_path
     assert last_session_long_term(out, "u1", "shop") == ["shopB", "shopZ"]
     assert stats(out)["item_conflicts_shop"] == 1
     assert stats(out)["item_conflicts_brand"] == 0
+
+
+@pytest.mark.parametrize("events_per_chunk", [1, 37, 500])
+def test_building_in_user_chunks_changes_nothing(tmp_path: Path, events_per_chunk: int) -> None:
+    # Large logs are built a few million events at a time; small chunks must give the same sets
+    # as one chunk, so users are never split and each chunk is complete on its own.
+    from pipeline.long_term import build_long_term, user_aligned_chunks
+    from pipeline.synth import SynthConfig, write_synth
+
+    raw = write_synth(SynthConfig(n_events=3_000, seed=3), tmp_path / "raw")
+    out = tmp_path / "out"
+    preprocess(raw["events"], out, "--items", raw["items"], "--users", raw["users"], "--min-item-count", "1")
+    session_events = pl.read_parquet(out / "sessions" / "events.parquet")
+    sessions = pl.read_parquet(out / "sessions" / "sessions.parquet")
+    items = pl.read_parquet(out / "events" / "items.parquet")
+    features = ["leaf", "category", "shop", "brand"]
+    chunks = user_aligned_chunks(sessions, events_per_chunk)
+    assert len(chunks) > 1
+    starts_of_users = set(sessions.group_by("user").agg(pl.col("session").min()).get_column("session").to_list())
+    assert {first for first, _ in chunks} <= starts_of_users
+    chunked = build_long_term(session_events, sessions, items, features, WEEK_MS, 20, events_per_chunk)
+    assert chunked.equals(pl.read_parquet(out / "long_term" / "long_term.parquet"))
