@@ -48,7 +48,7 @@ def random_exclusions(n_cases, n_items, max_per_case):
         (100, 64),  # chunks that divide neither M nor N
         (64, 13),  # exactly one block per chunk
         (1000, 1000),  # a single chunk each way
-        (65_536, 4_096),  # the defaults
+        (8_192, 1_024),  # the defaults
     ],
 )
 @pytest.mark.parametrize("with_exclusions", [False, True])
