@@ -33,7 +33,6 @@ from pipeline.reading import (
 
 ID = pl.UInt32
 EVENT_SCHEMA = {"user": ID, "item": ID, "time": pl.Int64, "session_key": pl.UInt64, "behavior": ID, "order": pl.UInt32}
-VOCAB_SCHEMA = {"id": ID, "raw": pl.String, "count": pl.UInt32}
 CATEGORICAL_ROLES = ("user", "item", "session", "behavior", *SIDE_FEATURES)
 
 
@@ -42,7 +41,7 @@ class EventTables:
     events: pl.DataFrame  # EVENT_SCHEMA, sorted by (user, time, input row); `order` = row position
     items: pl.DataFrame  # item, then one id column per side feature present
     users: pl.DataFrame  # user, then one id column per profile field
-    vocabularies: dict[str, pl.DataFrame]  # name -> VOCAB_SCHEMA
+    vocabularies: dict[str, pl.DataFrame]  # name -> (id, raw, count)
     side_features: list[str]
     profile_fields: list[str]
     stats: dict[str, int]

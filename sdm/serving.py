@@ -12,13 +12,10 @@ from torch import Tensor, nn
 
 from pipeline.cache import write_json_atomic
 from pipeline.errors import InputError
-from sdm.data import Batch, Catalogue, input_tensors
+from sdm.data import Batch, Catalogue, SessionData, input_tensors
 from sdm.evaluate import embed_cases
-from sdm.data import SessionData
 from sdm.model import Recommender
 from sdm.retrieval import top_k
-
-EXPORT_FILES = ("items.parquet", "users.parquet", "user_tower.pt", "export.json")
 
 
 def latest_sessions(data: Path, user_ids: pl.Series | None = None) -> pl.DataFrame:
