@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import PreprocessConfig, parse_duration
+from pipeline.config import PreprocessConfig, parse_duration, parse_size
 from pipeline.errors import InputError
 
 if sys.version_info >= (3, 11):
@@ -34,6 +34,7 @@ err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+INTERRUPTED_MESSAGE = "interrupted: finished work is kept; rerun the same command to continue (sdm train: add --resume)"
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 # The sample log spans 28 days; three test and two validation days give about 900 and 650 cases.
 DEMO_TEST_DAYS, DEMO_VALID_DAYS = 3.0, 2.0
@@ -85,6 +86,7 @@ def preprocess(
     columns: Annotated[Optional[str], typer.Option(help="Column names for a headerless file, comma-separated.")] = None,
     column: Annotated[Optional[list[str]], typer.Option(help="ROLE=NAME: which column plays a role (user, item, time, session, behavior, leaf, category, shop, brand). Repeatable.")] = None,
     time_format: Annotated[Optional[str], typer.Option(help="strftime format of the time column, e.g. '%d.%m.%Y %H:%M' or '%m%d'. [default: unix s/ms or ISO-like, detected]")] = None,
+    flag_columns: Annotated[Optional[str], typer.Option(help="One-hot flag columns (e.g. genres) as item features: a range FIRST..LAST and/or a comma list, e.g. unknown..Western. category = the first set flag, leaf = all set flags joined by '|'. Read from --items if given, else from the log.")] = None,
     min_item_count: Annotated[Optional[int], typer.Option(help="Drop items seen fewer times. [default: 5]")] = None,
     max_user_events: Annotated[Optional[int], typer.Option(help="Drop users with more events (spam). [default: off]")] = None,
     keep_duplicates: Annotated[Optional[bool], typer.Option("--keep-duplicates", help="Keep exact duplicate events. [default: drop]")] = None,
@@ -98,23 +100,31 @@ def preprocess(
     valid_days: Annotated[Optional[float], typer.Option(help="temporal: days before the test days used for validation. [default: 1]")] = None,
     input_fraction: Annotated[Optional[float], typer.Option(help="temporal: share of a test session given as input. [default: 0.25]")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild every stage even if cached.")] = False,
+    memory_limit: Annotated[Optional[str], typer.Option(help="Memory to stay within, e.g. 4GB: picks how many user buckets the per-user stages are built in. [default: 2GB]")] = None,
+    buckets: Annotated[Optional[int], typer.Option(help="Number of user buckets, instead of picking it from --memory-limit (1 = all in memory).")] = None,
+    bucket: Annotated[Optional[str], typer.Option(help="K/N: build the global step and user bucket K of N only (a job of a scheduler); a final run with --buckets N publishes them.")] = None,
 ) -> None:
-    """Turn a raw interaction log into cached Parquet sessions, long-term sets and splits."""
+    """Turn a raw interaction log into cached Parquet sessions, long-term sets and splits.
+    LOGS may be one file, a directory of files or a quoted glob ('logs/*.parquet')."""
+    from pipeline.buckets import parse_bucket
     from pipeline.run import run_preprocess
 
     settings = read_config_file(config_file)
     given = {
-        "sep": sep, "header": header, "time_format": time_format, "min_item_count": min_item_count,
+        "sep": sep, "header": header, "time_format": time_format, "flag_columns": flag_columns, "min_item_count": min_item_count,
         "max_user_events": max_user_events, "keep_duplicates": keep_duplicates, "strict": strict,
         "max_session_length": max_session_length, "max_long": max_long, "split": split,
         "test_days": test_days, "valid_days": valid_days, "input_fraction": input_fraction,
         "session_gap": session_gap, "long_window": long_window,
         "columns": columns.split(",") if columns else None,
+        "memory_limit": memory_limit, "buckets": buckets,
     }
     settings |= {name: value for name, value in given.items() if value is not None}
     column_map = {**settings.pop("column", {}), **settings.pop("column_map", {}), **parse_column_map(column or [])}
     if "columns" in settings:
         settings["columns"] = tuple(name.strip() for name in settings["columns"])
+    if "memory_limit" in settings:
+        settings["memory_limit"] = parse_size(settings["memory_limit"], option="--memory-limit")
     if "session_gap" in settings:
         settings["session_gap_ms"] = parse_duration(settings.pop("session_gap"), option="--session-gap")
     if "long_window" in settings:
@@ -126,7 +136,8 @@ def preprocess(
 
     with console.status("") as status:
         reports = run_preprocess(
-            config, force=force, on_stage_start=lambda stage: status.update(f"[bold]{stage}[/]: building")
+            config, force=force, on_stage_start=lambda stage: status.update(f"[bold]{stage}[/]: building"),
+            bucket=parse_bucket(bucket) if bucket is not None else None,
         )
     for report in reports:
         state = "[dim]cached (inputs and parameters unchanged)[/]" if report.cached else f"built in {report.seconds:.2f}s"
@@ -213,21 +224,29 @@ def main() -> None:
     except InputError as error:
         err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: completed stages are kept; rerun the same command to continue")
+    except OSError as error:  # a full disk, a read-only or unwritable output: the user's to fix, not a bug
+        place = f"{error.filename}: " if error.filename else ""
+        err_console.print(f"[bold red]error:[/] {place}{error.strerror or error}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:  # Ctrl-C outside a command
+        err_console.print(INTERRUPTED_MESSAGE, highlight=False)
         sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as exit_:
+        if exit_.code == EXIT_INTERRUPTED:  # Typer turns Ctrl-C inside a command into a silent exit 130
+            err_console.print(INTERRUPTED_MESSAGE, highlight=False)
+        raise
 
 
 @app.command("train")
 def train_command(
     data: Annotated[Path, typer.Option(help="A `sdm preprocess` output directory.")],
     out: OutOption,
-    model: Annotated[str, typer.Option(help="sdm, youtube-dnn or popularity.")] = "sdm",
+    model: Annotated[str, typer.Option(help="sdm, youtube-dnn, popularity, gru4rec, sasrec or item-cf (item-based CF, nothing to train).")] = "sdm",
     epochs: Annotated[int, typer.Option(help="Epochs at most (early stopping may end sooner).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Sessions per batch.")] = 256,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     dim: Annotated[int, typer.Option(help="Hidden size d.")] = 64,
-    lstm_layers: Annotated[int, typer.Option(help="Stacked LSTM layers.")] = 2,
+    lstm_layers: Annotated[int, typer.Option(help="Stacked LSTM layers (GRU layers for gru4rec).")] = 2,
     heads: Annotated[int, typer.Option(help="Self-attention heads.")] = 4,
     dropout: Annotated[float, typer.Option(help="Dropout between LSTM layers.")] = 0.2,
     fusion: Annotated[str, typer.Option(help="gated, add, concat or multiply.")] = "gated",
@@ -402,11 +421,25 @@ def export_command(
     from sdm.train import load_trained
 
     model, run_config, catalogue = load_trained(run)
+    if run_config["train"]["model"] == "item-cf":
+        raise InputError(f"{run}: item-cf has no user tower or fixed-size vectors to export; use sdm recommend or sdm evaluate")
     target = out or run / "export"
     if target.exists() and not target.is_dir():
         raise InputError(f"{target}: the output path is a file; choose a directory with --out")
     summary = export_run(model, Path(run_config["train"]["data"]), catalogue, target)
     console.print(f"exported {summary['items']:,} item and {summary['users']:,} user vectors (d={summary['dim']}) and user_tower.pt to {target}")
+
+
+@app.command("report")
+def report_command(
+    inputs: Annotated[list[Path], typer.Argument(metavar="RESULTS_OR_RUN", help="Results Parquet files of benchmarks/quality.py and/or `sdm train` run directories.", show_default=False)],
+    out: OutOption,
+) -> None:
+    """Markdown tables (mean ± std over seeds, best in bold) and PNG plots (training curves, HR@K, ablations)."""
+    from sdm.report import write_report
+
+    written = write_report(inputs, out)
+    console.print(f"wrote {out / 'report.md'} and {sum(path.suffix == '.png' for path in written)} plots")
 
 
 @app.command()

@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import InputError
 
 MANIFEST = "manifest.json"
 HASH_CHUNK = 1 << 22
@@ -37,11 +40,28 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Manifest entries that readers turn into file names (vocab/<feature>.parquet, vocab/profile.<field>.parquet).
+FILE_NAME_LISTS = ("side_features", "profile_fields", "features")
+
+
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    """The stage's manifest, parsed as data; None when absent, not JSON, or when it lists a name
+    that would lead a reader outside the directory (a manifest the pipeline never writes)."""
     try:
-        return json.loads((stage_dir / MANIFEST).read_text())
+        manifest = json.loads((stage_dir / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    stats = manifest.get("stats") if isinstance(manifest, dict) else None
+    names = [name for key in FILE_NAME_LISTS for name in (stats or {}).get(key, [])]
+    if not isinstance(stats, dict) or not all(isinstance(name, str) and is_plain_name(name) for name in names):
+        return None
+    return manifest
+
+
+def is_plain_name(name: str) -> bool:
+    """Whether a name taken from data (a column, a manifest entry) can be part of one file name:
+    no path separator, no NUL, not '.' or '..'."""
+    return name not in ("", ".", "..") and not any(character in name for character in "/\\\0")
 
 
 def manifest_digest(stage_dir: Path) -> str:
@@ -63,11 +83,15 @@ def fsync_directory(directory: Path) -> None:
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:  # e.g. a full disk: the old file stays as it was
+        temporary.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def remove_leftovers(parent: Path, name: str) -> None:
@@ -104,7 +128,23 @@ def build_stage(
         else:
             os.replace(temporary, final)
         fsync_directory(parent)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
+        failed_write = as_os_error(error, parent / name)
+        if failed_write is not None:
+            raise failed_write from None
         raise
     return manifest
+
+
+def as_os_error(error: BaseException, path: Path) -> OSError | None:
+    """The operating-system error behind a failed build (a full disk, a read-only directory), naming
+    `path` when the error names no file; polars reports such errors inside its own exception types,
+    with "(os error N)" in the message. None for anything else."""
+    if isinstance(error, OSError):
+        return error if error.filename else OSError(error.errno, error.strerror, str(path))
+    reported = re.search(r"\(os error (\d+)\)", str(error))
+    if reported is None or isinstance(error, InputError):
+        return None
+    code = int(reported.group(1))
+    return OSError(code, os.strerror(code), str(path))

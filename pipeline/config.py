@@ -15,6 +15,12 @@ from pipeline.errors import InputError
 
 DURATION_UNITS_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 SPLITS = ("temporal", "leave-last-out")
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# A fixed default rather than a share of this machine's RAM: the same command then picks the same
+# number of buckets (the same file layout, the same caches) on every machine, and 2 GB is safe on
+# any laptop.
+DEFAULT_MEMORY_LIMIT = 2 * 10**9
 
 
 def parse_duration(text: str | int | None, *, option: str, allow_none: bool = False) -> int | None:
@@ -33,6 +39,16 @@ def parse_duration(text: str | int | None, *, option: str, allow_none: bool = Fa
     return round(sum(float(number) * DURATION_UNITS_MS[unit] for number, unit in parts))
 
 
+def parse_size(text: str | int, *, option: str) -> int:
+    """'4GB', '512MiB', '2.5gb' or a plain number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", text.lower())
+    if not match:
+        raise InputError(f"{option}: cannot read size {text!r} (e.g. 4GB, 512MB, 8GiB)")
+    return round(float(match.group(1)) * SIZE_UNITS[match.group(2) or "b"])
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     logs: Path
@@ -45,6 +61,7 @@ class PreprocessConfig:
     columns: tuple[str, ...] | None = None
     column_map: dict[str, str] = field(default_factory=dict)
     time_format: str | None = None
+    flag_columns: str | None = None  # one-hot flag columns -> category and leaf, see pipeline/flags.py
     min_item_count: int = 5
     max_user_events: int | None = None
     keep_duplicates: bool = False
@@ -60,6 +77,9 @@ class PreprocessConfig:
     test_days: float = 1.0
     valid_days: float = 1.0
     input_fraction: float = 0.25
+    # layout: how many user buckets the per-user stages are built in (see pipeline/buckets.py)
+    memory_limit: int = DEFAULT_MEMORY_LIMIT
+    buckets: int | None = None  # None: picked from memory_limit
 
     def __post_init__(self) -> None:
         checks = [
@@ -72,6 +92,12 @@ class PreprocessConfig:
             (self.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}"),
             (self.test_days > 0 and self.valid_days > 0, "--test-days and --valid-days must be positive"),
             (0 < self.input_fraction < 1, "--input-fraction must be between 0 and 1"),
+            (
+                self.flag_columns is None or not {"category", "leaf"} & set(self.column_map),
+                "--flag-columns fills category and leaf; drop --column category=/leaf=",
+            ),
+            (self.memory_limit >= 10**8, "--memory-limit must be at least 100MB"),
+            (self.buckets is None or self.buckets >= 1, "--buckets must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -92,11 +118,15 @@ def _json_safe(value: Any) -> Any:
 
 
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "events": ("sep", "header", "columns", "column_map", "time_format",
+    "events": ("sep", "header", "columns", "column_map", "time_format", "flag_columns",
                "min_item_count", "max_user_events", "keep_duplicates", "strict"),
     "sessions": ("session_gap_ms", "max_session_length"),
     "long_term": ("long_window_ms", "max_long"),
     "splits": ("split", "test_days", "valid_days", "input_fraction"),
+    # Not a stage: these only choose the number of buckets, which changes the file layout but not
+    # one value of the output. The number itself (not the limit) enters the events fingerprint,
+    # and so, through the manifest digests, every later stage's.
+    "layout": ("memory_limit", "buckets"),
 }
 assert set().union(*STAGE_FIELDS.values()) == {
     f.name for f in fields(PreprocessConfig) if f.name not in ("logs", "out", "items", "users")

@@ -8,16 +8,26 @@ checked for collisions, so the result is exact.
 Dense ids start at 1 (0 is padding / unknown) and follow descending frequency, ties broken by
 the raw value, so that id order is the popularity order a log-uniform negative sampler assumes
 and ids do not depend on the order of the input rows.
+
+Beyond memory (pipeline/buckets.py): the one streaming scan of the input that builds the
+dictionaries also writes the coded events to a scratch Parquet file per user bucket. Every later
+step is a sum of per-bucket aggregates (an exact duplicate and a user's event count never span two
+buckets; item and side-value counts are added up over buckets), and the typed events are written
+bucket by bucket. With one bucket the coded events simply stay in memory.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 
+from pipeline.buckets import Layout, bucket_of
 from pipeline.config import PreprocessConfig
 from pipeline.errors import InputError
+from pipeline.flags import with_flag_features
 from pipeline.reading import (
     ALL_ROLES,
     EVENT_ROLES,
@@ -34,11 +44,14 @@ from pipeline.reading import (
 ID = pl.UInt32
 EVENT_SCHEMA = {"user": ID, "item": ID, "time": pl.Int64, "session_key": pl.UInt64, "behavior": ID, "order": pl.UInt32}
 CATEGORICAL_ROLES = ("user", "item", "session", "behavior", *SIDE_FEATURES)
+IDS = ("user", "item", "time")
+HAS_IDS = pl.all_horizontal(pl.col(c).is_not_null() for c in IDS)
 
 
 @dataclass
 class EventTables:
-    events: pl.DataFrame  # EVENT_SCHEMA, sorted by (user, time, input row); `order` = row position
+    """Everything of the events stage but the events themselves, which are written bucket by bucket."""
+
     items: pl.DataFrame  # item, then one id column per side feature present
     users: pl.DataFrame  # user, then one id column per profile field
     vocabularies: dict[str, pl.DataFrame]  # name -> (id, raw, count)
@@ -72,42 +85,62 @@ def checked(dictionary_frame: pl.DataFrame, table: Table, column: str) -> pl.Dat
     return dictionary_frame.select("code", "raw")
 
 
-def read_events(config: PreprocessConfig) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
-    """Events as codes (user, item, time in ms, optional roles, `row` = input order) and each
-    categorical role's dictionary."""
+def read_events(config: PreprocessConfig, n_buckets: int, scratch: Path) -> tuple[list[pl.LazyFrame], dict[str, pl.DataFrame], int]:
+    """Events as codes (user, item, time in ms, optional roles, `row` = input order), one frame
+    per user bucket (kept in memory for one bucket, else written under `scratch`), each
+    categorical role's dictionary, and the number of rows read."""
     table = scan_table(config.logs, sep=config.sep, header=config.header, columns=config.columns)
-    roles = resolve_roles(table, config.column_map, ALL_ROLES)
+    # --flag-columns are read from the items file when there is one, else from the log.
+    table, flag_roles = with_flag_features(table, None if config.items else config.flag_columns)
+    roles = resolve_roles(table, config.column_map | flag_roles, ALL_ROLES)
     time_column = roles["time"]
     time = time_expression(time_column, config.time_format, time_kind(table, time_column))
     categorical = {role: column for role, column in roles.items() if role in CATEGORICAL_ROLES}
     events_query = table.frame.select(
         *(code(column).alias(role) for role, column in categorical.items()), time.alias("time")
     ).with_row_index("row")
-    required_missing = pl.any_horizontal(pl.col(roles[role]).is_null() for role in ("user", "item", "time"))
+    required_missing = pl.any_horizontal(pl.col(roles[role]).is_null() for role in IDS)
     problems_query = table.frame.select(
         (pl.col(time_column).is_not_null() & time.is_null()).sum().alias("unparsed_times"),
         required_missing.sum().alias("missing_ids"),
+        pl.len().alias("rows"),
     )
-    events, problems, *dictionaries = table.collect(
-        [events_query, problems_query, *(dictionary(table.frame, column) for column in categorical.values())]
-    )
-    unparsed_times, missing_ids = problems.row(0)
+    dictionary_queries = [dictionary(table.frame, column) for column in categorical.values()]
+    if n_buckets == 1:
+        events, problems, *dictionaries = table.collect([events_query, problems_query, *dictionary_queries])
+        parts = [events.lazy()]
+    else:
+        # One scan per aggregation: run together, their hash tables (one entry per distinct
+        # value, several hundred bytes each in the streaming engine) are all alive at once, which
+        # at 40M events (2M items) tripled the peak; one after another costs about the same time.
+        problems, *dictionaries = [table.collect([query])[0] for query in [problems_query, *dictionary_queries]]
+        sink = events_query.with_columns(bucket=bucket_of(pl.col("user"), n_buckets)).sink_parquet(
+            pl.PartitionBy(scratch, key="bucket", include_key=False), lazy=True, mkdir=True
+        )
+        table.collect([sink])
+        schema = events_query.collect_schema()
+        parts = [
+            pl.scan_parquet(folder, hive_partitioning=False) if (folder := scratch / f"bucket={bucket}").is_dir()
+            else pl.LazyFrame(schema=schema)  # no user hashed here
+            for bucket in range(n_buckets)
+        ]
+    unparsed_times, missing_ids, rows_read = problems.row(0)
     if unparsed_times:
         raise unparsed_time_error(table, time_column, time, unparsed_times, config.time_format)
     if missing_ids and (malformed := table.locate_malformed_line()):
         raise InputError(f"{table.path}: malformed input ({malformed})")
-    return events, {
+    return parts, {
         role: checked(frame, table, column) for (role, column), frame in zip(categorical.items(), dictionaries, strict=True)
-    }
+    }, rows_read
 
 
 def read_items_file(config: PreprocessConfig) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
     """Items file as codes: item -> side feature codes, with the side features' dictionaries."""
-    table = scan_table(config.items)
+    table, flag_roles = with_flag_features(scan_table(config.items), config.flag_columns)
     key = key_column(table, config, "item")
     roles = {
         role: column for role in SIDE_FEATURES
-        if (column := find_column(table.columns, role, config.column_map, EVENT_ROLES[role])) not in (None, key)
+        if (column := find_column(table.columns, role, config.column_map | flag_roles, EVENT_ROLES[role])) not in (None, key)
     }
     items, *dictionaries = table.collect(
         [
@@ -131,13 +164,14 @@ def key_column(table: Table, config: PreprocessConfig, role: str) -> str:
     return key
 
 
-def check_strict(events: pl.DataFrame, config: PreprocessConfig) -> None:
+def check_strict(parts: list[pl.LazyFrame], config: PreprocessConfig) -> None:
     """--strict: a row with an empty user, item or time is an error, not a dropped row."""
-    missing = events.filter(pl.any_horizontal(pl.col(c).is_null() for c in ("user", "item", "time")))
-    if missing.height:
+    missing = pl.concat(parts).filter(pl.any_horizontal(pl.col(c).is_null() for c in IDS))
+    count, first_row = missing.select(pl.len(), pl.col("row").min()).collect(engine="streaming").row(0)
+    if count:
         raise InputError(
-            f"{config.logs}: {missing.height} rows have an empty user, item or time "
-            f"(first at data row {missing.get_column('row')[0] + 1}); drop --strict to skip them"
+            f"{config.logs}: {count} rows have an empty user, item or time "
+            f"(first at data row {first_row + 1}); drop --strict to skip them"
         )
 
 
@@ -149,74 +183,49 @@ def duplicate_rows(events: pl.DataFrame) -> pl.Series:
     hashed = events.select("row", *identity, pl.struct(identity).hash().alias("event_hash"))
     repeated = hashed.filter(~pl.col("event_hash").is_first_distinct()).get_column("event_hash").unique()
     suspects = hashed.filter(pl.col("event_hash").is_in(repeated.implode()))
-    return suspects.filter(~pl.struct(identity).is_first_distinct()).get_column("row")
+    # in input order, so that the first of equal events is kept however a bucket's rows arrived
+    return suspects.sort("row").filter(~pl.struct(identity).is_first_distinct()).get_column("row")
 
 
-def filter_masks(events: pl.DataFrame, config: PreprocessConfig) -> list[pl.Expr]:
-    """One boolean column per filter, each applied on top of the previous ones, so that every
-    count refers to what the earlier filters left:
-    has_ids -> unique (exact duplicates) -> frequent_item (--min-item-count) -> normal_user
-    (--max-user-events)."""
-    has_ids = pl.all_horizontal(pl.col(c).is_not_null() for c in ("user", "item", "time"))
-    unique = pl.col("has_ids")
-    if not config.keep_duplicates:
-        unique = unique & ~pl.col("row").is_in(duplicate_rows(events).implode())
-    frequent_item = pl.col("unique") & (pl.col("unique").sum().over("item") >= config.min_item_count)
-    normal_user = pl.col("frequent_item")
-    if config.max_user_events is not None:
-        normal_user = normal_user & (pl.col("frequent_item").sum().over("user") <= config.max_user_events)
-    return [has_ids.alias("has_ids"), unique.alias("unique"), frequent_item.alias("frequent_item"), normal_user.alias("kept")]
+def counts(frame: pl.DataFrame, *keys: str) -> pl.DataFrame:
+    """(keys..., count) over the rows where every key is present."""
+    return frame.select(*keys).drop_nulls().group_by(*keys).agg(pl.len().cast(pl.UInt32).alias("count"))
 
 
-def apply_filters(events: pl.DataFrame, config: PreprocessConfig) -> tuple[pl.DataFrame, dict[str, int]]:
-    """The kept events and how many rows each filter dropped."""
-    has_ids, unique, frequent_item, kept = filter_masks(events, config)
-    marked = events.with_columns(has_ids).with_columns(unique).with_columns(frequent_item).with_columns(kept)
-    counts = marked.select(pl.col("has_ids", "unique", "frequent_item", "kept").sum()).row(0, named=True)
-    dropped = {
-        "dropped_null_ids": events.height - counts["has_ids"],
-        "dropped_duplicates": counts["has_ids"] - counts["unique"],
-        "dropped_rare_items": counts["unique"] - counts["frequent_item"],
-        "dropped_spam_users": counts["frequent_item"] - counts["kept"],
-    }
-    return marked.filter("kept").drop("has_ids", "unique", "frequent_item", "kept"), dropped
+def summed(parts: list[pl.DataFrame], *keys: str) -> pl.DataFrame:
+    """Per-bucket counts added up."""
+    return pl.concat(parts).group_by(*keys).agg(pl.col("count").sum())
 
 
-def most_frequent_values(source: pl.DataFrame, feature: str) -> pl.DataFrame:
+def most_frequent_values(value_counts: pl.DataFrame, feature: str) -> pl.DataFrame:
     """Per item: the value seen on most rows (ties to the smallest code, for stability) and how
     many distinct values it had."""
     return (
-        source.select("item", feature).drop_nulls()
-        .group_by("item", feature).len()
-        .sort(["item", "len", feature], descending=[False, True, False])
+        value_counts.sort(["item", "count", feature], descending=[False, True, False])
         .group_by("item", maintain_order=True)
         .agg(pl.col(feature).first(), pl.len().alias("n_values"))
     )
 
 
 def item_side_codes(
-    events: pl.DataFrame, items_file: pl.DataFrame | None
+    item_codes: pl.DataFrame, value_counts: dict[str, pl.DataFrame]
 ) -> tuple[pl.DataFrame, list[str], dict[str, int]]:
-    """item code -> side value codes. The items file wins for the features it has; conflicting
+    """item code -> side value codes from each feature's (item, value, count); conflicting
     values of one item resolve to its most frequent one and are counted."""
-    sources = {f: events for f in SIDE_FEATURES if f in events.columns}
-    if items_file is not None:
-        sources |= {f: items_file for f in SIDE_FEATURES if f in items_file.columns}
-    side_features = [f for f in SIDE_FEATURES if f in sources]
-    table = events.select(pl.col("item").unique())
+    side_features = [f for f in SIDE_FEATURES if f in value_counts]
+    table = item_codes
     conflicts: dict[str, int] = {}
     for feature in side_features:
-        values = most_frequent_values(sources[feature], feature)
+        values = most_frequent_values(value_counts[feature], feature)
         conflicts[feature] = values.filter(pl.col("n_values") > 1).height
         table = table.join(values.drop("n_values"), on="item", how="left")
     return table, side_features, conflicts
 
 
-def frequency_vocabulary(codes: pl.Series, dictionary_frame: pl.DataFrame) -> pl.DataFrame:
-    """(id, raw, count, code): dense ids 1..n by descending count, ties by raw value."""
+def counted_vocabulary(code_counts: pl.DataFrame, dictionary_frame: pl.DataFrame) -> pl.DataFrame:
+    """(id, raw, count, code) from (code, count): dense ids 1..n by descending count, ties by raw value."""
     return (
-        codes.drop_nulls().value_counts(name="count").rename({codes.name: "code"})
-        .join(dictionary_frame, on="code", how="left")
+        code_counts.join(dictionary_frame, on="code", how="left")
         .sort(["count", "raw"], descending=[True, False])
         .with_row_index("id", offset=1)
         .select(pl.col("id").cast(ID), "raw", pl.col("count").cast(pl.UInt32), "code")
@@ -259,68 +268,143 @@ def build_users(config: PreprocessConfig, vocabularies: dict[str, pl.DataFrame])
     return users.select("user", *profile_fields).sort("user"), profile_fields
 
 
-def finalise_events(typed: pl.DataFrame) -> pl.DataFrame:
-    """Sort each user's events by time, ties in input order, and number them (`order`).
+def finalise_events(typed: pl.DataFrame, first_order: pl.DataFrame) -> pl.DataFrame:
+    """Sort each user's events by time, ties in input order, and number them (`order`) from the
+    user's `first_order`, the events of all users with smaller ids: the position the event has
+    in all events sorted by (user, time, input row), whatever bucket it is built in.
     A missing session id (session_key) or behaviour is 0."""
     present = typed.rename({"session": "session_key"} if "session" in typed.columns else {})
     return (
         present.with_columns(pl.lit(0).alias(c) for c in ("session_key", "behavior") if c not in present.columns)
         .with_columns(pl.col("session_key").fill_null(0))
         .sort(["user", "time", "row"])
-        .with_row_index("order")
+        .join(first_order, on="user", how="left", maintain_order="left")
+        .with_columns(order=pl.col("first_order") + pl.int_range(pl.len(), dtype=pl.UInt32).over("user"))
         .select(pl.col(name).cast(dtype) for name, dtype in EVENT_SCHEMA.items())
     )
 
 
-def build_events(config: PreprocessConfig) -> EventTables:
-    events, dictionaries = read_events(config)
-    rows_read = events.height
-    items_file, item_dictionaries = read_items_file(config) if config.items else (None, {})
+@dataclass
+class BucketFilters:
+    """The filters, applied one bucket at a time: has_ids -> unique (exact duplicates) ->
+    frequent_item (--min-item-count) -> normal_user (--max-user-events); each counts on what the
+    earlier ones left."""
 
+    config: PreprocessConfig
+    duplicates: list[pl.Series]  # per bucket: `row` of every exact repeat of an earlier event
+    frequent_items: pl.DataFrame | None = None  # item codes that pass --min-item-count
+
+    def unique(self, events: pl.LazyFrame, bucket: int) -> pl.DataFrame:
+        return events.filter(HAS_IDS & ~pl.col("row").is_in(self.duplicates[bucket].implode())).collect()
+
+    def kept(self, unique: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """(frequent_item rows, kept rows)."""
+        frequent = unique.join(self.frequent_items, on="item", how="semi")
+        if self.config.max_user_events is None:
+            return frequent, frequent
+        return frequent, frequent.filter(pl.len().over("user") <= self.config.max_user_events)
+
+
+def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> EventTables:
+    """Write the typed events of every bucket into `directory` (see Layout) and return the rest."""
+    scratch = directory / ".scratch"
+    parts, dictionaries, rows_read = read_events(config, layout.n_buckets, scratch)
+    items_file, item_dictionaries = read_items_file(config) if config.items else (None, {})
     if config.strict:
-        check_strict(events, config)
-    kept, dropped = apply_filters(events, config)
-    del events
-    if kept.height == 0:
+        check_strict(parts, config)
+
+    # Pass 1: duplicates and item counts, which decide the frequent items.
+    filters = BucketFilters(config, duplicates=[])
+    item_counts, n_with_ids, n_unique = [], 0, 0
+    for part in parts:
+        with_ids = part.filter(HAS_IDS).collect()
+        duplicates = duplicate_rows(with_ids) if not config.keep_duplicates else with_ids.get_column("row").clear()
+        filters.duplicates.append(duplicates)
+        unique_counts = counts(with_ids.filter(~pl.col("row").is_in(duplicates.implode())), "item")
+        item_counts.append(unique_counts)
+        n_with_ids, n_unique = n_with_ids + with_ids.height, n_unique + int(unique_counts.get_column("count").sum())
+        del with_ids
+    unique_item_counts = summed(item_counts, "item")
+    filters.frequent_items = unique_item_counts.filter(pl.col("count") >= config.min_item_count).select("item")
+
+    # Pass 2: what every vocabulary counts, on the kept events.
+    event_sides = [f for f in SIDE_FEATURES if f in dictionaries]
+    tallies: dict[str, list[pl.DataFrame]] = {name: [] for name in ("user", "item", "behavior", *event_sides)}
+    n_frequent, n_kept, times = 0, 0, []
+    in_memory: pl.DataFrame | None = None  # one bucket: its kept events, reused by pass 3
+    for bucket, part in enumerate(parts):
+        frequent, kept = filters.kept(filters.unique(part, bucket))
+        n_frequent, n_kept = n_frequent + frequent.height, n_kept + kept.height
+        for role in ("user", "item", "behavior"):
+            if role in kept.columns:
+                tallies[role].append(counts(kept, role))
+        for feature in event_sides:
+            tallies[feature].append(counts(kept, "item", feature))
+        times.append(kept.select(pl.col("time").min().alias("min"), pl.col("time").max().alias("max")))
+        if layout.n_buckets == 1:
+            in_memory = kept
+    if n_kept == 0:
         raise InputError(
             f"{config.logs}: no events left after filtering ({rows_read} read); "
             f"lower --min-item-count (now {config.min_item_count})"
         )
 
-    side_codes, side_features, conflicts = item_side_codes(kept, items_file)
-    vocabularies = {role: frequency_vocabulary(kept.get_column(role), dictionaries[role]) for role in ("user", "item")}
-    weighted_side = kept.select("item").join(side_codes, on="item", how="left")
+    value_counts = {feature: summed(tallies[feature], "item", feature) for feature in event_sides}
+    if items_file is not None:
+        value_counts |= {f: counts(items_file, "item", f) for f in SIDE_FEATURES if f in items_file.columns}
+    kept_item_counts = summed(tallies["item"], "item")
+    side_codes, side_features, conflicts = item_side_codes(kept_item_counts.select("item"), value_counts)
+    vocabularies = {
+        role: counted_vocabulary(summed(tallies[role], role).rename({role: "code"}), dictionaries[role])
+        for role in ("user", "item", "behavior") if tallies[role]
+    }
+    weighted_side = side_codes.join(kept_item_counts, on="item")
     for feature in side_features:
         known = pl.concat([d[feature] for d in (dictionaries, item_dictionaries) if feature in d]).unique("code")
-        vocabularies[feature] = frequency_vocabulary(weighted_side.get_column(feature), known)
-    if "behavior" in kept.columns:
-        vocabularies["behavior"] = frequency_vocabulary(kept.get_column("behavior"), dictionaries["behavior"])
+        side_counts = weighted_side.group_by(feature).agg(pl.col("count").sum()).drop_nulls(feature)
+        vocabularies[feature] = counted_vocabulary(side_counts.rename({feature: "code"}), known)
 
     items = side_codes
     for column in ("item", *side_features):
         items = encode(items, column, vocabularies[column])
     users, profile_fields = build_users(config, vocabularies)
-
-    typed = kept.select("user", "item", "time", "row", *(c for c in ("session", "behavior") if c in kept.columns))
-    for column in ("user", "item", "behavior"):
-        if column in typed.columns:
-            typed = encode(typed, column, vocabularies[column])
-    events_out = finalise_events(typed)
-
     missing_side = 0
     if items_file is not None:
         missing_side = side_codes.join(items_file.select("item").unique(), on="item", how="anti").height
+    # The raw-value tables grow with the catalogue, not with a bucket: free them before pass 3.
+    del dictionaries, item_dictionaries, items_file, value_counts, tallies, weighted_side, side_codes
+
+    # Pass 3: the typed events, bucket by bucket.
+    user_counts = vocabularies["user"].select("id", "count")
+    first_order = user_counts.select(
+        pl.col("id").alias("user"), (pl.col("count").cum_sum() - pl.col("count")).cast(pl.UInt32).alias("first_order")
+    )
+    for bucket, part in enumerate(parts):
+        kept = in_memory if in_memory is not None else filters.kept(filters.unique(part, bucket))[1]
+        typed = kept.select(*IDS, "row", *(c for c in ("session", "behavior") if c in kept.columns))
+        for column in ("user", "item", "behavior"):
+            if column in typed.columns:
+                typed = encode(typed, column, vocabularies[column])
+        layout.write(finalise_events(typed, first_order), directory, "events", bucket)
+    del in_memory, parts
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    time_range = pl.concat(times)
     stats = {
         "rows_read": rows_read,
-        **dropped,
-        "events": events_out.height,
+        "dropped_null_ids": rows_read - n_with_ids,
+        "dropped_duplicates": n_with_ids - n_unique,
+        "dropped_rare_items": n_unique - n_frequent,
+        "dropped_spam_users": n_frequent - n_kept,
+        "events": n_kept,
         "users": vocabularies["user"].height,
         "items": vocabularies["item"].height,
         "items_missing_from_items_file": missing_side,
         **{f"item_conflicts_{feature}": count for feature, count in conflicts.items()},
+        "time_min_ms": int(time_range.get_column("min").min()),
+        "time_max_ms": int(time_range.get_column("max").max()),
     }
     return EventTables(
-        events_out,
         items.sort("item"),
         users,
         {name: vocabulary.drop("code", strict=False) for name, vocabulary in vocabularies.items()},

@@ -86,17 +86,18 @@ def long_term_set(
 
 
 def user_aligned_chunks(sessions: pl.DataFrame, events_per_chunk: int) -> list[tuple[int, int]]:
-    """Contiguous session ranges [first, stop) of about `events_per_chunk` events that never split a
-    user (a long-term set only looks at its own user's sessions), to bound the memory of a step."""
-    users = sessions.group_by("user", maintain_order=True).agg(
-        pl.col("session").first().alias("first"), pl.col("length").sum().alias("events")
+    """Contiguous row ranges [first, stop) of `sessions` with about `events_per_chunk` events that
+    never split a user (a long-term set only looks at its own user's sessions), to bound the
+    memory of a step. Rows, not session numbers: a user bucket's sessions are not numbered from 0."""
+    users = sessions.with_row_index("row").group_by("user", maintain_order=True).agg(
+        pl.col("row").first().alias("first"), pl.col("length").sum().alias("events")
     )
     starts = (
         users.with_columns(chunk=(pl.col("events").cum_sum() - pl.col("events")) // events_per_chunk)
         .group_by("chunk", maintain_order=True).agg(pl.col("first").first())
         .get_column("first").to_list()
     )
-    return list(zip(starts, [*starts[1:], sessions.height], strict=True))
+    return list(zip(starts, [*starts[1:], sessions.height][: len(starts)], strict=True))
 
 
 def build_long_term(
@@ -109,7 +110,8 @@ def build_long_term(
     events_per_chunk: int = 2_000_000,
 ) -> pl.DataFrame:
     """One row per session: `session` and a list column per feature (empty when nothing qualifies).
-    Expects sessions numbered 0.. in (user, time) order and events sorted the same way."""
+    Expects whole users, sessions numbered consecutively within each user in (user, time) order,
+    and events sorted the same way."""
     features = ["item", *side_features]
     event_offsets = [0, *sessions.get_column("length").cum_sum().to_list()]
     parts = []
@@ -125,4 +127,6 @@ def build_long_term(
                 long_term_set(pairs, recent, max_long, long_term_column(feature)), on="session", how="left", maintain_order="left"
             )
         parts.append(result.collect())
+    if not parts:  # a user bucket without users
+        return pl.DataFrame(schema={"session": ID, **{long_term_column(f): pl.List(ID) for f in features}})
     return pl.concat(parts).with_columns(pl.col(long_term_column(f)).fill_null([]).cast(pl.List(ID)) for f in features)

@@ -6,6 +6,7 @@ only the time column is converted, to Int64 milliseconds since the Unix epoch (U
 
 from __future__ import annotations
 
+import glob
 import gzip
 import io
 import re
@@ -20,6 +21,7 @@ from pipeline.errors import InputError
 PARQUET_SUFFIXES = (".parquet", ".pq")
 DELIMITERS = (",", "\t", "|", ";")
 SNIFF_BYTES = 1 << 16
+READ_CHUNK = 1 << 22
 
 # Column roles and the names they are commonly given, compared after lower-casing and
 # dropping everything but letters and digits ("User ID" == "user_id" == "userid").
@@ -77,6 +79,7 @@ def _read_head(path: Path) -> bytes:
 
 
 QUOTED = r'"(?:[^"]|"")*"'
+DUPLICATE_SUFFIX = "_duplicated_"  # how polars renames a repeated header name
 
 
 def field_counts(lines: Sequence[str], delimiter: str) -> list[int]:
@@ -88,7 +91,8 @@ def sniff_delimiter(head: bytes, path: Path) -> str:
     """The delimiter that splits most of the first lines into the same number (> 1) of fields;
     a stray malformed line does not hide it (the reader reports that line later)."""
     text = head.decode("utf-8", errors="replace")
-    lines = [line for line in re.split(r"\r\n|\r|\n", text)[:50] if line.strip()]
+    unquoted = re.sub(QUOTED, '""', text)  # a quoted field may hold line breaks
+    lines = [line for line in re.split(r"\r\n|\r|\n", unquoted)[:50] if line.strip()]
     if len(lines) > 1 and not (text.endswith("\n") or text.endswith("\r")):
         lines = lines[:-1]  # the last line of the sample may be cut in the middle
     best, best_score = None, (0, 0)
@@ -115,22 +119,50 @@ def checked_separator(sep: str | None) -> str | None:
 
 def _csv_source(path: Path, head: bytes) -> Path | io.BytesIO:
     """Polars reads \\n and \\r\\n line endings; files with lone CRs (old Mac style) are
-    converted in memory, never on disk."""
+    converted in memory, never on disk. A CR inside a quoted field is data and stays."""
     if re.search(rb"\r(?!\n)", head.rstrip(b"\r")):
         opener = gzip.open if path.name.endswith(".gz") else open
         with opener(path, "rb") as handle:
-            return io.BytesIO(handle.read().replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
+            quoted_or_line_end = rb'("(?:[^"]|"")*")|\r\n?'
+            return io.BytesIO(re.sub(quoted_or_line_end, lambda match: match.group(1) or b"\n", handle.read()))
     return path
+
+
+def is_parquet(path: Path) -> bool:
+    return path.name.lower().endswith(PARQUET_SUFFIXES)
+
+
+def input_files(path: Path) -> list[Path]:
+    """The files behind an input path: the file itself, every file of a directory (hidden and
+    `_`-prefixed ones, such as Spark's _SUCCESS, skipped) or a glob's matches; sorted, so that
+    input row numbers do not depend on the file system's listing order."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(file for file in path.iterdir() if file.is_file() and not file.name.startswith((".", "_")))
+        if not files:
+            raise InputError(f"{path}: the directory holds no files")
+    elif glob.has_magic(str(path)):
+        files = sorted(Path(match) for match in glob.glob(str(path), recursive=True) if Path(match).is_file())
+        if not files:
+            raise InputError(f"{path}: no file matches this pattern")
+    else:
+        raise InputError(f"{path}: no such file")
+    if len({is_parquet(file) for file in files}) > 1:
+        raise InputError(f"{path}: mixes Parquet and CSV files; give files of one format")
+    return files
 
 
 @dataclass
 class Table:
-    """An input file scanned lazily: every column a string, nothing read beyond the header yet."""
+    """An input (a file, or the files of a directory or glob, read as one table in file-name
+    order) scanned lazily: every column a string, nothing read beyond the headers yet."""
 
     path: Path
     frame: pl.LazyFrame
     columns: list[str]
     delimiter: str | None  # None for Parquet
+    files: list[Path]
 
     def collect(self, queries: list[pl.LazyFrame]) -> list[pl.DataFrame]:
         """Run queries over this file (sharing its scan), turning parse failures into a message
@@ -141,20 +173,28 @@ class Table:
             raise InputError(f"{self.path}: malformed input ({self.locate_malformed_line() or _first_line(error)})") from None
 
     def locate_malformed_line(self) -> str | None:
-        """The first line whose number of fields differs from the first line's (quotes ignored)."""
+        """The first line whose number of fields differs from its file's first line (quotes
+        ignored), prefixed with the file's name when the input has several."""
         if self.delimiter is None:
             return None
+        for file in self.files:
+            if (found := self._malformed_line_of(file)) is not None:
+                return found if len(self.files) == 1 else f"{file.name}: {found}"
+        return None
+
+    def _malformed_line_of(self, file: Path) -> str | None:
         try:
             lines = pl.read_csv(
-                self.path, has_header=False, separator="\x1f", quote_char=None, new_columns=["line"],
+                file, has_header=False, separator="\x1f", quote_char=None, new_columns=["line"],
                 infer_schema=False, truncate_ragged_lines=True,
             )
         except pl.exceptions.PolarsError:
             return None
         fields = pl.col("line").fill_null("").str.replace_all(QUOTED, "").str.count_matches(self.delimiter, literal=True) + 1
-        counted = lines.with_row_index("number", offset=1).select("number", fields.alias("fields"))
+        blank = pl.col("line").fill_null("").str.strip_chars() == ""
+        counted = lines.with_row_index("number", offset=1).select("number", fields.alias("fields"), blank.alias("blank"))
         expected = counted.get_column("fields")[0]
-        bad = counted.filter(pl.col("fields") != expected).head(1)
+        bad = counted.filter((pl.col("fields") != expected) & ~pl.col("blank")).head(1)  # a blank line is an empty row
         if bad.height == 0:
             return None
         return f"line {bad.get_column('number')[0]} has {bad.get_column('fields')[0]} fields, expected {expected}"
@@ -167,41 +207,78 @@ def scan_table(
     header: bool = True,
     columns: Sequence[str] | None = None,
 ) -> Table:
-    """Open CSV (plain or gzip'd) or Parquet lazily, as string columns; check it has rows."""
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected a file")
-    if path.name.lower().endswith(PARQUET_SUFFIXES):
-        try:
-            names = pl.scan_parquet(path).collect_schema().names()
-        except Exception as error:  # pyarrow/polars raise many types for a corrupt file
-            raise InputError(f"{path}: not a readable Parquet file ({_first_line(error)})") from None
-        frame, delimiter = pl.scan_parquet(path).select(pl.all().cast(pl.String)), None
+    """Open CSV (plain or gzip'd) or Parquet lazily, as string columns; check it has rows.
+    `path` may be a file, a directory or a glob; several files must have the same columns."""
+    files = input_files(path)
+    if is_parquet(files[0]):
+        schemas = [_parquet_names(file) for file in files]
+        frame, delimiter = pl.scan_parquet(files).select(pl.all().cast(pl.String)), None
     else:
-        head = _read_head(path)
-        if not head.strip():
-            raise InputError(f"{path}: the file is empty")
-        delimiter = checked_separator(sep) or sniff_delimiter(head, path)
-        first_line_fields = re.split(rb"\r\n|\r|\n", head, maxsplit=1)[0].decode("utf-8", "replace").count(delimiter) + 1
-        if columns and len(columns) != first_line_fields:
-            raise InputError(f"{path}: --columns names {len(columns)} columns but the first line has {first_line_fields} fields")
+        heads = [_read_head(file) for file in files]
+        for file, head in zip(files, heads, strict=True):
+            if not head.strip():
+                raise InputError(f"{file}: the file is empty")
+        delimiter = checked_separator(sep) or sniff_delimiter(heads[0], files[0])
+        schemas = [_csv_names(file, head, delimiter, header, columns) for file, head in zip(files, heads, strict=True)]
+        sources = [_csv_source(file, head) for file, head in zip(files, heads, strict=True)]
         frame = pl.scan_csv(
-            _csv_source(path, head),
+            sources[0] if len(sources) == 1 else sources,
             separator=delimiter,
             has_header=header,
             new_columns=list(columns) if columns else None,
             infer_schema=False,
         )
-        try:
-            names = frame.collect_schema().names()
-        except pl.exceptions.PolarsError as error:
-            raise InputError(f"{path}: malformed CSV ({_first_line(error)})") from None
+    names = schemas[0]
+    for file, other in zip(files[1:], schemas[1:]):
+        if other != names:
+            raise InputError(f"{path}: {file.name} has columns {', '.join(other)} but {files[0].name} has {', '.join(names)}")
+    repeated = [name.rsplit(DUPLICATE_SUFFIX, 1)[0] for name in names if re.fullmatch(rf".+{DUPLICATE_SUFFIX}\d+", name)]
+    if repeated:  # polars renamed the second one; which of the two plays the role would be a guess
+        raise InputError(f"{path}: column {repeated[0]!r} appears more than once in the header; rename or drop one")
     named = [name for name in names if name.strip()]
-    table = Table(path, frame.select(named), named, delimiter)
+    table = Table(path, frame.select(named), named, delimiter, files)
     if table.collect([table.frame.head(1)])[0].height == 0:
         raise InputError(f"{path}: has a header but no rows")
     return table
+
+
+def _parquet_names(path: Path) -> list[str]:
+    try:
+        return pl.scan_parquet(path).collect_schema().names()
+    except Exception as error:  # pyarrow/polars raise many types for a corrupt file
+        raise InputError(f"{path}: not a readable Parquet file ({_first_line(error)})") from None
+
+
+def _csv_names(path: Path, head: bytes, delimiter: str, header: bool, columns: Sequence[str] | None) -> list[str]:
+    first_line_fields = re.split(rb"\r\n|\r|\n", head, maxsplit=1)[0].decode("utf-8", "replace").count(delimiter) + 1
+    if columns and len(columns) != first_line_fields:
+        raise InputError(f"{path}: --columns names {len(columns)} columns but the first line has {first_line_fields} fields")
+    frame = pl.scan_csv(
+        _csv_source(path, head), separator=delimiter, has_header=header,
+        new_columns=list(columns) if columns else None, infer_schema=False,
+    )
+    try:
+        return frame.collect_schema().names()
+    except pl.exceptions.PolarsError as error:
+        raise InputError(f"{path}: malformed CSV ({_first_line(error)})") from None
+
+
+def count_rows(table: Table, header: bool) -> int:
+    """Data rows of the input, for sizing: Parquet footers, or CSV line ends counted in 4 MB reads
+    (polars would memory-map the whole file, and a mapped file counts in the process's RSS). A
+    line break inside a quoted field counts as a row: an overestimate, on the safe side."""
+    if table.delimiter is None:
+        return table.collect([table.frame.select(pl.len())])[0].item()
+    rows = 0
+    for file in table.files:
+        opener = gzip.open if file.name.endswith(".gz") else open
+        newlines, carriage_returns, last = 0, 0, b""
+        with opener(file, "rb") as handle:
+            while chunk := handle.read(READ_CHUNK):
+                newlines, carriage_returns, last = newlines + chunk.count(b"\n"), carriage_returns + chunk.count(b"\r"), chunk
+        lines = (newlines or carriage_returns) + (not last.endswith((b"\n", b"\r")))  # old Mac files end lines with \r
+        rows += lines - header
+    return rows
 
 
 def _first_line(error: Exception) -> str:

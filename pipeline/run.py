@@ -6,6 +6,10 @@ Output layout (each stage directory is complete, with its manifest, or absent):
     OUT/sessions/   events.parquet (events with session, position) sessions.parquet
     OUT/long_term/  long_term.parquet (one list column per feature)
     OUT/splits/     train.parquet valid.parquet test.parquet
+
+With N > 1 user buckets (pipeline/buckets.py), events.parquet and every table of the last three
+stages is a directory of N part files (read as one table), and OUT/buckets/ caches each bucket of
+each per-user stage plus the global session numbering (session_starts/).
 """
 
 from __future__ import annotations
@@ -20,15 +24,29 @@ from typing import Any
 import polars as pl
 from filelock import FileLock, Timeout
 
-from pipeline.cache import build_stage, file_digest, is_current, manifest_digest, package_version, read_manifest
+from pipeline.buckets import BUCKETS_DIR, Layout, PartBuild, bucket_count, bucket_lock, ensure_part, link_parts, part_dir
+from pipeline.cache import (
+    build_stage,
+    file_digest,
+    is_current,
+    is_plain_name,
+    manifest_digest,
+    package_version,
+    read_manifest,
+    remove_leftovers,
+)
 from pipeline.config import PreprocessConfig
 from pipeline.errors import InputError
 from pipeline.events import build_events
 from pipeline.long_term import build_long_term, long_term_column
-from pipeline.sessions import assign_sessions, summarise_sessions
+from pipeline.reading import count_rows, input_files, scan_table
+from pipeline.sessions import assign_sessions, first_sessions, session_counts, summarise_sessions
 from pipeline.splits import build_splits
 
 STAGES = ("events", "sessions", "long_term", "splits")
+PER_USER_STAGES = ("sessions", "long_term", "splits")
+STAGE_TABLES = {"sessions": ("events", "sessions"), "long_term": ("long_term",), "splits": ("train", "valid", "test")}
+SESSION_STARTS = "session_starts"
 LOCK_NAME = ".sdm.lock"
 
 
@@ -51,16 +69,33 @@ def make_output_dir(out: Path) -> bool:
         return False
     try:
         out.mkdir(parents=True)
+    except FileExistsError:  # a sibling bucket job made it a moment ago
+        return False
     except OSError as error:
         raise InputError(f"{out}: cannot create the output directory ({error.strerror})") from None
     return True
 
 
-def input_fingerprints(config: PreprocessConfig) -> dict[str, str | None]:
+def input_fingerprints(config: PreprocessConfig) -> dict[str, Any]:
+    """Content digests of the inputs; a log of several files is the list of theirs, in read order."""
+    logs = [file_digest(path) for path in input_files(config.logs)]
     return {
-        name: (file_digest(path) if path is not None else None)
-        for name, path in (("logs", config.logs), ("items", config.items), ("users", config.users))
+        "logs": logs[0] if len(logs) == 1 else logs,
+        **{name: (file_digest(path) if path is not None else None) for name, path in (("items", config.items), ("users", config.users))},
     }
+
+
+def choose_layout(config: PreprocessConfig, out: Path, inputs: dict[str, Any]) -> Layout:
+    """--buckets, else the memory rule on the number of input rows (from the events manifest when
+    it describes these very inputs, else counted)."""
+    if config.buckets is not None:
+        return Layout(config.buckets)
+    manifest = read_manifest(out / "events")
+    if manifest is not None and manifest["fingerprint"].get("inputs") == inputs:
+        rows = manifest["stats"]["rows_read"]
+    else:
+        rows = count_rows(scan_table(config.logs, sep=config.sep, header=config.header, columns=config.columns), config.header)
+    return Layout(bucket_count(rows, config.memory_limit))
 
 
 def _write(frame: pl.DataFrame, path: Path) -> None:
@@ -68,44 +103,86 @@ def _write(frame: pl.DataFrame, path: Path) -> None:
     frame.write_parquet(path, statistics=True)
 
 
-def events_stage(config: PreprocessConfig) -> Callable[[Path], dict[str, Any]]:
+def events_stage(config: PreprocessConfig, layout: Layout) -> Callable[[Path], dict[str, Any]]:
     def build(directory: Path) -> dict[str, Any]:
-        tables = build_events(config)
-        _write(tables.events, directory / "events.parquet")
+        tables = build_events(config, layout, directory)
         _write(tables.items, directory / "items.parquet")
         _write(tables.users, directory / "users.parquet")
+        for field in tables.profile_fields:
+            if not is_plain_name(field):
+                raise InputError(f"{config.users}: column {field!r} cannot name a file (it holds a path separator); rename it")
         for name, vocabulary in tables.vocabularies.items():
             _write(vocabulary, directory / "vocab" / f"{name}.parquet")
-        return {
-            **tables.stats,
-            "side_features": tables.side_features,
-            "profile_fields": tables.profile_fields,
-            "time_min_ms": int(tables.events.get_column("time").min()),
-            "time_max_ms": int(tables.events.get_column("time").max()),
-        }
+        return {**tables.stats, "side_features": tables.side_features, "profile_fields": tables.profile_fields}
 
     return build
 
 
-def sessions_stage(config: PreprocessConfig, out: Path) -> Callable[[Path], dict[str, Any]]:
+@dataclass
+class Sources:
+    """Where a bucket of the per-user stages reads its inputs: the stage directories themselves
+    with one bucket, the cached parts of OUT/buckets with several."""
+
+    out: Path
+    layout: Layout
+
+    def events(self, bucket: int) -> Path:
+        return self.layout.table(self.out / "events", "events", bucket)
+
+    def table(self, stage: str, name: str, bucket: int) -> Path:
+        if self.layout.n_buckets == 1:
+            return self.out / stage / f"{name}.parquet"
+        return part_dir(self.out, stage, bucket) / f"{name}.parquet"
+
+    def session_starts(self) -> pl.DataFrame | None:
+        if self.layout.n_buckets == 1:
+            return None  # all users in one frame: sessions are numbered globally as they are
+        return pl.read_parquet(self.out / BUCKETS_DIR / SESSION_STARTS / "first_sessions.parquet")
+
+
+def session_starts_stage(config: PreprocessConfig, sources: Sources) -> Callable[[Path], dict[str, Any]]:
+    """Every user's first session number, from each bucket's session counts."""
+
     def build(directory: Path) -> dict[str, Any]:
-        events = pl.read_parquet(out / "events" / "events.parquet")
-        session_events = assign_sessions(events, config.session_gap_ms, config.max_session_length)
+        counts = pl.concat([
+            session_counts(pl.scan_parquet(sources.events(bucket)), config.session_gap_ms, config.max_session_length)
+            for bucket in range(sources.layout.n_buckets)
+        ])
+        _write(first_sessions(counts), directory / "first_sessions.parquet")
+        return {"sessions": int(counts.get_column("sessions").sum())}
+
+    return build
+
+
+# Each per-user stage: build(config, sources, bucket) -> PartBuild writing the bucket's tables as
+# <name>.parquet into a directory and returning additive counts; summarise(config, counts) -> the
+# stage's stats for all buckets.
+
+
+def sessions_part(config: PreprocessConfig, sources: Sources, bucket: int) -> PartBuild:
+    def build(directory: Path) -> dict[str, Any]:
+        events = pl.read_parquet(sources.events(bucket))
+        session_events = assign_sessions(events, config.session_gap_ms, config.max_session_length, sources.session_starts())
         sessions = summarise_sessions(session_events)
         _write(session_events, directory / "events.parquet")
         _write(sessions, directory / "sessions.parquet")
-        return {"sessions": sessions.height, "mean_session_length": float(sessions.get_column("length").mean())}
+        return {"sessions": sessions.height, "session_events": session_events.height}
 
     return build
 
 
-def long_term_stage(config: PreprocessConfig, out: Path) -> Callable[[Path], dict[str, Any]]:
+def summarise_sessions_stage(config: PreprocessConfig, counts: list[dict[str, Any]]) -> dict[str, Any]:
+    sessions = sum(part["sessions"] for part in counts)
+    return {"sessions": sessions, "mean_session_length": sum(part["session_events"] for part in counts) / max(sessions, 1)}
+
+
+def long_term_part(config: PreprocessConfig, sources: Sources, bucket: int) -> PartBuild:
     def build(directory: Path) -> dict[str, Any]:
-        side_features = read_manifest(out / "events")["stats"]["side_features"]
+        side_features = read_manifest(sources.out / "events")["stats"]["side_features"]
         long_term = build_long_term(
-            pl.read_parquet(out / "sessions" / "events.parquet"),
-            pl.read_parquet(out / "sessions" / "sessions.parquet"),
-            pl.read_parquet(out / "events" / "items.parquet"),
+            pl.read_parquet(sources.table("sessions", "events", bucket)),
+            pl.read_parquet(sources.table("sessions", "sessions", bucket)),
+            pl.read_parquet(sources.out / "events" / "items.parquet"),
             side_features,
             config.long_window_ms,
             config.max_long,
@@ -113,28 +190,35 @@ def long_term_stage(config: PreprocessConfig, out: Path) -> Callable[[Path], dic
         _write(long_term, directory / "long_term.parquet")
         features = ["item", *side_features]
         return {
+            "sessions": long_term.height,
             "features": features,
-            **{
-                f"mean_long_{feature}": float(long_term.get_column(long_term_column(feature)).list.len().mean())
-                for feature in features
-            },
+            **{f"total_long_{feature}": int(long_term.get_column(long_term_column(feature)).list.len().sum()) for feature in features},
         }
 
     return build
 
 
-def splits_stage(config: PreprocessConfig, out: Path) -> Callable[[Path], dict[str, Any]]:
+def summarise_long_term_stage(config: PreprocessConfig, counts: list[dict[str, Any]]) -> dict[str, Any]:
+    features = counts[0]["features"]
+    sessions = max(sum(part["sessions"] for part in counts), 1)
+    return {
+        "features": features,
+        **{f"mean_long_{feature}": sum(part[f"total_long_{feature}"] for part in counts) / sessions for feature in features},
+    }
+
+
+def splits_part(config: PreprocessConfig, sources: Sources, bucket: int) -> PartBuild:
     def build(directory: Path) -> dict[str, Any]:
         splits = build_splits(
-            pl.read_parquet(out / "sessions" / "events.parquet"),
-            pl.read_parquet(out / "sessions" / "sessions.parquet"),
+            pl.read_parquet(sources.table("sessions", "events", bucket)),
+            pl.read_parquet(sources.table("sessions", "sessions", bucket)),
             config,
+            read_manifest(sources.out / "events")["stats"]["time_max_ms"],
         )
         for name, frame in splits.items():
             _write(frame, directory / f"{name}.parquet")
         train = splits["train"]
         return {
-            "split": config.split,
             "train_sessions": train.height,
             "train_targets": int((train.get_column("items").list.len() - 1).sum() + (train.get_column("next_item") != 0).sum()),
             "valid_cases": splits["valid"].height,
@@ -145,17 +229,37 @@ def splits_stage(config: PreprocessConfig, out: Path) -> Callable[[Path], dict[s
     return build
 
 
+def summarise_splits_stage(config: PreprocessConfig, counts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"split": config.split, **{name: sum(part[name] for part in counts) for name in counts[0]}}
+
+
+PART_BUILDERS = {"sessions": sessions_part, "long_term": long_term_part, "splits": splits_part}
+SUMMARIES = {"sessions": summarise_sessions_stage, "long_term": summarise_long_term_stage, "splits": summarise_splits_stage}
+
+
 def run_preprocess(
-    config: PreprocessConfig, *, force: bool = False, on_stage_start: StageCallback | None = None
+    config: PreprocessConfig,
+    *,
+    force: bool = False,
+    on_stage_start: StageCallback | None = None,
+    bucket: tuple[int, int] | None = None,
 ) -> list[StageReport]:
-    """Build (or reuse) every stage under config.out; return what happened to each."""
+    """Build (or reuse) every stage under config.out; return what happened to each.
+    With `bucket` = (K, N): only the global step and user bucket K of N, for a later run to publish."""
     out = config.out
-    for path in (config.logs, config.items, config.users):
+    input_files(config.logs)  # the log exists (a file, a directory of files or a glob)
+    for path in (config.items, config.users):
         if path is not None and not path.is_file():
             raise InputError(f"{path}: no such file")
+    if bucket is not None and config.buckets not in (None, bucket[1]):
+        raise InputError(f"--bucket {bucket[0]}/{bucket[1]} and --buckets {config.buckets} disagree")
     created = make_output_dir(out)
     try:
+        if bucket is not None:
+            return _run_bucket(config, force, on_stage_start, *bucket)
         with FileLock(out / LOCK_NAME, timeout=0):
+            for stage in STAGES:  # temporaries a killed run left next to a stage that is now reused
+                remove_leftovers(out, stage)
             return _run_stages(config, force, on_stage_start)
     except Timeout:
         raise InputError(f"{out}: another sdm process is writing this directory; wait for it or use another --out") from None
@@ -165,32 +269,121 @@ def run_preprocess(
         raise
 
 
-def _run_stages(config: PreprocessConfig, force: bool, on_stage_start: StageCallback | None) -> list[StageReport]:
-    out = config.out
-    builders = {
-        "events": events_stage(config),
-        "sessions": sessions_stage(config, out),
-        "long_term": long_term_stage(config, out),
-        "splits": splits_stage(config, out),
-    }
-    upstream = {"events": (), "sessions": ("events",), "long_term": ("events", "sessions"), "splits": ("sessions",)}
-    inputs = input_fingerprints(config)
-    reports = []
-    for stage in STAGES:
-        fingerprint = {
+class Plan:
+    """The fingerprints of a run: stages as before, plus, with several buckets, the global session
+    numbering and every (stage, bucket) part."""
+
+    def __init__(self, config: PreprocessConfig, layout: Layout, inputs: dict[str, Any]) -> None:
+        self.config, self.layout, self.inputs = config, layout, inputs
+        self.out = config.out
+        self.sources = Sources(config.out, layout)
+
+    def stage_fingerprint(self, stage: str) -> dict[str, Any]:
+        upstream = {"events": (), "sessions": ("events",), "long_term": ("events", "sessions"), "splits": ("sessions",)}
+        return {
             "version": package_version(),
-            "params": config.stage_params(stage),
-            "inputs": inputs if stage == "events" else {},
-            "upstream": {name: manifest_digest(out / name) for name in upstream[stage]},
+            "params": self.config.stage_params(stage),
+            "inputs": self.inputs if stage == "events" else {},
+            **({"buckets": self.layout.n_buckets} if stage == "events" else {}),
+            "upstream": {name: manifest_digest(self.out / name) for name in upstream[stage]},
         }
-        if not force and is_current(out / stage, fingerprint):
-            reports.append(StageReport(stage, True, 0.0, read_manifest(out / stage)["stats"]))
-            continue
+
+    def session_starts_fingerprint(self) -> dict[str, Any]:
+        return {
+            "version": package_version(),
+            "params": self.config.stage_params("sessions"),
+            "upstream": {"events": manifest_digest(self.out / "events")},
+        }
+
+    def part_fingerprint(self, stage: str, bucket: int) -> dict[str, Any]:
+        upstream = {"events": manifest_digest(self.out / "events")}
+        if stage == "sessions":
+            upstream[SESSION_STARTS] = manifest_digest(self.out / BUCKETS_DIR / SESSION_STARTS)
+        else:
+            upstream["sessions"] = manifest_digest(part_dir(self.out, "sessions", bucket))
+        return {
+            "version": package_version(),
+            "params": self.config.stage_params(stage),
+            "bucket": [bucket, self.layout.n_buckets],
+            "upstream": upstream,
+        }
+
+    def global_step(self, force: bool, on_stage_start: StageCallback | None) -> list[StageReport]:
+        """The events stage and, with several buckets, the global session numbering."""
+        reports = [self.build_if_stale(self.out, "events", self.stage_fingerprint("events"), events_stage(self.config, self.layout), force, on_stage_start)]
+        if self.layout.n_buckets > 1:
+            build = session_starts_stage(self.config, self.sources)
+            self.build_if_stale(self.out / BUCKETS_DIR, SESSION_STARTS, self.session_starts_fingerprint(), build, force, None)
+        return reports
+
+    def part(self, stage: str, bucket: int, force: bool) -> dict[str, Any]:
+        """The manifest of one bucket of a per-user stage, built unless cached (or forced)."""
+        fingerprint = self.part_fingerprint(stage, bucket)
+        build = PART_BUILDERS[stage](self.config, self.sources, bucket)
+        if force:
+            return build_stage(part_dir(self.out, stage, bucket).parent, part_dir(self.out, stage, bucket).name, fingerprint, build)
+        return ensure_part(self.out, stage, bucket, fingerprint, build)
+
+    def stage_build(self, stage: str, force: bool) -> Callable[[Path], dict[str, Any]]:
+        """One bucket: build the stage in memory. Several: make sure every bucket's part is built
+        (waiting for a bucket job still at it), then link the parts into the stage directory."""
+        summarise = SUMMARIES[stage]
+        if self.layout.n_buckets == 1:
+            part = PART_BUILDERS[stage](self.config, self.sources, 0)
+            return lambda directory: summarise(self.config, [part(directory)])
+
+        def build(directory: Path) -> dict[str, Any]:
+            counts = []
+            for bucket in range(self.layout.n_buckets):
+                with bucket_lock(self.out, bucket):
+                    counts.append(self.part(stage, bucket, force)["stats"])
+            link_parts(self.out, stage, STAGE_TABLES[stage], self.layout, directory)
+            return summarise(self.config, counts)
+
+        return build
+
+    @staticmethod
+    def build_if_stale(
+        parent: Path, name: str, fingerprint: dict[str, Any], build: Callable[[Path], dict[str, Any]],
+        force: bool, on_stage_start: StageCallback | None,
+    ) -> StageReport:
+        if not force and is_current(parent / name, fingerprint):
+            return StageReport(name, True, 0.0, read_manifest(parent / name)["stats"])
         if on_stage_start is not None:
-            on_stage_start(stage)
+            on_stage_start(name)
         started = time.perf_counter()
-        manifest = build_stage(out, stage, fingerprint, builders[stage])
-        reports.append(StageReport(stage, False, time.perf_counter() - started, manifest["stats"]))
+        manifest = build_stage(parent, name, fingerprint, build)
+        return StageReport(name, False, time.perf_counter() - started, manifest["stats"])
+
+
+def _run_stages(config: PreprocessConfig, force: bool, on_stage_start: StageCallback | None) -> list[StageReport]:
+    inputs = input_fingerprints(config)
+    plan = Plan(config, choose_layout(config, config.out, inputs), inputs)
+    reports = plan.global_step(force, on_stage_start)
+    for stage in PER_USER_STAGES:
+        reports.append(plan.build_if_stale(config.out, stage, plan.stage_fingerprint(stage), plan.stage_build(stage, force), force, on_stage_start))
+    return reports
+
+
+def _run_bucket(
+    config: PreprocessConfig, force: bool, on_stage_start: StageCallback | None, bucket: int, n_buckets: int
+) -> list[StageReport]:
+    """The global step (once: sibling jobs wait on the lock and then find it cached), then the
+    parts of bucket `bucket` of every per-user stage. --force rebuilds only this bucket's parts,
+    so that N forced jobs do not each redo the global step."""
+    inputs = input_fingerprints(config)
+    plan = Plan(config, Layout(n_buckets), inputs)
+    with FileLock(config.out / LOCK_NAME):
+        reports = plan.global_step(False, on_stage_start)
+    with bucket_lock(config.out, bucket):
+        for stage in PER_USER_STAGES:
+            name = f"{stage} {bucket}/{n_buckets}"
+            cached = not force and is_current(part_dir(config.out, stage, bucket), plan.part_fingerprint(stage, bucket))
+            if not cached and on_stage_start is not None:
+                on_stage_start(name)
+            started = time.perf_counter()
+            manifest = plan.part(stage, bucket, force)
+            reports.append(StageReport(name, cached, 0.0 if cached else time.perf_counter() - started, manifest["stats"]))
     return reports
 
 

@@ -3,6 +3,10 @@
 Two adjacent events of a user stay together when they share a session id, or when the later one
 comes less than `session_gap` after the earlier one. A session that already holds
 `max_session_length` items is closed and the next event opens a new one.
+
+Sessions are numbered 0.. in (user, time) order over all users. A user bucket (pipeline/buckets.py)
+numbers its sessions from each user's `first_session`, the number of sessions of all users with
+smaller ids, which one cheap pass over every bucket counts beforehand (`session_counts`).
 """
 
 from __future__ import annotations
@@ -26,19 +30,44 @@ def opens_session(session_gap_ms: int) -> pl.Expr:
     return (first_of_user | (long_gap & ~shared_id)).fill_null(True)
 
 
-def assign_sessions(events: pl.DataFrame, session_gap_ms: int, max_session_length: int) -> pl.DataFrame:
-    """Events with their global `session` number (in user, time order) and `position` in it."""
+def local_sessions(events: pl.LazyFrame, session_gap_ms: int, max_session_length: int) -> pl.LazyFrame:
+    """Events with `session` numbered 0.. over the frame and their `position` in it."""
     return (
-        events.lazy()
-        .with_columns(rule_session=opens_session(session_gap_ms).cum_sum())
+        events.with_columns(rule_session=opens_session(session_gap_ms).cum_sum())
         .with_columns(rule_position=pl.col("order") - pl.col("order").min().over("rule_session"))
         .with_columns(
             session=((pl.col("rule_position") % max_session_length) == 0).cum_sum() - 1,
             position=pl.col("rule_position") % max_session_length,
         )
-        .select(pl.col(name).cast(dtype) for name, dtype in SESSION_EVENT_SCHEMA.items())
+    )
+
+
+def session_counts(events: pl.LazyFrame, session_gap_ms: int, max_session_length: int) -> pl.DataFrame:
+    """(user, sessions): how many sessions each user of the frame has."""
+    return (
+        local_sessions(events.select("user", "time", "session_key", "order"), session_gap_ms, max_session_length)
+        .group_by("user")
+        .agg((pl.col("position") == 0).sum().cast(ID).alias("sessions"))
         .collect()
     )
+
+
+def first_sessions(counts: pl.DataFrame) -> pl.DataFrame:
+    """(user, first_session) from every user's session count."""
+    return counts.sort("user").select("user", first_session=(pl.col("sessions").cum_sum() - pl.col("sessions")).cast(ID))
+
+
+def assign_sessions(
+    events: pl.DataFrame, session_gap_ms: int, max_session_length: int, first_session: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """Events with their global `session` number (in user, time order) and `position` in it.
+    Without `first_session` the frame must hold every user; with it, any set of whole users."""
+    numbered = local_sessions(events.lazy(), session_gap_ms, max_session_length)
+    if first_session is not None:
+        numbered = numbered.join(first_session.lazy(), on="user", how="left", maintain_order="left").with_columns(
+            session=pl.col("first_session") + pl.col("session") - pl.col("session").min().over("user")
+        )
+    return numbered.select(pl.col(name).cast(dtype) for name, dtype in SESSION_EVENT_SCHEMA.items()).collect()
 
 
 def summarise_sessions(session_events: pl.DataFrame) -> pl.DataFrame:

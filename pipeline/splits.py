@@ -84,8 +84,12 @@ def leave_last_out(session_events: pl.DataFrame, sessions: pl.DataFrame) -> dict
     }
 
 
-def temporal(session_events: pl.DataFrame, sessions: pl.DataFrame, config: PreprocessConfig) -> dict[str, pl.DataFrame]:
-    last_day_end = (session_events.get_column("time").max() // DAY_MS + 1) * DAY_MS
+def temporal(
+    session_events: pl.DataFrame, sessions: pl.DataFrame, config: PreprocessConfig, time_max_ms: int
+) -> dict[str, pl.DataFrame]:
+    """`time_max_ms`, the time of the last event of ALL users, sets the periods, so that every user
+    bucket cuts at the same days."""
+    last_day_end = (time_max_ms // DAY_MS + 1) * DAY_MS
     test_start = last_day_end - round(config.test_days * DAY_MS)
     valid_start = test_start - round(config.valid_days * DAY_MS)
 
@@ -111,7 +115,10 @@ def temporal(session_events: pl.DataFrame, sessions: pl.DataFrame, config: Prepr
     }
 
 
-def build_splits(session_events: pl.DataFrame, sessions: pl.DataFrame, config: PreprocessConfig) -> dict[str, pl.DataFrame]:
+def build_splits(
+    session_events: pl.DataFrame, sessions: pl.DataFrame, config: PreprocessConfig, time_max_ms: int
+) -> dict[str, pl.DataFrame]:
+    """The splits of whole users (all of them, or one user bucket); `time_max_ms` is the last event's time."""
     if config.split == "leave-last-out":
         return leave_last_out(session_events, sessions)
-    return temporal(session_events, sessions, config)
+    return temporal(session_events, sessions, config, time_max_ms)

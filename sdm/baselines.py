@@ -7,7 +7,10 @@ from torch import Tensor, nn
 
 from sdm.config import ModelConfig
 from sdm.embedding import ItemEmbedding, UserEmbedding
+from sdm.gru4rec import GRU4Rec
+from sdm.item_cf import ItemCF
 from sdm.model import SDM, Recommender, TwoTowerRecommender
+from sdm.sasrec import SASRec
 
 
 def masked_mean(vectors: Tensor, mask: Tensor) -> Tensor:
@@ -63,15 +66,25 @@ class Popularity(Recommender):
         return self.log_counts
 
 
-MODEL_NAMES = ("sdm", "youtube-dnn", "popularity")
+MODEL_NAMES = ("sdm", "youtube-dnn", "popularity", "gru4rec", "sasrec", "item-cf")
 
 
-def build_model(name: str, config: ModelConfig, item_side: Tensor, item_counts: Tensor) -> Recommender:
-    """name in MODEL_NAMES; item_side [n_items, S] side-feature ids, item_counts [n_items] training counts."""
+def build_model(
+    name: str, config: ModelConfig, item_side: Tensor, item_counts: Tensor, training_sessions: Tensor | None = None
+) -> Recommender:
+    """name in MODEL_NAMES; item_side [n_items, S] side-feature ids, item_counts [n_items] training counts,
+    training_sessions [N, T] training session items, which item-cf computes its similarities from
+    (without them its tables stay empty, ready for load_state_dict)."""
     if name == "sdm":
         return SDM(config, item_side)
     if name == "youtube-dnn":
         return YouTubeDNN(config, item_side)
     if name == "popularity":
         return Popularity(item_counts)
+    if name == "gru4rec":
+        return GRU4Rec(config, item_side)
+    if name == "sasrec":
+        return SASRec(config, item_side)
+    if name == "item-cf":
+        return ItemCF(config, training_sessions)
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")

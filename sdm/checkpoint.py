@@ -12,11 +12,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from pipeline.cache import fsync_directory, write_json_atomic
 from pipeline.errors import InputError
@@ -25,6 +29,7 @@ CONFIG = "config.json"
 LAST = "last.pt"
 BEST = "best.pt"
 HISTORY = "history.json"
+LOCK = ".sdm.lock"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -37,9 +42,35 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
         fsync_directory(path.parent)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and not error.filename:  # a failed write names no file: say which
+            raise OSError(error.errno, error.strerror, str(path)) from None
         raise
+
+
+@contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """Hold RUN/.sdm.lock while a run is written: a second `sdm train` on the same --out stops with a
+    message instead of interleaving checkpoints. A run directory this call created and nothing was
+    written to is removed again."""
+    if run.exists() and not run.is_dir():
+        raise InputError(f"{run}: the output path is a file; choose a directory with --out")
+    created = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise InputError(f"{run}: another sdm process is writing this run; wait for it or use another --out") from None
+    for leftover in run.glob(".*.tmp-*"):  # temporary files of a killed save_checkpoint / write_json_atomic
+        leftover.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        lock.release()
+        if created and [path.name for path in run.iterdir()] == [LOCK]:
+            shutil.rmtree(run, ignore_errors=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -171,7 +171,7 @@ def load_cases(data: Path, catalogue: Catalogue, split: str) -> tuple[SessionDat
     """Evaluation cases of `split` as tensors, plus their (user, first_target_order) keys."""
     require_stage(data, "splits")
     path = data / "splits" / f"{split}.parquet"
-    if not path.is_file():
+    if not path.exists():  # a file, or a directory of bucket parts
         raise InputError(f"{data}: no '{split}' split; expected one of train, valid, test")
     rows = pl.read_parquet(path)
     lengths = rows.get_column("targets").list.len().to_numpy().astype(np.int64)

@@ -1,12 +1,15 @@
 """Softmax losses over the item catalogue (paper §3.6: sampled softmax with cross-entropy).
 
-Every loss takes user_vecs [N, d] (one row per target), targets [N] item ids >= 1 and
-item_vectors [n_items, d] whose row 0 is padding and never a candidate, and returns the mean loss.
+Every loss takes user_vecs [N, d] (one row per target) and targets [N] item ids >= 1, and returns
+the mean loss. The exact softmax needs item_vectors [n_items, d] (row 0 is padding and never a
+candidate); the sampled ones only embed their candidates, through vectors_of(ids [...]) ->
+[..., d], so a model whose item vectors come from a tower need not run it over the catalogue.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +41,13 @@ class LogUniformSampler:
         return (torch.log(torch.log1p(1.0 / ids)) - math.log(math.log(self.n_items))).float()
 
 
+VectorsOf = Callable[[Tensor], Tensor]  # item ids [...] -> item vectors [..., d]
+
+
 def sampled_softmax_loss(
     user_vecs: Tensor,
     targets: Tensor,
-    item_vectors: Tensor,
+    vectors_of: VectorsOf,
     sampler: LogUniformSampler,
     num_negatives: int,
     generator: torch.Generator | None = None,
@@ -56,21 +62,23 @@ def sampled_softmax_loss(
     log(num_negatives * P(target))).
     """
     negatives = sampler.sample(num_negatives, generator).to(targets.device)  # [S]
-    true_logits = (user_vecs * item_vectors[targets]).sum(-1, keepdim=True)  # [N, 1]
+    # One call embeds both: for a tower, one pass over N + S ids instead of the catalogue.
+    target_vecs, negative_vecs = vectors_of(torch.cat([targets, negatives])).split([len(targets), num_negatives])
+    true_logits = (user_vecs * target_vecs).sum(-1, keepdim=True)  # [N, 1]
     log_expected_count = math.log(num_negatives) + sampler.log_prob(negatives).to(user_vecs.dtype)  # [S]
-    sampled_logits = user_vecs @ item_vectors[negatives].T - log_expected_count  # [N, S]
+    sampled_logits = user_vecs @ negative_vecs.T - log_expected_count  # [N, S]
     sampled_logits = sampled_logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
     logits = torch.cat([true_logits, sampled_logits], dim=1)  # [N, 1 + S]
     return F.cross_entropy(logits, torch.zeros_like(targets))
 
 
-def in_batch_softmax_loss(user_vecs: Tensor, targets: Tensor, item_vectors: Tensor, log_q: Tensor) -> Tensor:
+def in_batch_softmax_loss(user_vecs: Tensor, targets: Tensor, vectors_of: VectorsOf, log_q: Tensor) -> Tensor:
     """Cross-entropy where row i's candidates are the targets of all rows, logit_ij = u_i . v_j - log q(t_j).
 
     log_q [n_items]: log probability of an item appearing as a target (unigram), the rate at which
     it is drawn as a negative. Another row with the same target is an accidental hit and is dropped.
     """
-    logits = user_vecs @ item_vectors[targets].T - log_q[targets].to(user_vecs.dtype)  # [N, N]
+    logits = user_vecs @ vectors_of(targets).T - log_q[targets].to(user_vecs.dtype)  # [N, N]
     rows = torch.arange(len(targets), device=targets.device)
     accidental = (targets[None, :] == targets[:, None]) & (rows[None, :] != rows[:, None])  # [N, N]
     logits = logits.masked_fill(accidental, float("-inf"))

@@ -31,6 +31,11 @@ class Recommender(nn.Module, ABC):
     def item_vectors(self) -> Tensor:
         """-> [n_items, d], row 0 (padding) included; callers mask it."""
 
+    def vectors_of(self, items: Tensor) -> Tensor:
+        """items [...] -> their rows of item_vectors() [..., d]; models with an item tower override it
+        to embed just these items."""
+        return self.item_vectors()[items]
+
 
 class TwoTowerRecommender(Recommender):
     """A recommender whose items are scored with an output matrix V, either its own table or the
@@ -55,6 +60,10 @@ class TwoTowerRecommender(Recommender):
             all_items = torch.arange(self.config.n_items, device=self.item_embedding.item_side.device)
             return self.item_embedding(all_items)
         return self.output_items.weight
+
+    def vectors_of(self, items: Tensor) -> Tensor:
+        """items [...] -> V_items [..., d]."""
+        return self.item_embedding(items) if self.output_items is None else self.output_items(items)
 
 
 class SDM(TwoTowerRecommender):

@@ -21,7 +21,17 @@ from torch import Tensor
 from pipeline.cache import manifest_digest
 from pipeline.errors import InputError
 from sdm.baselines import MODEL_NAMES, build_model
-from sdm.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint, read_run_config, save_checkpoint, write_run_json
+from sdm.checkpoint import (
+    BEST,
+    CONFIG,
+    HISTORY,
+    LAST,
+    load_checkpoint,
+    read_run_config,
+    run_lock,
+    save_checkpoint,
+    write_run_json,
+)
 from sdm.config import ModelConfig
 from sdm.data import (
     Catalogue,
@@ -121,18 +131,21 @@ def uses_full_softmax(config: TrainConfig, n_items: int) -> bool:
     return config.loss == "full" or (config.loss == "auto" and n_items <= FULL_SOFTMAX_MAX_ITEMS)
 
 
-def make_loss(config: TrainConfig, item_counts: Tensor) -> Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor]:
-    """The training loss as a function of (user vectors [N, d], targets [N], V, generator);
+LossFunction = Callable[[Tensor, Tensor, Recommender, torch.Generator], Tensor]
+
+
+def make_loss(config: TrainConfig, item_counts: Tensor) -> LossFunction:
+    """The training loss as a function of (user vectors [N, d], targets [N], model, generator);
     item_counts [n_items] are the training counts (in-batch negatives' logQ)."""
     n_items = len(item_counts)
     if uses_full_softmax(config, n_items):
-        return lambda users, targets, items, generator: full_softmax_loss(users, targets, items)
+        return lambda users, targets, model, generator: full_softmax_loss(users, targets, model.item_vectors())
     if config.negatives == "in-batch":
         log_q = torch.log((item_counts.double() + 1) / (item_counts.sum() + n_items)).float()
-        return lambda users, targets, items, generator: in_batch_softmax_loss(users, targets, items, log_q)
+        return lambda users, targets, model, generator: in_batch_softmax_loss(users, targets, model.vectors_of, log_q)
     sampler = LogUniformSampler(n_items)
-    return lambda users, targets, items, generator: sampled_softmax_loss(
-        users, targets, items, sampler, config.num_negatives, generator
+    return lambda users, targets, model, generator: sampled_softmax_loss(
+        users, targets, model.vectors_of, sampler, config.num_negatives, generator
     )
 
 
@@ -153,7 +166,7 @@ def train_epoch(
     model: Recommender,
     optimizer: torch.optim.Optimizer,
     train: SessionData,
-    loss_fn: Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor],
+    loss_fn: LossFunction,
     config: TrainConfig,
     generator: torch.Generator,
     on_batch: Callable[[int, float], None] | None = None,
@@ -169,7 +182,7 @@ def train_epoch(
         if n_targets == 0:
             continue
         user_vectors = model(batch)[predicts]  # [N, d]
-        loss = loss_fn(user_vectors, targets[predicts], model.item_vectors(), generator)
+        loss = loss_fn(user_vectors, targets[predicts], model, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
@@ -220,7 +233,20 @@ def train(
     progress: Callable[[int], Callable[[int, float], None]] | None = None,
 ) -> list[dict[str, Any]]:
     """Train, checkpointing every epoch under config.out; return the per-epoch history.
-    `progress(total_targets)` may return a per-batch callback (targets done, batch loss)."""
+    `progress(total_targets)` may return a per-batch callback (targets done, batch loss).
+    The run directory is locked meanwhile (a second `sdm train` on it stops with a message)."""
+    with run_lock(Path(config.out)):
+        return train_locked_run(config, resume=resume, on_epoch=on_epoch, progress=progress)
+
+
+def train_locked_run(
+    config: TrainConfig,
+    *,
+    resume: bool,
+    on_epoch: Callable[[EpochReport], None] | None,
+    progress: Callable[[int], Callable[[int, float], None]] | None,
+) -> list[dict[str, Any]]:
+    """`train` once config.out is locked."""
     if config.threads:
         torch.set_num_threads(config.threads)
     data, run = Path(config.data), Path(config.out)
@@ -230,7 +256,7 @@ def train(
     valid, _ = load_cases(data, catalogue, "valid")
     model_config = config.model_config(catalogue)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, model_config, catalogue.item_side, catalogue.item_counts)
+    model = build_model(config.model, model_config, catalogue.item_side, catalogue.item_counts, train_data.tensors["items"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.lr, fused=True) if trainable else None
 
@@ -253,6 +279,7 @@ def train(
         torch.set_rng_state(checkpoint["rng"])
         history = json.loads(checkpoint["history"])
         best_value, bad_epochs, start_epoch = checkpoint["best_value"], checkpoint["bad_epochs"], checkpoint["epoch"] + 1
+        write_run_json(run, HISTORY, history)  # a kill between last.pt and history.json left it an epoch behind
 
     loss_fn = make_loss(config, catalogue.item_counts)
     epochs = config.epochs if trainable else 1

@@ -192,3 +192,19 @@ def sample_run(sample_data: Path, tmp_path_factory: pytest.TempPathFactory):
     from training_helpers import train_sample_run
 
     return train_sample_run(sample_data, tmp_path_factory.mktemp("sample_run") / "sdm")
+
+
+@pytest.fixture(scope="session")
+def preprocess_reference(tmp_path_factory: pytest.TempPathFactory):
+    """An uninterrupted preprocess of the sample data: (output directory, seconds its work took)."""
+    from process_harness import uninterrupted_preprocess
+
+    return uninterrupted_preprocess(tmp_path_factory.mktemp("preprocess_reference") / "out")
+
+
+@pytest.fixture(scope="session")
+def train_reference(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """An uninterrupted tiny training run (process_harness.TrainReference) on tiny_data."""
+    from process_harness import uninterrupted_training
+
+    return uninterrupted_training(tiny_data, tmp_path_factory.mktemp("train_reference") / "run")

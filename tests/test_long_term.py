@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+import reference
 from conftest import (
     BASE_MS,
     DAY_MS,
@@ -25,6 +26,7 @@ from conftest import (
     vocabulary,
     write_log,
 )
+from reference import Event
 
 WEEK_MS = 7 * DAY_MS
 SIDE = ("leaf", "category", "shop", "brand")
@@ -150,16 +152,11 @@ def test_random_log_matches_a_plain_reference(tmp_path: Path) -> None:
 
     for user in sorted({row[0] for row in rows}):
         sessions = inspect_user(out, user)["sessions"]
-        events = [row for row in rows if row[0] == user]  # already in time order, times distinct
+        events = [Event(*row) for row in rows if row[0] == user]  # already in time order, times distinct
         boundaries = np.cumsum([0, *(len(session["items"]) for session in sessions)])
-        for index, session in enumerate(sessions):
-            start = events[boundaries[index]][2]
-            earlier = [event for event in events[: boundaries[index]] if event[2] >= start - window]
-            expected: list[str] = []
-            for _, item, _ in reversed(earlier):
-                if item not in expected:
-                    expected.append(item)
-            assert session["long_term"]["item"] == expected[:max_long], (user, index)
+        cut = [events[boundaries[index] : boundaries[index + 1]] for index in range(len(sessions))]
+        expected = reference.long_term_sets(cut, None, window, max_long)
+        assert [session["long_term"]["item"] for session in sessions] == expected, user
 
 
 # --- side features --------------------------------------------------------------------------------

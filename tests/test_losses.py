@@ -60,7 +60,7 @@ def test_sampled_loss_matches_hand_computation_and_drops_accidental_hits():
     targets = torch.tensor([3, 7])
     negatives = [3, 5, 3, 7]  # row 0 hits its target twice, row 1 once
     sampler = FixedSampler(n_items, negatives)
-    loss = sampled_softmax_loss(user_vecs, targets, item_vectors, sampler, num_negatives=4)
+    loss = sampled_softmax_loss(user_vecs, targets, item_vectors.__getitem__, sampler, num_negatives=4)
 
     def corrected(score: float, item: int) -> float:
         return score - math.log(4 * log_uniform_p(item, n_items))
@@ -83,7 +83,7 @@ def test_sampled_loss_approaches_full_loss_with_more_negatives():
     sampler, generator = LogUniformSampler(n_items), torch.Generator().manual_seed(1)
     errors = []
     for num_negatives in (2**6, 2**10, 2**14):
-        draws = [sampled_softmax_loss(user_vecs, targets, item_vectors, sampler, num_negatives, generator) for _ in range(8)]
+        draws = [sampled_softmax_loss(user_vecs, targets, item_vectors.__getitem__, sampler, num_negatives, generator) for _ in range(8)]
         errors.append(sum(abs(loss.item() - full) for loss in draws) / len(draws))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.03 * full
@@ -96,7 +96,7 @@ def test_in_batch_loss_matches_hand_computation():
     user_vecs = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.0, 1.0]])
     targets = torch.tensor([1, 2, 1])  # rows 0 and 2 share a target: accidental hits for each other
     log_q = torch.log(torch.tensor([1.0, 0.5, 0.25, 0.25]))
-    loss = in_batch_softmax_loss(user_vecs, targets, item_vectors, log_q)
+    loss = in_batch_softmax_loss(user_vecs, targets, item_vectors.__getitem__, log_q)
     # logit_ij = u_i . v_{t_j} - log q(t_j); columns: item 1, item 2, item 1.
     log_q1, log_q2 = math.log(0.5), math.log(0.25)
     row0 = -(1 - log_q1) + math.log(math.exp(1 - log_q1) + math.exp(2 - log_q2))
@@ -127,10 +127,10 @@ def test_gradients_are_finite_with_accidental_hits(loss_name):
     targets = torch.tensor([1, 1, 2, 1, 3])  # frequent items, so hits are certain
     if loss_name == "sampled":
         generator = torch.Generator().manual_seed(0)
-        loss = sampled_softmax_loss(user_vecs, targets, item_vectors, LogUniformSampler(n_items), 64, generator)
+        loss = sampled_softmax_loss(user_vecs, targets, item_vectors.__getitem__, LogUniformSampler(n_items), 64, generator)
     elif loss_name == "in_batch":
         log_q = torch.full((n_items,), -math.log(n_items - 1))
-        loss = in_batch_softmax_loss(user_vecs, targets, item_vectors, log_q)
+        loss = in_batch_softmax_loss(user_vecs, targets, item_vectors.__getitem__, log_q)
     else:
         loss = full_softmax_loss(user_vecs, targets, item_vectors)
     loss.backward()

@@ -6,32 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from reference import metrics_reference
 from sdm.metrics import ranking_metrics
-
-METRIC_NAMES = ("hit_rate", "recall", "precision", "f1", "ndcg", "mrr")
-
-
-def metrics_reference(topk_lists: list[list[int]], targets: list[list[int]], ks) -> dict:
-    """The definitions of ranking_metrics, one case at a time."""
-    result = {}
-    for k in ks:
-        totals = dict.fromkeys(METRIC_NAMES, 0.0)
-        for ranking, truth in zip(topk_lists, targets):
-            truth = set(truth)
-            hit_ranks = [rank for rank, item in enumerate(ranking[:k], start=1) if item in truth]
-            hits = len(hit_ranks)
-            precision, recall = hits / k, hits / len(truth)
-            totals["hit_rate"] += hits > 0
-            totals["recall"] += recall
-            totals["precision"] += precision
-            totals["f1"] += 2 * precision * recall / (precision + recall) if hits else 0.0
-            dcg = sum(1 / math.log2(rank + 1) for rank in hit_ranks)
-            ideal_dcg = sum(1 / math.log2(rank + 1) for rank in range(1, min(len(truth), k) + 1))
-            totals["ndcg"] += dcg / ideal_dcg
-            totals["mrr"] += 1 / hit_ranks[0] if hits else 0.0
-        result.update({f"{name}@{k}": total / len(topk_lists) for name, total in totals.items()})
-    result["n_cases"] = len(topk_lists)
-    return result
 
 
 def to_csr(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

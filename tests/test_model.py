@@ -7,9 +7,9 @@ import torch
 from sdm.baselines import MODEL_NAMES, YouTubeDNN, build_model
 from sdm.config import ModelConfig
 from sdm.fusion import GatedFusion
-from sdm.losses import full_softmax_loss
 from sdm.model import SDM
 from sdm.short_term import attention_mask, user_attention_weights
+from training_helpers import assert_memorises
 
 N_ITEMS = 40
 SIDE_VOCAB = {"leaf": 9, "category": 4, "shop": 7, "brand": 6}
@@ -101,7 +101,7 @@ def test_output_shapes(name, overrides):
     model = make_model(name, **overrides)
     config = make_config(**overrides)
     batch = make_batch(config)
-    width = 1 if name == "popularity" else config.dim
+    width = {"popularity": 1, "item-cf": N_ITEMS}.get(name, config.dim)  # item-cf scores through the catalogue
     with torch.no_grad():
         out = model(batch)
         assert out.shape == (6, 5, width)
@@ -375,13 +375,13 @@ def test_sdm_overfits_eight_sessions():
     # Distinct items everywhere, so that no two training inputs coincide.
     batch["items"] = (torch.randperm(N_ITEMS - 1)[:32].view(8, 4) + 1) * valid
     targets = torch.randint(1, N_ITEMS, valid.shape, generator=torch.Generator().manual_seed(2))[valid]
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(200):
-        loss = full_softmax_loss(model(batch)[valid], targets, model.item_vectors())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    assert_memorises(model, batch, valid, targets, steps=200)
+
+
+@pytest.mark.parametrize("tie_output", [True, False])
+@pytest.mark.parametrize("name", ["sdm", "youtube-dnn", "popularity"])
+def test_vectors_of_some_items_are_their_rows_of_the_catalogue(name, tie_output):
+    model = make_model(name, tie_output=tie_output).eval()
+    ids = torch.tensor([[3, 1, 3], [7, 2, 5]])
     with torch.no_grad():
-        scores = model(batch)[valid] @ model.item_vectors()[1:].T
-    assert (scores.argmax(-1) + 1 == targets).all(), f"loss {loss.item():.3f}"
+        assert torch.allclose(model.vectors_of(ids), model.item_vectors()[ids], atol=1e-6)

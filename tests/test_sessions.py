@@ -11,7 +11,9 @@ import numpy as np
 import polars as pl
 import pytest
 
+import reference
 from conftest import BASE_MS, HOUR_MS, KEEP_ALL_ITEMS, MINUTE_MS, SECOND_MS, preprocess, sessions_of, write_log
+from reference import Event
 
 GAP_MS = 10 * MINUTE_MS
 
@@ -134,16 +136,7 @@ def test_sessions_match_a_plain_reference_on_a_random_log(tmp_path: Path) -> Non
     permutation = rng.permutation(n)
     out = run(tmp_path, [rows[k] for k in permutation], "--max-session-length", "4", header=SESSION_HEADER)
 
-    for user in sorted({row[0] for row in rows}):
-        # stable sort by time over the shuffled input = ties in input order
-        events = sorted((rows[k] for k in permutation if rows[k][0] == user), key=lambda row: row[2])
-        expected: list[list[str]] = []
-        for previous, event in zip([None, *events], events):
-            together = previous is not None and (
-                event[2] - previous[2] < GAP_MS or (event[3] is not None and event[3] == previous[3])
-            )
-            if together and len(expected[-1]) < 4:
-                expected[-1].append(event[1])
-            else:
-                expected.append([event[1]])
+    shuffled = [Event(*rows[k], row=position) for position, k in enumerate(permutation)]
+    for user, timeline in reference.timelines(shuffled).items():
+        expected = [[event.item for event in session] for session in reference.sessions(timeline, GAP_MS, 4)]
         assert sessions_of(out, user) == expected, user

@@ -142,3 +142,20 @@ def child_env() -> dict[str, str]:
 
 def states_equal(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+
+
+def assert_memorises(model: torch.nn.Module, batch: dict[str, torch.Tensor], valid: torch.Tensor, targets: torch.Tensor, steps: int) -> None:
+    """Adam (lr 0.01) on the exact softmax for `steps` steps, then every valid position's top item
+    must be its target: the model can fit a tiny dataset."""
+    from sdm.losses import full_softmax_loss
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        loss = full_softmax_loss(model(batch)[valid], targets, model.item_vectors())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        scores = model(batch)[valid] @ model.item_vectors()[1:].T
+    assert (scores.argmax(-1) + 1 == targets).all(), f"loss {loss.item():.3f}"

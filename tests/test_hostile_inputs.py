@@ -1,0 +1,259 @@
+"""Hostile and odd inputs (issue 8): every file is either parsed correctly (ids kept as the exact
+strings, times as hand-computed) or rejected with one line on stderr and exit code 2; never a
+traceback, a hang or a silent wrong result.
+
+- tests/regression_inputs/: small files of the interesting cases, each with its expected outcome
+  in expected.toml, run through the real command in a child process under a timeout;
+- generated cases too big to commit (a 10 MB field, very long lines), the same way;
+- a hypothesis fuzz: logs with hostile ids written with random delimiters, quoting, BOMs and
+  line endings must parse to exactly their rows (or be rejected); the same bytes with random
+  damage must still keep the contract;
+- paths taken from files (a users-file header, a manifest, a run's config.json, a TOML config)
+  never lead outside the output, data or run directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import faulthandler
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import raw_events, run_main
+from training_helpers import child_env
+
+REPO = Path(__file__).resolve().parents[1]
+REGRESSION_DIR = Path(__file__).resolve().parent / "regression_inputs"
+EXPECTED = tomllib.loads((REGRESSION_DIR / "expected.toml").read_text())
+KEEP_ALL_ITEMS = ("--min-item-count", "1")
+BATCH_TIMEOUT_S = 180
+FUZZ_EXAMPLES = 30
+DAMAGED_EXAMPLES = 30
+BASE_MS = 1_700_000_000_000
+
+# Runs `sdm` once per case in one child process (imports are paid once); one JSON line per case
+# as it finishes, so that a hang is pinned to the case after the last line.
+DRIVER = r"""
+import contextlib, io, json, sys, traceback
+from cli.app import main
+for case in json.loads(sys.argv[1]):
+    stderr = io.StringIO()
+    exit_code = 0
+    sys.argv = ["sdm", *case["args"]]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+        try:
+            main()
+        except SystemExit as exit_:
+            exit_code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            exit_code = 1
+    print(json.dumps({"name": case["name"], "exit_code": exit_code, "stderr": stderr.getvalue()}), flush=True)
+"""
+
+
+def run_batch(cases: dict[str, list[str]]) -> dict[str, dict]:
+    """name -> `sdm` arguments; every case run in one child process under a timeout."""
+    batch = [{"name": name, "args": [str(arg) for arg in args]} for name, args in cases.items()]
+    try:
+        result = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(batch)], cwd=REPO, env=child_env(),
+                                capture_output=True, text=True, timeout=BATCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired as timeout:
+        done = [json.loads(line)["name"] for line in (timeout.stdout or b"").decode().splitlines()]
+        pytest.fail(f"hung on {batch[len(done)]['name']} (after {len(done)} cases)")
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcomes = {entry["name"]: entry for entry in map(json.loads, result.stdout.splitlines())}
+    assert outcomes.keys() == cases.keys()
+    return outcomes
+
+
+def assert_rejected_in_one_line(outcome: dict, words: list[str] = ()) -> None:
+    assert outcome["exit_code"] == 2, outcome
+    message = outcome["stderr"].strip()
+    assert "Traceback" not in message and len(message.splitlines()) == 1, message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def kept_events(out: Path) -> list[tuple[str, str, int]]:
+    return sorted(raw_events(out).iter_rows())
+
+
+# --- regression files -------------------------------------------------------------------------------
+
+
+def test_regression_files_have_their_expected_outcome(tmp_path: Path) -> None:
+    assert sorted(EXPECTED) == sorted(path.name for path in REGRESSION_DIR.iterdir() if path.suffix == ".csv")
+    cases = {}
+    for name, expected in EXPECTED.items():
+        out = tmp_path / name
+        if expected.get("role") == "users":
+            cases[name] = ["preprocess", REGRESSION_DIR / "bom.csv", "--users", REGRESSION_DIR / name, "--out", out, *KEEP_ALL_ITEMS]
+        else:
+            cases[name] = ["preprocess", REGRESSION_DIR / name, "--out", out, *KEEP_ALL_ITEMS]
+    for name, outcome in run_batch(cases).items():
+        expected = EXPECTED[name]
+        if expected["outcome"] == "parsed":
+            assert outcome["exit_code"] == 0, (name, outcome["stderr"][-2000:])
+            assert kept_events(tmp_path / name) == sorted(tuple(event) for event in expected["events"]), name
+        else:
+            assert_rejected_in_one_line(outcome, expected["words"])
+    escaped = [path for path in tmp_path.parent.rglob("escaped*")]
+    assert escaped == [], escaped
+
+
+def test_huge_fields_and_very_long_lines(tmp_path: Path) -> None:
+    header = b"user,item,title,time\n"
+    rows = b"u1,a,1700000000000\nu1,b,1700000060000\n"
+    files = {
+        # a 10 MB quoted field (with delimiters and newlines inside) in a column nobody reads
+        "ten_mb_field.csv": header + b'u1,a,"' + b"x,\n" * 3_500_000 + b'",1700000000000\nu1,b,y,1700000060000\n',
+        # an item id of 10 MB, kept exactly
+        "ten_mb_id.csv": header + b"u1," + b"i" * 10_000_000 + b",t,1700000000000\nu1,b,y,1700000060000\n",
+        # one line of 100,000 fields among normal ones
+        "line_of_100k_fields.csv": b"user,item,time\n" + rows + b"u1,c,1700000120000" + b",extra" * 99_997 + b"\n" + rows,
+        # a last line of 5 MB without a line break, and without its time
+        "five_mb_last_line.csv": b"user,item,time\n" + rows + b"u1," + b"x" * 5_000_000,
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    outcomes = run_batch({name: ["preprocess", tmp_path / name, "--out", tmp_path / f"out-{name}", *KEEP_ALL_ITEMS] for name in files})
+    for name in ("ten_mb_field.csv", "ten_mb_id.csv"):
+        assert outcomes[name]["exit_code"] == 0, outcomes[name]
+    assert kept_events(tmp_path / "out-ten_mb_field.csv") == [("u1", "a", BASE_MS), ("u1", "b", BASE_MS + 60_000)]
+    assert kept_events(tmp_path / "out-ten_mb_id.csv") == [("u1", "b", BASE_MS + 60_000), ("u1", "i" * 10_000_000, BASE_MS)]
+    assert_rejected_in_one_line(outcomes["line_of_100k_fields.csv"], ["line 4", "100000 fields"])
+    assert_rejected_in_one_line(outcomes["five_mb_last_line.csv"], ["line 4", "2 fields"])
+
+
+# --- fuzz -------------------------------------------------------------------------------------------
+
+HOSTILE_CHARACTERS = ["a", "Z", "0", "7", " ", ",", ";", "|", "\t", '"', "'", "\\", "\n", "\r", "é", "😀", "\x00", "#"]
+
+
+@st.composite
+def hostile_logs(draw: st.DrawFn) -> tuple[bytes, list[tuple[str, str, int]]]:
+    """(file bytes, the rows they hold): ids of hostile characters, times as unix seconds or
+    milliseconds, written with a random delimiter, quoting, line ending and maybe a BOM."""
+    ids = st.text(st.sampled_from(HOSTILE_CHARACTERS), min_size=1, max_size=6).filter(lambda text: text.strip(" \t\r\n"))
+    # milliseconds: |t| >= 1e11 is read as milliseconds; written as seconds, |t / 1000| < 1e11 as seconds
+    times = st.builds(lambda sign, magnitude: sign * magnitude, st.sampled_from([1, -1]), st.integers(10**11, 4 * 10**12))
+    rows = draw(st.lists(st.tuples(ids, ids, times), min_size=1, max_size=8))
+    delimiter = draw(st.sampled_from([",", ";", "|", "\t"]))
+    line_end = draw(st.sampled_from(["\n", "\r\n", "\r"]))
+    quoting = draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL]))
+    if any(character in field for user, item, _ in rows for field in (user, item) for character in "\r\n"):
+        quoting = csv.QUOTE_ALL  # the csv module quotes only the line ending it writes, not the other one
+    in_seconds = draw(st.booleans())
+    text = io.StringIO()
+    writer = csv.writer(text, delimiter=delimiter, lineterminator=line_end, quoting=quoting)
+    writer.writerow(["user", "item", "time"])
+    written = [(user, item, time // 1000 if in_seconds else time) for user, item, time in rows]
+    writer.writerows(written)
+    data = ("\ufeff" if draw(st.booleans()) else "") + text.getvalue()
+    expected = sorted({(user, item, time * 1000 if in_seconds else time) for user, item, time in written})  # repeats are dropped
+    return data.encode(), expected
+
+
+def run_in_process(data: bytes, directory: Path) -> tuple[dict, Path]:
+    """`sdm preprocess` on the bytes, in this process; a hang dumps every stack and exits."""
+    logs, out = directory / "events.csv", directory / "out"
+    logs.write_bytes(data)
+    faulthandler.dump_traceback_later(60, exit=True)
+    try:
+        outcome = run_main("preprocess", logs, "--out", out, *KEEP_ALL_ITEMS)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    return {"exit_code": outcome.exit_code, "stderr": outcome.stderr}, out
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(log=hostile_logs())
+def test_fuzzed_logs_parse_to_exactly_their_rows_or_are_rejected(log: tuple[bytes, list[tuple[str, str, int]]], tmp_path_factory) -> None:
+    data, expected = log
+    directory = tmp_path_factory.mktemp("fuzz")
+    outcome, out = run_in_process(data, directory)
+    if outcome["exit_code"] == 0:
+        assert kept_events(out) == expected, data
+    else:
+        assert_rejected_in_one_line(outcome)
+    shutil.rmtree(directory)
+
+
+@settings(max_examples=DAMAGED_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(log=hostile_logs(), damage=st.lists(st.tuples(st.integers(0, 10**6), st.binary(max_size=3), st.integers(0, 3)), min_size=1, max_size=4))
+def test_damaged_logs_keep_the_contract(log: tuple[bytes, list], damage: list[tuple[int, bytes, int]], tmp_path_factory) -> None:
+    """Random bytes inserted or cut: the outcome cannot be predicted, but it is a clean exit or a
+    one-line rejection."""
+    data = bytearray(log[0])
+    for position, inserted, removed in damage:
+        at = position % (len(data) + 1)
+        data[at : at + removed] = inserted
+    directory = tmp_path_factory.mktemp("damaged")
+    outcome, out = run_in_process(bytes(data), directory)
+    if outcome["exit_code"] != 0:
+        assert_rejected_in_one_line(outcome)
+    else:
+        assert kept_events(out)  # something was parsed, and reads back
+    shutil.rmtree(directory)
+
+
+# --- paths from files ---------------------------------------------------------------------------------
+
+
+def test_manifest_names_never_lead_outside_the_data_directory(tiny_data: Path, tmp_path: Path) -> None:
+    """A data directory whose events manifest lists a profile field '../../../../../planted': with a
+    valid vocabulary planted where that leads, the run must be refused, not read it."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    manifest = json.loads((data / "events" / "manifest.json").read_text())
+    assert manifest["stats"]["profile_fields"], "the tiny data has profile fields"
+    field = "../../../../../planted"
+    manifest["stats"]["profile_fields"][0] = field
+    (data / "events" / "manifest.json").write_text(json.dumps(manifest))
+    (data / "events" / "vocab" / "profile...").mkdir()
+    planted = (data / "events" / "vocab" / f"profile.{field}.parquet").resolve()
+    assert not planted.is_relative_to(data.resolve())
+    pl.DataFrame({"id": [1], "raw": ["x"], "count": [1]}).write_parquet(planted)
+
+    outcome = run_main("train", "--data", data, "--out", tmp_path / "run", "--epochs", "1", "--dim", "8", "--heads", "2", "--quiet")
+    assert_rejected_in_one_line({"exit_code": outcome.exit_code, "stderr": outcome.stderr}, [str(data)])
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_run_pointing_at_another_directory_is_refused(tiny_data: Path, tmp_path: Path) -> None:
+    """config.json names its data directory; a crafted one pointing at a directory that is no
+    preprocess output (here the file system root) is refused with one line, nothing written."""
+    run = tmp_path / "run"
+    trained = run_main("train", "--data", tiny_data, "--out", run, "--epochs", "1", "--dim", "8", "--heads", "2",
+                       "--lstm-layers", "1", "--threads", "2", "--quiet")
+    assert trained.exit_code == 0, trained.output
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["data"] = "/"
+    (run / "config.json").write_text(json.dumps(config))
+    before = sorted(path.name for path in run.iterdir())
+    for command in (["evaluate", "--run", run], ["recommend", "--run", run, "--user", "u1"], ["export", "--run", run]):
+        outcome = run_main(*command)
+        assert_rejected_in_one_line({"exit_code": outcome.exit_code, "stderr": outcome.stderr}, ["/"])
+    assert sorted(path.name for path in run.iterdir()) == before
+
+
+def test_a_config_file_cannot_redirect_input_or_output(tmp_path: Path) -> None:
+    """--config is parsed as TOML data; paths are not settings it may carry."""
+    logs = REGRESSION_DIR / "bom.csv"
+    for setting in ('out = "/tmp/elsewhere"', 'logs = "/etc/passwd"', 'users = "../../users.csv"'):
+        config = tmp_path / "config.toml"
+        config.write_text(f"[preprocess]\n{setting}\n")
+        outcome = run_main("preprocess", logs, "--out", tmp_path / "out", "--config", config)
+        assert_rejected_in_one_line({"exit_code": outcome.exit_code, "stderr": outcome.stderr}, ["unknown setting", setting.split()[0]])
+    assert not (tmp_path / "out").exists()
