@@ -49,6 +49,7 @@ from sdm.model import Recommender
 FULL_SOFTMAX_MAX_ITEMS = 20_000  # --loss auto uses the exact softmax up to this catalogue size
 LOSSES = ("auto", "sampled", "full")
 NEGATIVES = ("log-uniform", "in-batch")
+LONG_TERM_MODELS = ("sdm", "youtube-dnn", "item-cf")  # the models that read the long-term sets
 
 
 @dataclass
@@ -91,6 +92,11 @@ class TrainConfig:
             (self.long_term or self.short_term, "--no-long-term and --no-short-term together leave nothing to model"),
             (self.dim % max(self.heads, 1) == 0, f"--dim {self.dim} must be divisible by --heads {self.heads}"),
             (self.select_metric.partition("@")[2].isdigit(), "--select-metric must look like recall@50"),
+            # Options a model would silently ignore: refusing them keeps an "ablation" from being a rerun.
+            (self.fusion == "gated" or self.model == "sdm", f"--fusion applies to --model sdm only, not {self.model}"),
+            (self.short_term or self.model == "sdm", f"--no-short-term applies to --model sdm only, not {self.model}"),
+            (self.long_term or self.model in LONG_TERM_MODELS,
+             f"--no-long-term applies to --model {', '.join(LONG_TERM_MODELS)} only, not {self.model}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -337,6 +337,17 @@ def test_patience_zero_is_refused_or_still_trains(tiny_data, tmp_path):
         assert len(read_json(run / HISTORY)["epochs"]) >= 1
 
 
+@pytest.mark.parametrize(
+    ("model", "option"),
+    [("gru4rec", "--no-long-term"), ("sasrec", "--no-short-term"), ("youtube-dnn", "--fusion"), ("popularity", "--no-short-term")],
+)
+def test_options_a_model_would_ignore_are_refused(tiny_data, tmp_path, model, option):
+    extra = ("--fusion", "add") if option == "--fusion" else (option,)
+    outcome = run_sdm("train", "--data", tiny_data, "--out", tmp_path / "run", "--model", model, *extra, *SMALL_MODEL_ARGS)
+    assert outcome.exit_code == 2 and option in outcome.stderr and model in outcome.stderr, outcome.output
+    assert not (tmp_path / "run").exists()
+
+
 # --- every model, ablation and loss ----------------------------------------------------------------
 
 VARIANTS = {
