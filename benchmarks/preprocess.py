@@ -27,7 +27,7 @@ import polars as pl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from docs_section import replace_section  # noqa: E402
+from docs_section import replace_section
 
 GENERATE = """
 import sys
@@ -68,7 +68,7 @@ print(json.dumps({"seconds": seconds, "stages": {r.name: r.seconds for r in repo
 
 
 def run_python(code: str, *args: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, check=False)
     if result.returncode != 0:
         raise RuntimeError(result.stderr)
     lines = result.stdout.strip().splitlines()
@@ -134,6 +134,10 @@ def main() -> None:
         write_docs(args, in_memory, runs, summary)
 
 
+def met(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
 def write_docs(args: argparse.Namespace, in_memory: dict, runs: list[dict], summary: dict) -> None:
     from pipeline.buckets import PEAK_OVERHEAD
 
@@ -144,7 +148,6 @@ def write_docs(args: argparse.Namespace, in_memory: dict, runs: list[dict], summ
         f"{run['peak_rss_mb']:,.0f} MB | {run['load_before']:.1f} / {run['load_after']:.1f} |"
         for run in runs
     )
-    met = lambda ok: "met" if ok else "missed"  # noqa: E731
     text = f"""Command: `python benchmarks/preprocess.py --events {args.events} --memory-limit {args.memory_limit} --write-docs`
 (synthetic logs from `sdm synth`, with items and users files). Machine: {platform.machine()},
 {os.cpu_count()} cores, Python {platform.python_version()}, polars {pl.__version__}; the load average

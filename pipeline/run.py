@@ -24,7 +24,16 @@ from typing import Any
 import polars as pl
 from filelock import FileLock, Timeout
 
-from pipeline.buckets import BUCKETS_DIR, Layout, PartBuild, bucket_count, bucket_lock, ensure_part, link_parts, part_dir
+from pipeline.buckets import (
+    BUCKETS_DIR,
+    Layout,
+    PartBuild,
+    bucket_count,
+    bucket_lock,
+    ensure_part,
+    link_parts,
+    part_dir,
+)
 from pipeline.cache import (
     build_stage,
     file_digest,
@@ -40,7 +49,12 @@ from pipeline.errors import InputError
 from pipeline.events import build_events
 from pipeline.long_term import build_long_term, long_term_column
 from pipeline.reading import count_rows, input_files, scan_table
-from pipeline.sessions import assign_sessions, first_sessions, session_counts, summarise_sessions
+from pipeline.sessions import (
+    assign_sessions,
+    first_sessions,
+    session_counts,
+    summarise_sessions,
+)
 from pipeline.splits import build_splits
 
 STAGES = ("events", "sessions", "long_term", "splits")

@@ -11,14 +11,21 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from conftest import (
+    KEEP_ALL_ITEMS,
+    preprocess,
+    run_main,
+    snapshot,
+    stage_states,
+    write_log,
+)
+from training_helpers import SAMPLE_FILES
 
-from conftest import KEEP_ALL_ITEMS, preprocess, run_main, snapshot, stage_states, write_log
 from pipeline.buckets import TYPED_EVENT_BYTES, bucket_count, parse_bucket
 from pipeline.config import PreprocessConfig, parse_size
 from pipeline.errors import InputError
 from pipeline.events import EVENT_SCHEMA
 from pipeline.run import run_preprocess
-from training_helpers import SAMPLE_FILES
 
 TABLES = (
     "events/events", "events/items", "events/users", "sessions/events", "sessions/sessions",
@@ -115,6 +122,7 @@ def test_readers_of_the_model_see_one_table(in_memory: Path, tmp_path: Path) -> 
     assert len(load_training(out, many)) == len(load_training(in_memory, one))
     cases_one, keys_one = load_cases(in_memory, one, "test")
     cases_many, keys_many = load_cases(out, many, "test")
+    assert len(cases_many) == len(cases_one)
     assert canonical(keys_many).equals(canonical(keys_one))
 
 
