@@ -208,3 +208,15 @@ def train_reference(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
     from process_harness import uninterrupted_training
 
     return uninterrupted_training(tiny_data, tmp_path_factory.mktemp("train_reference") / "run")
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tests of tiny tensors: a second thread only adds synchronisation,
+    which on a busy machine costs more than the work itself."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

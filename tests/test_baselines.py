@@ -24,13 +24,7 @@ SEQUENCE_MODELS = ("gru4rec", "sasrec")
 N_ITEMS = 30
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny tensors: a second intra-op thread costs more in synchronisation than it saves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest.single_thread
 
 
 # --- end to end on the tiny synthetic data ---------------------------------------------------------

@@ -16,14 +16,7 @@ SIDE_VOCAB = {"leaf": 9, "category": 4, "shop": 7, "brand": 6}
 PROFILE_VOCAB = [5, 3]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # These tensors are tiny: a second intra-op thread only adds synchronisation, which on a busy
-    # machine costs more than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest.single_thread
 
 
 def make_config(**overrides) -> ModelConfig:
