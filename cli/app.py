@@ -215,24 +215,29 @@ def synth(
         console.print(f"{name:<7} {path}")
 
 
-def main() -> None:
+def main(args: list[str] | None = None, prog_name: str | None = None) -> None:
     # Idle OpenMP threads sleep instead of spinning: on a machine shared with other work, spinning
     # threads made training several times slower (set OMP_WAIT_POLICY=ACTIVE to override).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Under torchrun every rank checks the same inputs; the prefix says which one is talking.
+    who = f"rank {rank_of_this_process()}: " if rank_of_this_process() else ""
     try:
-        app()
+        app(args=args, prog_name=prog_name)
     except InputError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {who}{error}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_BAD_INPUT)
     except OSError as error:  # a full disk, a read-only or unwritable output: the user's to fix, not a bug
         place = f"{error.filename}: " if error.filename else ""
-        err_console.print(f"[bold red]error:[/] {place}{error.strerror or error}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {who}{place}{error.strerror or error}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_BAD_INPUT)
+
     except KeyboardInterrupt:  # Ctrl-C outside a command
-        err_console.print(INTERRUPTED_MESSAGE, highlight=False)
+        if not who:
+            err_console.print(INTERRUPTED_MESSAGE, highlight=False)
         sys.exit(EXIT_INTERRUPTED)
     except SystemExit as exit_:
-        if exit_.code == EXIT_INTERRUPTED:  # Typer turns Ctrl-C inside a command into a silent exit 130
+        # Typer turns Ctrl-C inside a command into a silent exit 130
+        if exit_.code == EXIT_INTERRUPTED and not who and not isinstance(exit_, ReportedByRanks):
             err_console.print(INTERRUPTED_MESSAGE, highlight=False)
         raise
 
@@ -261,7 +266,10 @@ def train_command(
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without validation improvement.")] = 3,
     select_metric: Annotated[str, typer.Option(help="Validation metric that picks best.pt.")] = "recall@50",
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data, same machine: same result).")] = 0,
-    threads: Annotated[int, typer.Option(help="CPU threads; 0 = all cores.")] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads per process; 0 = all cores (with --nproc N: cores / N).")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when PyTorch sees a GPU), cpu or cuda.")] = "auto",
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast for forward and loss (for GPUs that have it).")] = False,
+    nproc: Annotated[int, typer.Option(help="Processes on this machine, trained together with DDP (launches torchrun; each takes --batch-size sessions per step). For several machines run torchrun yourself: see the README.")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -273,9 +281,85 @@ def train_command(
         lstm_layers=lstm_layers, heads=heads, dropout=dropout, fusion=fusion, long_term=long_term,
         short_term=short_term, side_info=side_info, user_id=user_id, tie_output=tie_output, loss=loss,
         negatives=negatives, num_negatives=num_negatives, patience=patience, select_metric=select_metric,
-        seed=seed, threads=threads,
+        seed=seed, threads=threads, device=device, bf16=bf16,
     )
-    run_training(config, resume=resume, quiet=quiet)
+    if nproc < 1:
+        raise InputError("--nproc must be at least 1")
+    if nproc > 1 and "RANK" in os.environ:
+        raise InputError("--nproc starts torchrun itself; under torchrun, set the processes with its --nproc-per-node")
+    if nproc > 1:
+        launch_ranks(config, nproc, resume=resume, quiet=quiet)
+        return
+    run_training(config, resume=resume, quiet=quiet or rank_of_this_process() != 0)
+
+
+def rank_of_this_process() -> int:
+    """Set by torchrun for each process it starts; 0 when not launched by torchrun."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def train_arguments(config, *, resume: bool, quiet: bool) -> list[str]:
+    """The `sdm train` options that give `config` (those that differ from the defaults)."""
+    from dataclasses import asdict
+
+    from sdm.train import TrainConfig
+
+    defaults = asdict(TrainConfig(data=config.data, out=config.out))
+    arguments = ["--data", config.data, "--out", config.out]
+    for name, value in asdict(config).items():
+        if name in ("data", "out", "ks") or value == defaults[name]:
+            continue  # ks follows from --select-metric
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            arguments.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            arguments += [flag, str(value)]
+    return arguments + ["--resume"] * resume + ["--quiet"] * quiet
+
+
+def launch_ranks(config, nproc: int, *, resume: bool, quiet: bool) -> None:
+    """`sdm train --nproc N`: check everything a rank would refuse first (one message, no
+    processes started), build the training tensors once, then run N ranks under torchrun."""
+    import dataclasses
+    import logging
+    import uuid
+
+    import torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from sdm.data import load_catalogue, load_training
+    from sdm.distributed import resolve_device
+    from sdm.train import prepare_run
+
+    if resolve_device(config.device).type == "cuda" and nproc > torch.cuda.device_count():
+        raise InputError(f"--nproc {nproc}: more processes than the {torch.cuda.device_count()} GPU(s) here")
+    prepare_run(config, resume, world_size=nproc)
+    load_training(Path(config.data), load_catalogue(Path(config.data)))
+    threads = config.threads or max(1, (os.cpu_count() or 1) // nproc)
+    arguments = train_arguments(dataclasses.replace(config, threads=threads), resume=resume, quiet=quiet)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the ranks inherit it (torchrun would otherwise warn and pick 1)
+    # What `torchrun --standalone --nproc-per-node N -m sdm.train ...` does, in-process, so that a
+    # failed rank ends with its own one-line message instead of the launcher's report. (The
+    # launcher's modules set their own log levels, so each is quietened by name.)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    launch = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0", max_restarts=0,
+    )
+    try:
+        elastic_launch(launch, entrypoint=sys.executable)("-m", "sdm.train", *arguments)
+    except ChildFailedError as failure:
+        raise ReportedByRanks(min(process.exitcode for process in failure.failures.values())) from None
+    except SignalException:  # Ctrl-C reached the ranks too
+        raise ReportedByRanks(EXIT_INTERRUPTED) from None
+
+
+class ReportedByRanks(SystemExit):
+    """Exit with a rank's exit code: the rank has already said what went wrong."""
 
 
 def run_training(config, *, resume: bool, quiet: bool) -> None:
@@ -314,8 +398,9 @@ def run_training(config, *, resume: bool, quiet: bool) -> None:
 
     with progress:
         history = train(config, resume=resume, on_epoch=report, progress=None if quiet else start_epoch)
-    print_history(history, config.select_metric)
-    console.print(f"run saved in {config.out} (best.pt = best {config.select_metric}); next: sdm evaluate --run {config.out}")
+    if rank_of_this_process() == 0:
+        print_history(history, config.select_metric)
+        console.print(f"run saved in {config.out} (best.pt = best {config.select_metric}); next: sdm evaluate --run {config.out}")
 
 
 def print_history(history: list[dict], metric: str) -> None:
@@ -353,6 +438,7 @@ def evaluate(
     """Full-catalogue retrieval metrics of a trained run; written to RUN/metrics-<split>.json."""
     from pipeline.cache import write_json_atomic
     from sdm.evaluate import evaluate_split
+    from sdm.metrics import METRICS
     from sdm.train import load_trained
 
     if split not in ("test", "valid"):
@@ -373,7 +459,7 @@ def evaluate(
         return
     table = Table(title=f"{run} on {split} ({metrics['n_cases']:,} cases{', seen items excluded' if exclude_seen else ''})", header_style="bold")
     table.add_column("K", justify="right")
-    names = ("hit_rate", "recall", "precision", "f1", "ndcg", "mrr")
+    names = METRICS
     for name in names:
         table.add_column(name, justify="right")
     if index != "exact":

@@ -1,8 +1,10 @@
-"""From `sdm preprocess` Parquet to padded tensors, read once; batches are index gathers.
+"""From `sdm preprocess` Parquet to padded tensors; batches are index gathers.
 
 A batch is a dict of LongTensors (0 = padding everywhere):
     items [B, T], lengths [B], long_<feature> [B, L], profile [B, P], user [B]
 and, for training, targets [B, T]: the item each position predicts (0 = nothing to predict).
+The training split is memory-mapped from files written once (sdm.tensor_store); evaluation
+cases, a small fraction of the data, are read into memory.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ from torch import Tensor
 from pipeline.cache import read_manifest
 from pipeline.errors import InputError
 from pipeline.long_term import long_term_column
+from sdm.tensor_store import attach_context, context_arrays, open_training_tensors, padded
 
 Batch = dict[str, Tensor]
+
+BLOCK_ROWS = 256  # consecutive training rows read together by the batch plan
+WINDOW_BATCHES = 50  # batches planned together: rows are sorted by length within a window
 
 
 @dataclass
@@ -67,8 +73,6 @@ def load_catalogue(data: Path) -> Catalogue:
         ids = torch.from_numpy(items.get_column("item").to_numpy().astype(np.int64))
         item_side[ids] = torch.from_numpy(items.select(side_features).to_numpy().astype(np.int64))
     require_stage(data, "splits")
-    train_items = pl.read_parquet(data / "splits" / "train.parquet", columns=["items"]).get_column("items").explode()
-    item_counts = torch.from_numpy(np.bincount(train_items.drop_nulls().to_numpy(), minlength=n_items).astype(np.int64))
     return Catalogue(
         n_items=n_items,
         n_users=pl.scan_parquet(vocab_dir / "user.parquet").select(pl.len()).collect().item() + 1,
@@ -79,33 +83,38 @@ def load_catalogue(data: Path) -> Catalogue:
             pl.scan_parquet(vocab_dir / f"profile.{f}.parquet").select(pl.len()).collect().item() + 1 for f in profile_fields
         ],
         item_side=item_side,
-        item_counts=item_counts,
+        item_counts=training_item_counts(data, n_items),
         long_features=["item", *side_features],
     )
 
 
+def training_item_counts(data: Path, n_items: int) -> Tensor:
+    """[n_items] occurrences of each item in the training sessions (a streaming aggregation)."""
+    counts = (
+        pl.scan_parquet(data / "splits" / "train.parquet").select(pl.col("items").explode().alias("item"))
+        .drop_nulls().group_by("item").len()
+        .collect(engine="streaming")
+    )
+    item_counts = np.zeros(n_items, dtype=np.int64)
+    item_counts[counts.get_column("item").to_numpy()] = counts.get_column("len").to_numpy()
+    return torch.from_numpy(item_counts)
+
+
 def pad_lists(column: pl.Series, width: int | None = None) -> Tensor:
-    """A list column -> [N, width] LongTensor, left-aligned and 0-padded (longer lists are cut)."""
-    lengths = column.list.len().fill_null(0).to_numpy().astype(np.int64)
-    width = int(lengths.max(initial=1)) if width is None else width
-    width = max(width, 1)
-    flat = column.explode().drop_nulls().to_numpy().astype(np.int64)
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    columns = np.arange(len(flat)) - starts
-    keep = columns < width
-    padded = np.zeros((len(lengths), width), dtype=np.int64)
-    padded[rows[keep], columns[keep]] = flat[keep]
-    return torch.from_numpy(padded)
+    """A list column -> [N, width] LongTensor, left-aligned and 0-padded (longer lists are cut);
+    width defaults to the longest list."""
+    return torch.from_numpy(padded(column, width))
 
 
 @dataclass
 class SessionData:
-    """Rows of one split as tensors: every field is indexed by row."""
+    """Rows of one split as tensors: every field is indexed by row. The tensors may be int32 and
+    memory-mapped (training); batches are always int64 and in memory."""
 
     tensors: Batch
     targets_indptr: Tensor | None = None  # evaluation: CSR of each case's ground truth
     targets_indices: Tensor | None = None
+    n_targets: int | None = None  # training: positions with something to predict
 
     def __len__(self) -> int:
         return self.tensors["items"].shape[0]
@@ -117,54 +126,38 @@ class SessionData:
         gathered = {}
         for name, tensor in self.tensors.items():
             picked = tensor[rows]
-            gathered[name] = picked[:, :width] if name in ("items", "targets") else picked
+            gathered[name] = (picked[:, :width] if name in ("items", "targets") else picked).long()
         return gathered
 
-
-def _attach_context(rows: pl.DataFrame, data: Path) -> pl.DataFrame:
-    """Join each row's long-term sets (by session) and user profile (by user)."""
-    long_term = pl.read_parquet(data / "long_term" / "long_term.parquet")
-    users = pl.read_parquet(data / "events" / "users.parquet")
-    return rows.join(long_term, on="session", how="left", maintain_order="left").join(
-        users, on="user", how="left", maintain_order="left"
-    )
-
-
-def _context_tensors(frame: pl.DataFrame, catalogue: Catalogue) -> Batch:
-    tensors = {
-        "user": torch.from_numpy(frame.get_column("user").to_numpy().astype(np.int64)),
-        "profile": torch.from_numpy(
-            frame.select(catalogue.profile_fields).fill_null(0).to_numpy().astype(np.int64).reshape(frame.height, -1)
-        ),
-    }
-    for feature in catalogue.long_features:
-        tensors[f"long_{feature}"] = pad_lists(frame.get_column(long_term_column(feature)))
-    return tensors
-
-
-def load_training(data: Path, catalogue: Catalogue) -> SessionData:
-    """Training sessions; targets[:, t] = the next item of the session, and at the last position the
-    first item of the user's next session (0 where there is none)."""
-    require_stage(data, "splits")
-    rows = _attach_context(pl.read_parquet(data / "splits" / "train.parquet"), data)
-    items = pad_lists(rows.get_column("items"))
-    lengths = torch.from_numpy(rows.get_column("items").list.len().to_numpy().astype(np.int64))
-    next_item = torch.from_numpy(rows.get_column("next_item").to_numpy().astype(np.int64))
-    targets = torch.zeros_like(items)
-    targets[:, :-1] = items[:, 1:]
-    targets[torch.arange(len(lengths)), lengths - 1] = next_item
-    return SessionData({"items": items, "lengths": lengths, "targets": targets, **_context_tensors(rows, catalogue)})
+    def rows_between(self, start: int, stop: int) -> SessionData:
+        """Rows [start, stop), with their ground truth: one rank's share of the evaluation cases."""
+        tensors = {name: tensor[start:stop] for name, tensor in self.tensors.items()}
+        if self.targets_indptr is None:
+            return SessionData(tensors)
+        first, last = int(self.targets_indptr[start]), int(self.targets_indptr[stop])
+        return SessionData(tensors, self.targets_indptr[start:stop + 1] - first, self.targets_indices[first:last])
 
 
 def input_tensors(rows: pl.DataFrame, data: Path, catalogue: Catalogue) -> Batch:
     """Model inputs for rows of (user, session, items): the items as the short-term input, the
     long-term sets of `session` and the user's profile."""
-    rows = _attach_context(rows, data)
+    long_columns = [long_term_column(f) for f in catalogue.long_features]
+    long_term = pl.read_parquet(data / "long_term" / "long_term.parquet", columns=["session", *long_columns])
+    frame = attach_context(rows, long_term, pl.read_parquet(data / "events" / "users.parquet"))
+    arrays = context_arrays(frame, catalogue.profile_fields, dict.fromkeys(catalogue.long_features))
     return {
         "items": pad_lists(rows.get_column("items")),
         "lengths": torch.from_numpy(rows.get_column("items").list.len().to_numpy().astype(np.int64)),
-        **_context_tensors(rows, catalogue),
+        **{name: torch.from_numpy(array) for name, array in arrays.items()},
     }
+
+
+def load_training(data: Path, catalogue: Catalogue) -> SessionData:
+    """Training sessions, memory-mapped; targets[:, t] = the next item of the session, and at the
+    last position the first item of the user's next session (0 where there is none)."""
+    require_stage(data, "splits")
+    tensors, n_targets = open_training_tensors(data, catalogue.profile_fields, catalogue.long_features)
+    return SessionData(tensors, n_targets=n_targets)
 
 
 def load_cases(data: Path, catalogue: Catalogue, split: str) -> tuple[SessionData, pl.DataFrame]:
@@ -196,14 +189,29 @@ def seen_items(data: Path, keys: pl.DataFrame) -> tuple[Tensor, Tensor]:
 
 
 def length_grouped_batches(lengths: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Shuffled batches of rows with similar lengths (less padding, as in the paper's code):
-    shuffle, sort within windows of 50 batches by length, cut into batches, shuffle the batches."""
-    order = torch.randperm(len(lengths), generator=generator)
-    window = batch_size * 50
-    chunks = []
-    for start in range(0, len(order), window):
-        chunk = order[start:start + window]
-        chunks.append(chunk[torch.argsort(lengths[chunk], stable=True)])
-    batches = list(torch.cat(chunks).split(batch_size))
-    for index in torch.randperm(len(batches), generator=generator).tolist():
-        yield batches[index]
+    """Shuffled batches of at most batch_size rows with similar lengths (less padding, as in the
+    paper's code), planned one window at a time so that memory and reads stay local whatever the
+    number of rows:
+
+        cut the rows into blocks of BLOCK_ROWS consecutive rows and shuffle the blocks;
+        take them WINDOW_BATCHES batches' worth at a time (a window); in each window,
+        shuffle the rows, sort them by length (stable), cut them into equal batches
+        and yield those in random order.
+
+    A batch thus mixes rows from many places of the split, while a window reads whole blocks
+    of the memory-mapped files. The plan depends only on (lengths, batch_size, generator): DDP
+    ranks that share the generator plan the same batches, and a process with batch 2B the same
+    batches as two ranks with B each.
+    """
+    n_rows = len(lengths)
+    blocks_per_window = -(-batch_size * WINDOW_BATCHES // BLOCK_ROWS)
+    block_order = torch.randperm(-(-n_rows // BLOCK_ROWS), generator=generator)
+    offsets = torch.arange(BLOCK_ROWS)
+    for window in block_order.split(blocks_per_window):
+        rows = (window.unsqueeze(1) * BLOCK_ROWS + offsets).flatten()  # [blocks * BLOCK_ROWS]
+        rows = rows[rows < n_rows]
+        rows = rows[torch.randperm(len(rows), generator=generator)]
+        rows = rows[torch.argsort(lengths[rows], stable=True)]
+        batches = rows.tensor_split(-(-len(rows) // batch_size))
+        for index in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[index]

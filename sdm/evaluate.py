@@ -2,34 +2,63 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sdm.ann import faiss_top_k, overlap_recall
-from sdm.data import SessionData, load_cases, seen_items
-from sdm.metrics import ranking_metrics
+from sdm.data import Batch, SessionData, load_cases, seen_items
+from sdm.distributed import Ranks
+from sdm.metrics import METRICS, per_case_metrics, ranking_metrics
 from sdm.model import Recommender
 from sdm.retrieval import top_k
 
 EMBED_BATCH = 2048
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters (or, without any, its buffers) live."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return batch if device.type == "cpu" else {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
 @torch.no_grad()
 def embed_cases(model: Recommender, cases: SessionData, batch_size: int = EMBED_BATCH) -> Tensor:
-    """-> [N, d] user vectors of every case, in row order."""
+    """-> [N, d] user vectors of every case, in row order, float32 on the CPU (where retrieval runs)."""
     model.eval()
+    device = model_device(model)
     rows = torch.arange(len(cases))
-    return torch.cat([model.user_vectors(cases.batch(chunk)) for chunk in rows.split(batch_size)])
+    return torch.cat([model.user_vectors(to_device(cases.batch(chunk), device)).float().cpu() for chunk in rows.split(batch_size)])
 
 
 @torch.no_grad()
 def retrieve(model: Recommender, cases: SessionData, k: int, exclude: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Top-k (scores, item ids) [N, k] for every case over the whole catalogue."""
     model.eval()
-    return top_k(embed_cases(model, cases), model.item_vectors(), k, exclude=exclude)
+    return top_k(embed_cases(model, cases), model.item_vectors().float().cpu(), k, exclude=exclude)
+
+
+def evaluate_shared(model: Recommender, cases: SessionData, ks: Sequence[int], ranks: Ranks) -> dict[str, float]:
+    """`evaluate_cases` (exact) with the cases shared out among the ranks: each ranks its own share,
+    and the per-case metrics are summed over all ranks, so every rank gets the metrics of all
+    cases (the same as one process, up to the order of the sums)."""
+    names = [f"{name}@{k}" for k in ks for name in METRICS]
+    start, stop = ranks.share(len(cases))
+    sums = torch.zeros(len(names), dtype=torch.float64)
+    if stop > start:
+        share = cases.rows_between(start, stop)
+        _, ids = retrieve(model, share, max(ks))
+        per_case = per_case_metrics(ids, (share.targets_indptr, share.targets_indices), ks)
+        sums = torch.stack([per_case[name].sum() for name in names])
+    totals = ranks.sum(sums)
+    return {name: float(total / len(cases)) for name, total in zip(names, totals, strict=True)} | {"n_cases": len(cases)}
 
 
 def evaluate_cases(
@@ -46,7 +75,7 @@ def evaluate_cases(
         return ranking_metrics(ids, (cases.targets_indptr, cases.targets_indices), ks)
     model.eval()
     with torch.no_grad():
-        queries, items = embed_cases(model, cases), model.item_vectors()
+        queries, items = embed_cases(model, cases), model.item_vectors().float().cpu()
         _, exact = top_k(queries, items, max(ks), exclude=exclude)
     _, approximate = faiss_top_k(queries, items, max(ks), index, exclude)
     metrics = ranking_metrics(approximate, (cases.targets_indptr, cases.targets_indices), ks)

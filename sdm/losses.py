@@ -1,7 +1,8 @@
 """Softmax losses over the item catalogue (paper §3.6: sampled softmax with cross-entropy).
 
 Every loss takes user_vecs [N, d] (one row per target) and targets [N] item ids >= 1, and returns
-the mean loss. The exact softmax needs item_vectors [n_items, d] (row 0 is padding and never a
+the mean loss over the N targets, or their sum with reduction="sum" (what a DDP rank returns, to be
+divided by the number of targets of all ranks). The exact softmax needs item_vectors [n_items, d] (row 0 is padding and never a
 candidate); the sampled ones only embed their candidates, through vectors_of(ids [...]) ->
 [..., d], so a model whose item vectors come from a tower need not run it over the catalogue.
 """
@@ -51,6 +52,7 @@ def sampled_softmax_loss(
     sampler: LogUniformSampler,
     num_negatives: int,
     generator: torch.Generator | None = None,
+    reduction: str = "mean",
 ) -> Tensor:
     """Cross-entropy over {target} + num_negatives shared log-uniform negatives, with logQ correction.
 
@@ -69,23 +71,37 @@ def sampled_softmax_loss(
     sampled_logits = user_vecs @ negative_vecs.T - log_expected_count  # [N, S]
     sampled_logits = sampled_logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
     logits = torch.cat([true_logits, sampled_logits], dim=1)  # [N, 1 + S]
-    return F.cross_entropy(logits, torch.zeros_like(targets))
+    return F.cross_entropy(logits, torch.zeros_like(targets), reduction=reduction)
 
 
-def in_batch_softmax_loss(user_vecs: Tensor, targets: Tensor, vectors_of: VectorsOf, log_q: Tensor) -> Tensor:
+Gather = Callable[[Tensor], tuple[Tensor, int]]  # rows [n, ...] -> (all ranks' rows [M, ...], offset of ours)
+
+
+def alone(rows: Tensor) -> tuple[Tensor, int]:
+    return rows, 0
+
+
+def in_batch_softmax_loss(
+    user_vecs: Tensor, targets: Tensor, vectors_of: VectorsOf, log_q: Tensor, gather: Gather = alone, reduction: str = "mean"
+) -> Tensor:
     """Cross-entropy where row i's candidates are the targets of all rows, logit_ij = u_i . v_j - log q(t_j).
 
     log_q [n_items]: log probability of an item appearing as a target (unigram), the rate at which
     it is drawn as a negative. Another row with the same target is an accidental hit and is dropped.
+    Under DDP `gather` brings every rank's targets, so that the candidates are those of the whole
+    global batch, as in one process.
     """
-    logits = user_vecs @ vectors_of(targets).T - log_q[targets].to(user_vecs.dtype)  # [N, N]
-    rows = torch.arange(len(targets), device=targets.device)
-    accidental = (targets[None, :] == targets[:, None]) & (rows[None, :] != rows[:, None])  # [N, N]
+    candidate_vecs, offset = gather(vectors_of(targets))  # [M, d]
+    candidates, _ = gather(targets)  # [M]
+    logits = user_vecs @ candidate_vecs.T - log_q[candidates].to(user_vecs.dtype)  # [N, M]
+    rows = offset + torch.arange(len(targets), device=targets.device)  # [N]: each row's own column
+    columns = torch.arange(len(candidates), device=targets.device)
+    accidental = (candidates[None, :] == targets[:, None]) & (columns[None, :] != rows[:, None])  # [N, M]
     logits = logits.masked_fill(accidental, float("-inf"))
-    return F.cross_entropy(logits, rows)
+    return F.cross_entropy(logits, rows, reduction=reduction)
 
 
-def full_softmax_loss(user_vecs: Tensor, targets: Tensor, item_vectors: Tensor) -> Tensor:
+def full_softmax_loss(user_vecs: Tensor, targets: Tensor, item_vectors: Tensor, reduction: str = "mean") -> Tensor:
     """Exact cross-entropy over items 1..n_items-1."""
     logits = user_vecs @ item_vectors[1:].T  # [N, n_items - 1]
-    return F.cross_entropy(logits, targets - 1)
+    return F.cross_entropy(logits, targets - 1, reduction=reduction)

@@ -14,16 +14,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+METRICS = ("hit_rate", "recall", "precision", "f1", "ndcg", "mrr")
 CSR = tuple[Tensor, Tensor]  # (indptr [N + 1], indices [nnz]), int64: row n owns indices[indptr[n]:indptr[n + 1]]
 
 
 def ranking_metrics(topk_ids: Tensor | np.ndarray, targets: CSR, ks: Sequence[int]) -> dict[str, float]:
+    """The mean over cases of every per-case metric (`per_case_metrics`), plus "n_cases"."""
+    metrics = {name: float(values.mean()) for name, values in per_case_metrics(topk_ids, targets, ks).items()}
+    return metrics | {"n_cases": len(topk_ids)}
+
+
+def per_case_metrics(topk_ids: Tensor | np.ndarray, targets: CSR, ks: Sequence[int]) -> dict[str, Tensor]:
     """Metrics at every K in ks from ranked ids [N, Kmax] (-1 = no item, other ids distinct
     within a row) and targets, a CSR (indptr [N + 1], indices [nnz]) of each case's
     ground-truth items (deduplicated, at least one per case). Each K must be <= Kmax.
 
-    With hits_K = |top-K ∩ targets| and T = |targets| for a case, each metric is the mean
-    over cases of:
+    With hits_K = |top-K ∩ targets| and T = |targets| for a case, the metrics of a case are:
         hit_rate@K   [hits_K > 0]
         recall@K     hits_K / T
         precision@K  hits_K / K
@@ -31,7 +37,7 @@ def ranking_metrics(topk_ids: Tensor | np.ndarray, targets: CSR, ks: Sequence[in
         ndcg@K       DCG / IDCG with DCG = sum over hit ranks r <= K (1-based) of 1 / log2(r + 1)
                      and IDCG = sum_{r=1}^{min(T, K)} 1 / log2(r + 1)
         mrr@K        1 / rank of the first hit if it is within K, else 0
-    Keys are "hit_rate@K", ..., "mrr@K", plus "n_cases".
+    Keys are "hit_rate@K", ..., "mrr@K"; values [N] float64, one per case.
     """
     topk_ids = torch.as_tensor(topk_ids, dtype=torch.int64)
     indptr, target_items = (torch.as_tensor(part, dtype=torch.int64) for part in targets)
@@ -55,7 +61,7 @@ def ranking_metrics(topk_ids: Tensor | np.ndarray, targets: CSR, ks: Sequence[in
     first_hit_rank = first_hit_rank.to(torch.float64)
     n_targets = n_targets.to(torch.float64)
 
-    metrics: dict[str, float] = {}
+    metrics: dict[str, Tensor] = {}
     for k in ks:
         hits = cumulative_hits[:, k - 1]  # [N]
         per_case = {
@@ -66,8 +72,7 @@ def ranking_metrics(topk_ids: Tensor | np.ndarray, targets: CSR, ks: Sequence[in
             "ndcg": dcg[:, k - 1] / ideal_dcg[n_targets.clamp(max=k).long() - 1],
             "mrr": torch.where(first_hit_rank <= k, 1.0 / first_hit_rank, 0.0),
         }
-        metrics.update({f"{name}@{k}": float(values.mean()) for name, values in per_case.items()})
-    metrics["n_cases"] = n_cases
+        metrics.update({f"{name}@{k}": values for name, values in per_case.items()})
     return metrics
 
 

@@ -3,20 +3,33 @@
 Every position of a training session is trained in one pass (causal masks), as in the paper's
 official code: position t predicts the item at t + 1, and the last position the first item of
 the user's next session.
+
+Under `torchrun` (or `sdm train --nproc N`) the ranks train one model with DDP. Every rank plans
+the same global batches of batch_size x world_size sessions and takes its share of each; the loss
+of a step is the sum over every rank's targets divided by their total, with the same negatives on
+every rank (a shared generator), so a step is the step one process takes on the whole global
+batch. Each rank evaluates a share of the validation cases and the metric sums are added up; rank
+0 alone writes the run directory.
+
+    torchrun --nproc-per-node 2 -m sdm.train --data DATA --out RUN [sdm train's options]
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.cache import manifest_digest
 from pipeline.errors import InputError
@@ -42,10 +55,18 @@ from sdm.data import (
     load_training,
     require_stage,
 )
-from sdm.evaluate import evaluate_cases
-from sdm.losses import LogUniformSampler, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
+from sdm.distributed import DEVICES, Ranks, join, leave
+from sdm.evaluate import evaluate_shared, to_device
+from sdm.losses import LogUniformSampler, alone, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
 from sdm.model import Recommender
 
+# Buffers (the item side table) never change: broadcasting them every step would only cost. Newer
+# PyTorch renamed the option (and deprecated the old name).
+NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 FULL_SOFTMAX_MAX_ITEMS = 20_000  # --loss auto uses the exact softmax up to this catalogue size
 LOSSES = ("auto", "sampled", "full")
 NEGATIVES = ("log-uniform", "in-batch")
@@ -68,7 +89,9 @@ class TrainConfig:
     select_metric: str = "recall@50"
     ks: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
     seed: int = 0
-    threads: int = 0  # 0 = every core
+    threads: int = 0  # per process; 0 = PyTorch's default (every core, or OMP_NUM_THREADS)
+    device: str = "auto"  # auto = CUDA when PyTorch sees a GPU
+    bf16: bool = False  # bfloat16 autocast of forward and loss
     # model
     dim: int = 64
     lstm_layers: int = 2
@@ -92,6 +115,7 @@ class TrainConfig:
             (self.long_term or self.short_term, "--no-long-term and --no-short-term together leave nothing to model"),
             (self.dim % max(self.heads, 1) == 0, f"--dim {self.dim} must be divisible by --heads {self.heads}"),
             (self.select_metric.partition("@")[2].isdigit(), "--select-metric must look like recall@50"),
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
             # Options a model would silently ignore: refusing them keeps an "ablation" from being a rerun.
             (self.fusion == "gated" or self.model == "sdm", f"--fusion applies to --model sdm only, not {self.model}"),
             (self.short_term or self.model == "sdm", f"--no-short-term applies to --model sdm only, not {self.model}"),
@@ -140,18 +164,19 @@ def uses_full_softmax(config: TrainConfig, n_items: int) -> bool:
 LossFunction = Callable[[Tensor, Tensor, Recommender, torch.Generator], Tensor]
 
 
-def make_loss(config: TrainConfig, item_counts: Tensor) -> LossFunction:
-    """The training loss as a function of (user vectors [N, d], targets [N], model, generator);
-    item_counts [n_items] are the training counts (in-batch negatives' logQ)."""
+def make_loss(config: TrainConfig, item_counts: Tensor, ranks: Ranks = Ranks()) -> LossFunction:
+    """The training loss as a function of (user vectors [N, d], targets [N], model, generator) -> the
+    sum over the N targets; item_counts [n_items] are the training counts (in-batch negatives' logQ)."""
     n_items = len(item_counts)
     if uses_full_softmax(config, n_items):
-        return lambda users, targets, model, generator: full_softmax_loss(users, targets, model.item_vectors())
+        return lambda users, targets, model, generator: full_softmax_loss(users, targets, model.item_vectors(), "sum")
     if config.negatives == "in-batch":
-        log_q = torch.log((item_counts.double() + 1) / (item_counts.sum() + n_items)).float()
-        return lambda users, targets, model, generator: in_batch_softmax_loss(users, targets, model.vectors_of, log_q)
+        log_q = torch.log((item_counts.double() + 1) / (item_counts.sum() + n_items)).float().to(ranks.device)
+        gather = ranks.gather if ranks.distributed else alone
+        return lambda users, targets, model, generator: in_batch_softmax_loss(users, targets, model.vectors_of, log_q, gather, "sum")
     sampler = LogUniformSampler(n_items)
     return lambda users, targets, model, generator: sampled_softmax_loss(
-        users, targets, model.vectors_of, sampler, config.num_negatives, generator
+        users, targets, model.vectors_of, sampler, config.num_negatives, generator, "sum"
     )
 
 
@@ -163,45 +188,81 @@ def loss_name(config: TrainConfig, n_items: int) -> str:
     return f"sampled softmax, {config.num_negatives} log-uniform negatives (logQ)"
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Batch order and negatives depend only on (seed, epoch), so a resumed run repeats them."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+class Objective(nn.Module):
+    """A batch's summed loss as one module, so that under DDP every use of a parameter (the item
+    tower embedding negatives included) happens inside the wrapped forward."""
+
+    def __init__(self, model: Recommender, loss_fn: LossFunction):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        """-> the sum of the losses of the batch's targets (a scalar)."""
+        targets = batch["targets"]  # [B, T]
+        predicts = targets > 0  # [B, T]
+        user_vectors = self.model(batch)[predicts]  # [N, d]
+        return self.loss_fn(user_vectors, targets[predicts], self.model, generator)
+
+
+BATCH_ORDER, NEGATIVE_SAMPLES, DROPOUT_MASKS = range(3)  # the random streams of an epoch
+
+
+def epoch_seed(seed: int, epoch: int, stream: int, rank: int = 0) -> int:
+    """Batch order, negative samples and dropout masks (one stream per rank) depend only on
+    (seed, epoch, stream, rank), so a resumed run repeats them."""
+    return int(np.random.SeedSequence([seed, epoch, stream, rank]).generate_state(1)[0])
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = BATCH_ORDER) -> torch.Generator:
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch, stream))
 
 
 def train_epoch(
-    model: Recommender,
+    objective: nn.Module,
     optimizer: torch.optim.Optimizer,
     train: SessionData,
-    loss_fn: LossFunction,
     config: TrainConfig,
-    generator: torch.Generator,
+    epoch: int,
+    ranks: Ranks = Ranks(),
     on_batch: Callable[[int, float], None] | None = None,
 ) -> tuple[float, int]:
-    """One pass over the training sessions -> (mean loss per target, number of targets)."""
-    model.train()
-    total_loss, total_targets = 0.0, 0
-    for rows in length_grouped_batches(train.tensors["lengths"], config.batch_size, generator):
-        batch = train.batch(rows)
-        targets = batch["targets"]  # [B, T]
-        predicts = targets > 0  # [B, T]
-        n_targets = int(predicts.sum())
+    """One pass over the training sessions -> (mean loss per target, number of targets), over all
+    ranks. `objective` is an Objective, or its DistributedDataParallel wrapper under DDP."""
+    objective.train()
+    torch.manual_seed(epoch_seed(config.seed, epoch, DROPOUT_MASKS, ranks.rank))
+    negatives = epoch_generator(config.seed, epoch, NEGATIVE_SAMPLES)
+    parameters = [p for p in objective.parameters() if p.requires_grad]
+    total_loss, total_targets = torch.zeros((), dtype=torch.float64), 0
+    global_batch = config.batch_size * ranks.world_size
+    autocast = torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    for rows in length_grouped_batches(train.tensors["lengths"], global_batch, epoch_generator(config.seed, epoch)):
+        start, stop = ranks.share(len(rows))
+        batch = train.batch(rows[start:stop] if stop > start else rows[:1])
+        if stop == start:  # a rank without rows joins the step with one row that predicts nothing
+            batch["targets"].zero_()
+        batch = to_device(batch, ranks.device)
+        my_targets = int((batch["targets"] > 0).sum())
+        n_targets = int(ranks.sum(torch.tensor(my_targets)))
         if n_targets == 0:
             continue
-        user_vectors = model(batch)[predicts]  # [N, d]
-        loss = loss_fn(user_vectors, targets[predicts], model, generator)
+        with autocast:
+            loss_sum = objective(batch, negatives)
+        # DDP averages gradients over ranks: scaled so, they are the gradients of the mean loss
+        # over the targets of all ranks.
+        loss = loss_sum * (ranks.world_size / n_targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+        torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm)
         optimizer.step()
-        total_loss += float(loss.detach()) * n_targets
+        total_loss += loss_sum.detach().double().cpu()
         total_targets += n_targets
         if on_batch is not None:
-            on_batch(n_targets, float(loss.detach()))
-    return total_loss / max(total_targets, 1), total_targets
+            on_batch(n_targets, float(loss_sum.detach()) / max(my_targets, 1))  # this rank's mean
+    return float(ranks.sum(total_loss)) / max(total_targets, 1), total_targets
 
 
 def count_targets(train: SessionData) -> int:
-    return int((train.tensors["targets"] > 0).sum())
+    return train.n_targets if train.n_targets is not None else int((train.tensors["targets"] > 0).sum())
 
 
 def data_fingerprint(data: Path) -> str:
@@ -209,8 +270,8 @@ def data_fingerprint(data: Path) -> str:
     return manifest_digest(data / "splits")
 
 
-def prepare_run(config: TrainConfig, resume: bool) -> dict[str, Any] | None:
-    """Check the run directory; return the checkpoint to resume from, if any."""
+def prepare_run(config: TrainConfig, resume: bool, world_size: int = 1) -> dict[str, Any] | None:
+    """Check the run directory (reading only); return the checkpoint to resume from, if any."""
     run = Path(config.out)
     if run.exists() and not run.is_dir():
         raise InputError(f"{run}: the output path is a file; choose a directory with --out")
@@ -223,6 +284,11 @@ def prepare_run(config: TrainConfig, resume: bool) -> dict[str, Any] | None:
         free = ("epochs", "out")  # a run may be moved, or given more epochs
         if {k: v for k, v in saved["train"].items() if k not in free} != {k: v for k, v in asdict(config).items() if k not in free}:
             raise InputError(f"{run}: --resume needs the same options as the original run (only --epochs may change)")
+        if saved.get("world_size", 1) != world_size:
+            raise InputError(
+                f"{run}: was trained by {saved.get('world_size', 1)} process(es), not {world_size}; "
+                "--resume needs the same number (batches span all processes)"
+            )
         if saved["data_fingerprint"] != data_fingerprint(Path(config.data)):
             raise InputError(f"{run}: the data in {config.data} changed since this run started; start a new run")
         return load_checkpoint(run / LAST)
@@ -240,54 +306,75 @@ def train(
 ) -> list[dict[str, Any]]:
     """Train, checkpointing every epoch under config.out; return the per-epoch history.
     `progress(total_targets)` may return a per-batch callback (targets done, batch loss).
-    The run directory is locked meanwhile (a second `sdm train` on it stops with a message)."""
-    with run_lock(Path(config.out)):
-        return train_locked_run(config, resume=resume, on_epoch=on_epoch, progress=progress)
+    Under torchrun this process is one rank of several (sdm.distributed); rank 0 locks the run
+    directory (a second `sdm train` on it stops with a message) and alone writes to it."""
+    ranks = join(config.device)
+    try:
+        if ranks.is_main:
+            with run_lock(Path(config.out)):
+                return train_ranks(config, ranks, resume=resume, on_epoch=on_epoch, progress=progress)
+        return train_ranks(config, ranks, resume=resume, on_epoch=None, progress=None)
+    finally:
+        leave(ranks)
 
 
-def train_locked_run(
+def train_ranks(
     config: TrainConfig,
+    ranks: Ranks,
     *,
     resume: bool,
     on_epoch: Callable[[EpochReport], None] | None,
     progress: Callable[[int], Callable[[int, float], None]] | None,
 ) -> list[dict[str, Any]]:
-    """`train` once config.out is locked."""
+    """`train` on every rank, once rank 0 holds the run's lock."""
     if config.threads:
         torch.set_num_threads(config.threads)
     data, run = Path(config.data), Path(config.out)
-    checkpoint = prepare_run(config, resume)
+    checkpoint = prepare_run(config, resume, ranks.world_size)
     catalogue = load_catalogue(data)
+    if ranks.is_main:  # builds the training tensors on first use while the other ranks wait
+        load_training(data, catalogue)
+    ranks.barrier()  # also: every rank has checked the run directory before rank 0 writes to it
     train_data = load_training(data, catalogue)
     valid, _ = load_cases(data, catalogue, "valid")
+    if 0 < len(train_data) < ranks.world_size:
+        raise InputError(f"{data}: {len(train_data)} training sessions cannot be shared by {ranks.world_size} processes")
     model_config = config.model_config(catalogue)
     torch.manual_seed(config.seed)
     model = build_model(config.model, model_config, catalogue.item_side, catalogue.item_counts, train_data.tensors["items"])
+    model.to(ranks.device)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
     trainable = [p for p in model.parameters() if p.requires_grad]
+    objective = Objective(model, make_loss(config, catalogue.item_counts, ranks))
+    if ranks.distributed and trainable:
+        objective = DistributedDataParallel(
+            objective, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None, **NO_BUFFER_SYNC
+        )
     optimizer = torch.optim.Adam(trainable, lr=config.lr, fused=True) if trainable else None
 
-    run.mkdir(parents=True, exist_ok=True)
     run_config = {
         "train": asdict(config),
         "model": model_config.to_dict(),
         "catalogue": catalogue.vocab_sizes(),
         "data_fingerprint": data_fingerprint(data),
         "loss": loss_name(config, catalogue.n_items) if trainable else "none",
+        "world_size": ranks.world_size,
     }
-    write_run_json(run, CONFIG, run_config)
+    if ranks.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_run_json(run, CONFIG, run_config)
 
     history: list[dict[str, Any]] = []
     best_value, bad_epochs, start_epoch = -math.inf, 0, 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"])
         history = json.loads(checkpoint["history"])
         best_value, bad_epochs, start_epoch = checkpoint["best_value"], checkpoint["bad_epochs"], checkpoint["epoch"] + 1
-        write_run_json(run, HISTORY, history)  # a kill between last.pt and history.json left it an epoch behind
+        if ranks.is_main:
+            write_run_json(run, HISTORY, history)  # a kill between last.pt and history.json left it an epoch behind
 
-    loss_fn = make_loss(config, catalogue.item_counts)
     epochs = config.epochs if trainable else 1
     total_targets = count_targets(train_data)
     for epoch in range(start_epoch, epochs):
@@ -297,32 +384,41 @@ def train_locked_run(
         mean_loss = 0.0
         if optimizer is not None:
             on_batch = progress(total_targets) if progress is not None else None
-            mean_loss, _ = train_epoch(model, optimizer, train_data, loss_fn, config, epoch_generator(config.seed, epoch), on_batch)
+            mean_loss, _ = train_epoch(objective, optimizer, train_data, config, epoch, ranks, on_batch)
         seconds = time.perf_counter() - started
-        metrics = evaluate_cases(model, valid, config.ks) if len(valid) else {}
+        metrics = evaluate_shared(model, valid, config.ks, ranks) if len(valid) else {}
         value = metrics.get(config.select_metric, -mean_loss)
         improved = value > best_value
         best_value, bad_epochs = (value, 0) if improved else (best_value, bad_epochs + 1)
         report = EpochReport(epoch + 1, mean_loss, total_targets / seconds if optimizer else 0.0, seconds, metrics, improved)
         history.append(asdict(report))
-        if improved:
-            save_checkpoint({"model": model.state_dict(), "epoch": epoch, "config": json.dumps(run_config)}, run / BEST)
-        save_checkpoint(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict() if optimizer is not None else {},
-                "epoch": epoch,
-                "rng": torch.get_rng_state(),
-                "history": json.dumps(history),
-                "best_value": best_value,
-                "bad_epochs": bad_epochs,
-            },
-            run / LAST,
-        )
-        write_run_json(run, HISTORY, history)
-        if on_epoch is not None:
-            on_epoch(report)
+        if ranks.is_main:
+            save_epoch(run, model, optimizer, epoch, history, run_config, best_value, bad_epochs, improved)
+            if on_epoch is not None:
+                on_epoch(report)
     return history
+
+
+def save_epoch(
+    run: Path, model: Recommender, optimizer: torch.optim.Optimizer | None, epoch: int, history: list[dict[str, Any]],
+    run_config: dict[str, Any], best_value: float, bad_epochs: int, improved: bool,
+) -> None:
+    """best.pt (when the epoch improved), last.pt and history.json, each written atomically."""
+    state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+    if improved:
+        save_checkpoint({"model": state, "epoch": epoch, "config": json.dumps(run_config)}, run / BEST)
+    save_checkpoint(
+        {
+            "model": state,
+            "optimizer": optimizer.state_dict() if optimizer is not None else {},
+            "epoch": epoch,
+            "history": json.dumps(history),
+            "best_value": best_value,
+            "bad_epochs": bad_epochs,
+        },
+        run / LAST,
+    )
+    write_run_json(run, HISTORY, history)
 
 
 def load_trained(run: Path) -> tuple[Recommender, dict[str, Any], Catalogue]:
@@ -338,3 +434,9 @@ def load_trained(run: Path) -> tuple[Recommender, dict[str, Any], Catalogue]:
     model.load_state_dict(load_checkpoint(run / BEST)["model"])
     model.eval()
     return model, run_config, catalogue
+
+
+if __name__ == "__main__":  # torchrun -m sdm.train: `sdm train` with the same options
+    from cli.app import main
+
+    main(["train", *sys.argv[1:]], prog_name="python -m sdm.train")

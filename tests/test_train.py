@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdm.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
-from sdm.data import length_grouped_batches, load_cases, load_catalogue, load_training, pad_lists
+from sdm.data import BLOCK_ROWS, length_grouped_batches, load_cases, load_catalogue, load_training, pad_lists
 from sdm.evaluate import evaluate_split
 from sdm.train import TrainConfig, load_trained, train
 from training_helpers import (
@@ -146,8 +146,8 @@ def test_length_grouped_batches_cover_every_row_exactly_once(n_rows, batch_size)
     lengths = torch.randint(1, 51, (n_rows,), generator=torch.Generator().manual_seed(0))
     batches = batches_of(lengths, batch_size, seed=1)
     assert torch.equal(torch.cat(batches).sort().values, torch.arange(n_rows))
-    sizes = sorted(len(rows) for rows in batches)
-    assert sizes[1:] == [batch_size] * (len(batches) - 1) and 1 <= sizes[0] <= batch_size
+    # A window's rows are cut into equal batches; every window here holds many batches' worth.
+    assert all(batch_size - 1 <= len(rows) <= batch_size for rows in batches)
     # Grouping by length needs far less padding than random batches of the same size.
     random_batches = list(torch.randperm(n_rows, generator=torch.Generator().manual_seed(2)).split(batch_size))
     assert padded_cells(lengths, batches) < 0.2 * padded_cells(lengths, random_batches)
@@ -159,6 +159,20 @@ def test_length_grouped_batches_are_contiguous_in_length_within_a_window():
     lengths = torch.randint(1, 51, (1_000,), generator=torch.Generator().manual_seed(0))
     ranges = sorted((int(lengths[rows].min()), int(lengths[rows].max())) for rows in batches_of(lengths, 32, seed=1))
     assert all(previous[1] <= current[0] for previous, current in zip(ranges, ranges[1:]))
+
+
+def test_a_window_of_batches_reads_whole_blocks_of_consecutive_rows():
+    # 40 blocks of BLOCK_ROWS rows in batches of 16: a window is 50 batches' worth, rounded up to
+    # whole blocks (4 blocks = 64 batches of exactly 16). The batches of each window together are
+    # whole blocks from all over the split.
+    lengths = torch.randint(1, 51, (40 * BLOCK_ROWS,), generator=torch.Generator().manual_seed(0))
+    batches = batches_of(lengths, 16, seed=1)
+    per_window = 4 * BLOCK_ROWS // 16
+    for start in range(0, 4 * per_window, per_window):
+        rows = torch.cat(batches[start:start + per_window])
+        blocks, counts = torch.unique(rows // BLOCK_ROWS, return_counts=True)
+        assert len(blocks) == 4 and (counts == BLOCK_ROWS).all()
+        assert int(blocks.max() - blocks.min()) > 4  # not simply the next rows of the file
 
 
 def test_length_grouped_batches_depend_only_on_the_generator_seed():
@@ -186,7 +200,7 @@ def test_every_epoch_writes_last_checkpoint_and_history(sample_run):
     assert [snapshot.history_length for snapshot in sample_run.snapshots] == list(range(1, sample_run.config.epochs + 1))
     assert read_json(sample_run.path / HISTORY)["epochs"] == sample_run.history
     last = load_checkpoint(sample_run.path / LAST)
-    assert {"model", "optimizer", "epoch", "rng", "history", "best_value", "bad_epochs"} <= set(last)
+    assert {"model", "optimizer", "epoch", "history", "best_value", "bad_epochs"} <= set(last)
     assert states_equal(last["model"], sample_run.snapshots[-1].model)
 
     config = read_json(sample_run.path / CONFIG)

@@ -1,0 +1,171 @@
+"""Training tensors on disk: written once from the Parquet splits, memory-mapped by every trainer.
+
+    DATA/tensors/train/   items.npy [N, T]  targets.npy [N, T]  lengths.npy [N]  user.npy [N]
+                          profile.npy [N, P]  long_<feature>.npy [N, L_f]  manifest.json
+
+All int32 (0 = padding), in the row order of `splits/train.parquet`. A training process maps the
+files instead of reading them (`np.load(mmap_mode="c")`), so its private memory does not grow
+with the number of training sessions: it gathers the rows of each batch, and the pages it touched
+stay in the page cache, shared by every process on the machine (DDP ranks included) and dropped
+by the kernel when memory is short.
+
+The files are built by the first `sdm train` on DATA and reused while the events, long-term and
+splits stages are unchanged (their manifest digests are the fingerprint). The build goes bucket
+by bucket (the user buckets of `sdm preprocess`, whose train and long-term parts hold the same
+users), so it needs the memory of one bucket, not of the whole split; it writes into a temporary
+directory that is renamed into place when complete, under a lock that makes concurrent trainers
+(several DDP ranks on one machine) wait for one build instead of racing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from filelock import FileLock
+
+from pipeline.cache import build_stage, is_current, manifest_digest, package_version, read_manifest
+from pipeline.errors import InputError
+from pipeline.long_term import long_term_column
+
+TENSORS_DIR = "tensors"
+TRAIN = "train"
+FORMAT = 1  # bump when the files' layout changes, so that old caches are rebuilt
+DTYPE = np.int32
+
+
+def training_parts(data: Path) -> list[tuple[Path, Path]]:
+    """(train part, long-term part) pairs holding the same users: one pair per user bucket."""
+    train, long_term = data / "splits" / "train.parquet", data / "long_term" / "long_term.parquet"
+    if not train.is_dir():
+        return [(train, long_term)]
+    return [(part, long_term / part.name) for part in sorted(train.glob("*.parquet"))]
+
+
+def fingerprint(data: Path) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": package_version(),
+        "upstream": {stage: manifest_digest(data / stage) for stage in ("events", "long_term", "splits")},
+    }
+
+
+def padded(column: pl.Series, width: int | None = None) -> np.ndarray:
+    """A list column -> [N, width] int64 array, left-aligned and 0-padded (longer lists are cut);
+    width defaults to the longest list (at least 1)."""
+    lengths = column.list.len().fill_null(0).to_numpy().astype(np.int64)
+    width = max(1, int(lengths.max(initial=0)) if width is None else width)
+    flat = column.explode().drop_nulls().to_numpy().astype(np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    columns = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    keep = columns < width
+    array = np.zeros((len(lengths), width), dtype=np.int64)
+    array[rows[keep], columns[keep]] = flat[keep]
+    return array
+
+
+def attach_context(rows: pl.DataFrame, long_term: pl.DataFrame, users: pl.DataFrame) -> pl.DataFrame:
+    """Each row's long-term sets (by session) and user profile (by user), in the rows' order."""
+    return rows.join(long_term, on="session", how="left", maintain_order="left").join(
+        users, on="user", how="left", maintain_order="left"
+    )
+
+
+def context_arrays(
+    frame: pl.DataFrame, profile_fields: list[str], long_widths: dict[str, int | None]
+) -> dict[str, np.ndarray]:
+    """user [N], profile [N, P] and long_<feature> [N, L_f] of joined rows (0 = none); a width of
+    None is the longest set in the frame."""
+    arrays = {
+        "user": frame.get_column("user").to_numpy().astype(np.int64),
+        "profile": frame.select(profile_fields).fill_null(0).to_numpy().astype(np.int64).reshape(frame.height, -1),
+    }
+    for feature, width in long_widths.items():
+        arrays[f"long_{feature}"] = padded(frame.get_column(long_term_column(feature)), width)
+    return arrays
+
+
+def training_arrays(rows: pl.DataFrame, session_width: int) -> dict[str, np.ndarray]:
+    """items [N, T], lengths [N] and targets [N, T]: position t predicts item t + 1, the last
+    position the first item of the user's next training session (0 where there is none)."""
+    items = padded(rows.get_column("items"), session_width)
+    lengths = rows.get_column("items").list.len().to_numpy().astype(np.int64)
+    targets = np.zeros_like(items)
+    targets[:, :-1] = items[:, 1:]
+    targets[np.arange(len(lengths)), lengths - 1] = rows.get_column("next_item").to_numpy()
+    return {"items": items, "lengths": lengths, "targets": targets}
+
+
+def max_list_lengths(path: Path, columns: list[str]) -> dict[str, int]:
+    """The longest list of each column over a whole table (a file or a directory of parts), at least 1."""
+    longest = pl.scan_parquet(path).select(pl.col(c).list.len().max() for c in columns).collect(engine="streaming")
+    return {c: max(1, int(longest.get_column(c)[0] or 0)) for c in columns}
+
+
+def build_training_tensors(data: Path, profile_fields: list[str], long_features: list[str]) -> Callable[[Path], dict[str, Any]]:
+    """The stage builder: writes every array of the training split into `directory`, part by part."""
+
+    def build(directory: Path) -> dict[str, Any]:
+        train_path, long_term_path = data / "splits" / "train.parquet", data / "long_term" / "long_term.parquet"
+        n_rows = pl.scan_parquet(train_path).select(pl.len()).collect().item()
+        session_width = max_list_lengths(train_path, ["items"])["items"]
+        long_columns = [long_term_column(f) for f in long_features]
+        long_widths = dict(zip(long_features, max_list_lengths(long_term_path, long_columns).values(), strict=True))
+        shapes = {
+            "items": (n_rows, session_width), "targets": (n_rows, session_width), "lengths": (n_rows,),
+            "user": (n_rows,), "profile": (n_rows, len(profile_fields)),
+            **{f"long_{f}": (n_rows, width) for f, width in long_widths.items()},
+        }
+        files = {name: np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=DTYPE, shape=shape)
+                 for name, shape in shapes.items()}
+        users = pl.read_parquet(data / "events" / "users.parquet")
+        start, n_targets = 0, 0
+        for train_part, long_term_part in training_parts(data):
+            rows = pl.read_parquet(train_part)
+            joined = attach_context(rows, pl.read_parquet(long_term_part, columns=["session", *long_columns]), users)
+            arrays = training_arrays(rows, session_width) | context_arrays(joined, profile_fields, long_widths)
+            for name, array in arrays.items():
+                files[name][start:start + rows.height] = array
+            start += rows.height
+            n_targets += int((arrays["targets"] > 0).sum())
+        for array in files.values():
+            array.flush()
+        return {"rows": n_rows, "targets": n_targets, "shapes": {name: list(shape) for name, shape in shapes.items()}}
+
+    return build
+
+
+def ensure_training_tensors(data: Path, profile_fields: list[str], long_features: list[str]) -> dict[str, Any]:
+    """The manifest of DATA/tensors/train, built first if missing or stale."""
+    parent = data / TENSORS_DIR
+    expected = fingerprint(data)
+    if is_current(parent / TRAIN, expected):
+        return read_manifest(parent / TRAIN)
+    try:
+        parent.mkdir(exist_ok=True)
+        lock = FileLock(parent / f".{TRAIN}.lock")
+        lock.acquire()
+    except PermissionError:
+        raise InputError(f"{parent}: cannot write the training tensors here; sdm train needs write access to {data}") from None
+    try:
+        if not is_current(parent / TRAIN, expected):  # another process may have built it while we waited
+            build_stage(parent, TRAIN, expected, build_training_tensors(data, profile_fields, long_features))
+    finally:
+        lock.release()
+    return read_manifest(parent / TRAIN)
+
+
+def map_tensors(directory: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """directory/<name>.npy as tensors backed by the files' pages, not by private memory."""
+    # "c" (copy-on-write) maps a file without copying it and gives torch the writable array it expects.
+    return {name: torch.from_numpy(np.load(directory / f"{name}.npy", mmap_mode="c")) for name in names}
+
+
+def open_training_tensors(data: Path, profile_fields: list[str], long_features: list[str]) -> tuple[dict[str, torch.Tensor], int]:
+    """(memory-mapped int32 tensors of the training split, number of targets)."""
+    manifest = ensure_training_tensors(data, profile_fields, long_features)
+    return map_tensors(data / TENSORS_DIR / TRAIN, list(manifest["stats"]["shapes"])), manifest["stats"]["targets"]

@@ -1,0 +1,206 @@
+"""Training with several processes (DDP under torchrun), on two CPU processes of this machine.
+
+The claim under test is the one the trainer's docstring makes: two ranks with B sessions each take
+the step one process takes with 2B sessions (same global batches, same negatives, the mean over
+all targets), so after a few steps the parameters agree up to the order of float sums, while a
+process with B sessions, a genuinely different run, ends far away. Dropout is off: its masks are
+drawn per rank and could not match one process's.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+import cli.app
+from conftest import invoke
+from sdm.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
+from sdm.distributed import Ranks
+from sdm.evaluate import evaluate_split
+from sdm.train import TrainConfig, load_trained, train
+from training_helpers import SMALL_MODEL, SMALL_MODEL_ARGS, child_env, read_json, run_sdm, sdm_process
+
+BATCH = 64  # per rank
+LOSSES = {
+    "full": (),
+    "sampled": ("--loss", "sampled", "--num-negatives", "50"),
+    "in-batch": ("--loss", "sampled", "--negatives", "in-batch"),
+}
+DDP_TIMEOUT = 240
+
+
+def ddp_options(data: Path, epochs: int, loss: str) -> tuple[str, ...]:
+    small = tuple(arg for arg in SMALL_MODEL_ARGS if arg != "--quiet")
+    return (
+        "--data", str(data), "--epochs", str(epochs), "--patience", "5", "--batch-size", str(BATCH),
+        "--dropout", "0", *small, *LOSSES[loss],
+    )
+
+
+def torchrun(*options: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m sdm.train OPTIONS`, as the README documents it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sdm.train", *options]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=DDP_TIMEOUT, env=child_env())
+
+
+def one_process_config(data: Path, out: Path, loss: str, batch_size: int, epochs: int = 1) -> TrainConfig:
+    options = dict(zip(LOSSES[loss][::2], LOSSES[loss][1::2]))
+    return TrainConfig(
+        data=str(data), out=str(out), epochs=epochs, patience=5, batch_size=batch_size, dropout=0.0, threads=1,
+        loss=options.get("--loss", "auto"), negatives=options.get("--negatives", "log-uniform"),
+        num_negatives=int(options.get("--num-negatives", 1000)), **SMALL_MODEL,
+    )
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """One-epoch two-rank runs, one per loss: full softmax through `sdm train --nproc 2`, the
+    others through torchrun itself."""
+    root = tmp_path_factory.mktemp("ddp")
+    runs = {}
+    for loss in LOSSES:
+        runs[loss] = root / loss
+        options = (*ddp_options(tiny_data, 1, loss), "--out", str(runs[loss]))
+        if loss == "full":
+            finished = sdm_process("train", *options, "--nproc", "2", cwd=root, timeout=DDP_TIMEOUT)
+        else:
+            finished = torchrun(*options, cwd=root)
+        assert finished.returncode == 0, finished.stderr
+        runs[f"{loss}-stdout"] = finished.stdout
+    return runs
+
+
+def parameter_distance(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> float:
+    return max(float((first[name] - second[name]).abs().max()) for name in first if first[name].is_floating_point())
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_two_ranks_with_batch_b_step_like_one_process_with_batch_2b(loss, ddp_runs, tiny_data, tmp_path):
+    two_ranks = load_checkpoint(ddp_runs[loss] / LAST)["model"]
+    train(one_process_config(tiny_data, tmp_path / "2b", loss, 2 * BATCH))
+    train(one_process_config(tiny_data, tmp_path / "b", loss, BATCH))
+    same_steps = parameter_distance(two_ranks, load_checkpoint(tmp_path / "2b" / LAST)["model"])
+    other_steps = parameter_distance(two_ranks, load_checkpoint(tmp_path / "b" / LAST)["model"])
+    # Tolerance: 1e-3 in any parameter (measured: about 5e-5 after one epoch, all from the order of
+    # float sums), against about 1e-2 for a run with other batches.
+    assert same_steps < 1e-3, same_steps
+    assert other_steps > 10 * same_steps, (same_steps, other_steps)
+    histories = read_json(ddp_runs[loss] / HISTORY)["epochs"], read_json(tmp_path / "2b" / HISTORY)["epochs"]
+    assert histories[0][0]["loss"] == pytest.approx(histories[1][0]["loss"], rel=1e-5)
+
+
+def test_validation_metrics_of_two_ranks_are_those_of_every_case(ddp_runs, tiny_data):
+    # Each rank ranks half of the validation cases; the history must hold the metrics of all of them.
+    (epoch,) = read_json(ddp_runs["full"] / HISTORY)["epochs"]
+    model, _, catalogue = load_trained(ddp_runs["full"])
+    recomputed = evaluate_split(model, tiny_data, catalogue, "valid", [10, 20, 50, 100])
+    assert epoch["valid"]["n_cases"] == recomputed["n_cases"] > 1
+    assert epoch["valid"] == pytest.approx(recomputed, abs=1e-12)
+
+
+def test_rank_zero_alone_writes_the_run_and_the_log(ddp_runs):
+    run = ddp_runs["full"]
+    assert {path.name for path in run.iterdir()} == {CONFIG, HISTORY, LAST, BEST, ".sdm.lock"}
+    assert read_json(run / CONFIG)["world_size"] == 2
+    stdout = ddp_runs["full-stdout"]
+    assert stdout.count("epoch   1  loss") == 1 and stdout.count("run saved in") == 1, stdout
+
+
+def test_a_resumed_ddp_run_goes_on_with_the_steps_it_would_have_taken(ddp_runs, tiny_data, tmp_path):
+    # The sampled-loss run (1 epoch) continued for a second epoch must still take the steps of one
+    # process with 2B sessions for 2 epochs: the same batches, negatives and optimiser state.
+    resumed = tmp_path / "resumed"
+    subprocess.run(["cp", "-r", str(ddp_runs["sampled"]), str(resumed)], check=True)
+    continued = torchrun(*ddp_options(tiny_data, 2, "sampled"), "--out", str(resumed), "--resume", cwd=tmp_path)
+    assert continued.returncode == 0, continued.stderr
+    history = read_json(resumed / HISTORY)["epochs"]
+    assert [entry["epoch"] for entry in history] == [1, 2]
+    train(one_process_config(tiny_data, tmp_path / "2b", "sampled", 2 * BATCH, epochs=2))
+    train(one_process_config(tiny_data, tmp_path / "b", "sampled", BATCH, epochs=2))
+    two_ranks = load_checkpoint(resumed / LAST)["model"]
+    same_steps = parameter_distance(two_ranks, load_checkpoint(tmp_path / "2b" / LAST)["model"])
+    assert same_steps < 1e-3 and parameter_distance(two_ranks, load_checkpoint(tmp_path / "b" / LAST)["model"]) > 10 * same_steps
+    assert history[1]["loss"] == pytest.approx(read_json(tmp_path / "2b" / HISTORY)["epochs"][1]["loss"], rel=1e-5)
+
+
+def test_resuming_with_another_number_of_processes_is_refused_before_any_starts(ddp_runs, tiny_data, tmp_path):
+    before = {path.name: path.read_bytes() for path in ddp_runs["full"].iterdir() if path.is_file()}
+    outcome = run_sdm("train", *ddp_options(tiny_data, 2, "full"), "--out", ddp_runs["full"], "--resume")
+    assert outcome.exit_code == 2, outcome.output
+    assert "2 process(es), not 1" in outcome.stderr and len(outcome.stderr.strip().splitlines()) == 1
+    assert {path.name: path.read_bytes() for path in ddp_runs["full"].iterdir() if path.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(("--nproc", "0"), "--nproc"), (("--device", "tpu"), "--device"), (("--nproc", "2", "--resume"), "nothing to resume")],
+)
+def test_bad_launch_options_are_one_line_errors(options, message, tiny_data, tmp_path):
+    outcome = run_sdm("train", "--data", tiny_data, "--out", tmp_path / "run", *options, *SMALL_MODEL_ARGS)
+    assert outcome.exit_code == 2 and message in outcome.stderr, outcome.output
+    assert len(outcome.stderr.strip().splitlines()) == 1 and "Traceback" not in outcome.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_device_cuda_without_a_gpu_says_so(tiny_data, tmp_path):
+    outcome = run_sdm("train", "--data", tiny_data, "--out", tmp_path / "run", "--device", "cuda", *SMALL_MODEL_ARGS)
+    assert outcome.exit_code == 2 and "no CUDA device" in outcome.stderr and "--device cpu" in outcome.stderr, outcome.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_on_a_gpu_learns_and_evaluates(bf16, tiny_data, tmp_path):
+    config = replace(one_process_config(tiny_data, tmp_path / "run", "sampled", 128, epochs=2), device="cuda", bf16=bf16)
+    history = train(config)
+    assert history[1]["loss"] < history[0]["loss"]
+    assert history[1]["valid"]["recall@50"] > 0
+
+
+def test_bf16_autocast_trains_on_the_cpu_too(tiny_data, tmp_path):
+    history = train(replace(one_process_config(tiny_data, tmp_path / "run", "full", 128, epochs=2), device="cpu", bf16=True))
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in history)
+    assert history[1]["loss"] < history[0]["loss"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7])
+def test_rank_shares_cover_every_item_once_in_order(world_size):
+    for n in (0, 1, 5, 100, 101):
+        shares = [Ranks(rank, world_size).share(n) for rank in range(world_size)]
+        assert shares[0][0] == 0 and shares[-1][1] == n
+        assert all(previous[1] == current[0] for previous, current in zip(shares, shares[1:]))
+        assert max(stop - start for start, stop in shares) - min(stop - start for start, stop in shares) <= 1
+
+
+def test_the_module_entry_point_has_the_train_commands_options():
+    shown = subprocess.run([sys.executable, "-m", "sdm.train", "--help"], capture_output=True, text=True, env=child_env(), timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "python -m sdm.train" in shown.stdout and all(flag in shown.stdout for flag in ("--data", "--device", "--bf16"))
+
+
+def test_the_ranks_get_exactly_the_options_sdm_train_was_given(tiny_data, tmp_path):
+    # `sdm train --nproc N` rebuilds each rank's command line from its TrainConfig; parsed back by
+    # `sdm train`, it must give the same config (every kind of option, booleans both ways).
+    config = TrainConfig(
+        data=str(tiny_data), out=str(tmp_path / "run"), model="sdm", epochs=3, batch_size=32, lr=0.01, dim=24,
+        heads=3, lstm_layers=1, dropout=0.1, fusion="concat", long_term=True, short_term=True, side_info=False,
+        user_id=True, tie_output=False, loss="sampled", negatives="in-batch", num_negatives=77, patience=2,
+        select_metric="ndcg@25", seed=9, threads=1, device="cpu", bf16=True,
+    )
+    arguments = cli.app.train_arguments(config, resume=True, quiet=True)
+    parsed = {}
+    with mock.patch.object(cli.app, "run_training", lambda config, **flags: parsed.update(config=config, **flags)):
+        assert invoke("train", *arguments).exit_code == 0
+    assert parsed == {"config": config, "resume": True, "quiet": True}
+
+
+def test_nproc_inside_torchrun_is_refused(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    outcome = run_sdm("train", "--data", tiny_data, "--out", tmp_path / "run", "--nproc", "2", *SMALL_MODEL_ARGS)
+    assert outcome.exit_code == 2 and "--nproc-per-node" in outcome.stderr, outcome.output
