@@ -9,6 +9,7 @@ drawn per rank and could not match one process's.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -36,17 +37,38 @@ DDP_TIMEOUT = 240
 
 
 def ddp_options(data: Path, epochs: int, loss: str) -> tuple[str, ...]:
-    small = tuple(arg for arg in SMALL_MODEL_ARGS if arg != "--quiet")
     return (
-        "--data", str(data), "--epochs", str(epochs), "--patience", "5", "--batch-size", str(BATCH),
-        "--dropout", "0", *small, *LOSSES[loss],
+        "--data", str(data), "--epochs", str(epochs), "--patience", "5", "--batch-size", str(BATCH), "--dropout", "0",
+        "--dim", "16", "--heads", "2", "--lstm-layers", "1", "--threads", "1", *LOSSES[loss],
     )
+
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 
 
 def torchrun(*options: str, cwd: Path) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node 2 -m sdm.train OPTIONS`, as the README documents it."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sdm.train", *options]
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "sdm.train", *options]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=DDP_TIMEOUT, env=child_env())
+
+
+def torchrun_on_two_nodes(*options: str, cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Two torchrun launchers of one process each meeting at a c10d rendezvous, as two machines
+    would (the README's multi-node command, with both "machines" on this one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rendezvous = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}")
+    launchers = [
+        subprocess.Popen([*TORCHRUN, *rendezvous, "--rdzv-id", "test", "-m", "sdm.train", *options], cwd=cwd,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+        for _ in range(2)
+    ]
+    outputs = [launcher.communicate(timeout=DDP_TIMEOUT) for launcher in launchers]
+    return [
+        subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
+        for launcher, (stdout, stderr) in zip(launchers, outputs, strict=True)
+    ]
 
 
 def one_process_config(data: Path, out: Path, loss: str, batch_size: int, epochs: int = 1) -> TrainConfig:
@@ -60,8 +82,8 @@ def one_process_config(data: Path, out: Path, loss: str, batch_size: int, epochs
 
 @pytest.fixture(scope="module")
 def ddp_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
-    """One-epoch two-rank runs, one per loss: full softmax through `sdm train --nproc 2`, the
-    others through torchrun itself."""
+    """One-epoch two-rank runs, one per loss: full softmax through `sdm train --nproc 2`, sampled
+    through `torchrun --nproc-per-node 2`, in-batch through two one-process torchrun "nodes"."""
     root = tmp_path_factory.mktemp("ddp")
     runs = {}
     for loss in LOSSES:
@@ -69,8 +91,11 @@ def ddp_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
         options = (*ddp_options(tiny_data, 1, loss), "--out", str(runs[loss]))
         if loss == "full":
             finished = sdm_process("train", *options, "--nproc", "2", cwd=root, timeout=DDP_TIMEOUT)
-        else:
+        elif loss == "sampled":
             finished = torchrun(*options, cwd=root)
+        else:
+            finished, other_node = torchrun_on_two_nodes(*options, cwd=root)
+            assert other_node.returncode == 0, other_node.stderr
         assert finished.returncode == 0, finished.stderr
         runs[f"{loss}-stdout"] = finished.stdout
     return runs
