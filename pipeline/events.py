@@ -66,13 +66,14 @@ def code(column: str) -> pl.Expr:
 
 
 def dictionary(frame: pl.LazyFrame, column: str) -> pl.LazyFrame:
-    """(code, raw, collides): every distinct raw value of a column under its code."""
-    raw = pl.col("raw")
+    """(code, raw, collides): every distinct raw value of a column under its code. Codes are
+    computed on the distinct values only, where two of them sharing one is a collision."""
     return (
-        frame.select(code(column).alias("code"), pl.col(column).alias("raw"))
+        frame.select(pl.col(column).alias("raw"))
         .drop_nulls()
-        .group_by("code")
-        .agg(raw.min(), (raw.min() != raw.max()).alias("collides"))
+        .unique()
+        .select(code("raw").alias("code"), "raw")
+        .with_columns(collides=pl.col("code").is_duplicated())
     )
 
 
@@ -96,24 +97,22 @@ def read_events(config: PreprocessConfig, n_buckets: int, scratch: Path) -> tupl
     time_column = roles["time"]
     time = time_expression(time_column, config.time_format, time_kind(table, time_column))
     categorical = {role: column for role, column in roles.items() if role in CATEGORICAL_ROLES}
+    # `time_given` (the raw time is not empty) lets the problems be counted on the coded events:
+    # a scan of its own would parse every time a second time
     events_query = table.frame.select(
-        *(code(column).alias(role) for role, column in categorical.items()), time.alias("time")
+        *(code(column).alias(role) for role, column in categorical.items()),
+        time.alias("time"),
+        pl.col(time_column).is_not_null().alias("time_given"),
     ).with_row_index("row")
-    required_missing = pl.any_horizontal(pl.col(roles[role]).is_null() for role in IDS)
-    problems_query = table.frame.select(
-        (pl.col(time_column).is_not_null() & time.is_null()).sum().alias("unparsed_times"),
-        required_missing.sum().alias("missing_ids"),
-        pl.len().alias("rows"),
-    )
     dictionary_queries = [dictionary(table.frame, column) for column in categorical.values()]
     if n_buckets == 1:
-        events, problems, *dictionaries = table.collect([events_query, problems_query, *dictionary_queries])
+        events, *dictionaries = table.collect([events_query, *dictionary_queries])
         parts = [events.lazy()]
     else:
         # One scan per aggregation: run together, their hash tables (one entry per distinct
         # value, several hundred bytes each in the streaming engine) are all alive at once, which
         # at 40M events (2M items) tripled the peak; one after another costs about the same time.
-        problems, *dictionaries = [table.collect([query])[0] for query in [problems_query, *dictionary_queries]]
+        dictionaries = [table.collect([query])[0] for query in dictionary_queries]
         sink = events_query.with_columns(bucket=bucket_of(pl.col("user"), n_buckets)).sink_parquet(
             pl.PartitionBy(scratch, key="bucket", include_key=False), lazy=True, mkdir=True
         )
@@ -124,7 +123,13 @@ def read_events(config: PreprocessConfig, n_buckets: int, scratch: Path) -> tupl
             else pl.LazyFrame(schema=schema)  # no user hashed here
             for bucket in range(n_buckets)
         ]
-    unparsed_times, missing_ids, rows_read = problems.row(0)
+    unparsed_times, missing_ids, rows_read = pl.concat(parts).select(
+        (pl.col("time_given") & pl.col("time").is_null()).sum(),
+        # a code is null exactly where its raw value is
+        (pl.col("user").is_null() | pl.col("item").is_null() | ~pl.col("time_given")).sum(),
+        pl.len(),
+    ).collect(engine="streaming").row(0)
+    parts = [part.drop("time_given") for part in parts]
     if unparsed_times:
         raise unparsed_time_error(table, time_column, time, unparsed_times, config.time_format)
     if missing_ids and (malformed := table.locate_malformed_line()):
@@ -180,16 +185,20 @@ def duplicate_rows(events: pl.DataFrame) -> pl.Series:
     Rows are first compared by one 64-bit hash of the whole event, which is cheap in memory; the
     few rows whose hash repeats are then compared exactly."""
     identity = [c for c in ("user", "item", "time", "session", "behavior") if c in events.columns]
-    hashed = events.select("row", *identity, pl.struct(identity).hash().alias("event_hash"))
-    repeated = hashed.filter(~pl.col("event_hash").is_first_distinct()).get_column("event_hash").unique()
-    suspects = hashed.filter(pl.col("event_hash").is_in(repeated.implode()))
+    event_hash = events.select(pl.struct(identity).hash()).to_series()
+    # equal hashes are neighbours once sorted: much cheaper than a hash table of every event
+    ordered = event_hash.sort()
+    repeated = ordered.filter(ordered == ordered.shift(1)).unique()
+    suspects = events.filter(event_hash.is_in(repeated.implode()))
     # in input order, so that the first of equal events is kept however a bucket's rows arrived
     return suspects.sort("row").filter(~pl.struct(identity).is_first_distinct()).get_column("row")
 
 
 def counts(frame: pl.DataFrame, *keys: str) -> pl.DataFrame:
-    """(keys..., count) over the rows where every key is present."""
-    return frame.select(*keys).drop_nulls().group_by(*keys).agg(pl.len().cast(pl.UInt32).alias("count"))
+    """(keys..., count) over the rows where every key is present. Sorted first: grouping sorted
+    keys needs no hash table, which for a million distinct 64-bit codes is the slow part."""
+    present = frame.select(*keys).drop_nulls().sort(*keys)
+    return present.group_by(*keys, maintain_order=True).agg(pl.len().cast(pl.UInt32).alias("count"))
 
 
 def summed(parts: list[pl.DataFrame], *keys: str) -> pl.DataFrame:
@@ -234,12 +243,10 @@ def counted_vocabulary(code_counts: pl.DataFrame, dictionary_frame: pl.DataFrame
 
 def encode(frame: pl.DataFrame, column: str, vocabulary: pl.DataFrame) -> pl.DataFrame:
     """Replace codes by dense ids (0 where the value is null or not in the vocabulary)."""
-    ids = vocabulary.select(pl.col("code").alias(column), pl.col("id").alias("_id"))
-    return (
-        frame.join(ids, on=column, how="left", maintain_order="left")
-        .with_columns(pl.col("_id").fill_null(0).alias(column))
-        .drop("_id")
-    )
+    ids = vocabulary.select(pl.col("code").alias(column), "id")
+    # only the column is joined: the other columns stay shared instead of being copied
+    encoded = frame.select(column).join(ids, on=column, how="left", maintain_order="left").get_column("id")
+    return frame.with_columns(encoded.fill_null(0).alias(column))
 
 
 def build_users(config: PreprocessConfig, vocabularies: dict[str, pl.DataFrame]) -> tuple[pl.DataFrame, list[str]]:
@@ -268,18 +275,39 @@ def build_users(config: PreprocessConfig, vocabularies: dict[str, pl.DataFrame])
     return users.select("user", *profile_fields).sort("user"), profile_fields
 
 
+def dense_lookup(keys: pl.Series, values: pl.Series, size: int) -> pl.Series:
+    """An array indexed by key (dense ids below `size`) holding `values`, 0 where a key is absent:
+    gathering from it costs far less than a join."""
+    return pl.zeros(size, values.dtype, eager=True).scatter(keys, values)
+
+
+def sort_permutation(frame: pl.DataFrame, keys: list[str]) -> pl.Series:
+    """The row order that sorts `frame` by `keys`, found as one stable sort per key, the last key
+    first (three sorts on one key cost less than one on three) and applied to the rows once."""
+    index = pl.int_range(frame.height, dtype=pl.UInt32, eager=True)
+    for key in reversed(keys):
+        index = index.gather(frame.select(pl.arg_sort_by(pl.col(key).gather(index), maintain_order=True)).to_series())
+    return index
+
+
 def finalise_events(typed: pl.DataFrame, first_order: pl.DataFrame) -> pl.DataFrame:
     """Sort each user's events by time, ties in input order, and number them (`order`) from the
     user's `first_order`, the events of all users with smaller ids: the position the event has
     in all events sorted by (user, time, input row), whatever bucket it is built in.
     A missing session id (session_key) or behaviour is 0."""
     present = typed.rename({"session": "session_key"} if "session" in typed.columns else {})
+    ordered = present[sort_permutation(present, ["user", "time", "row"])]
+    users = first_order.get_column("user")
+    first_orders = dense_lookup(users, first_order.get_column("first_order"), int(users.max() or 0) + 1)
+    # the rows are in user order: a user's rank of an event is its distance from the user's first row
+    row_number = pl.int_range(pl.len(), dtype=pl.UInt32)
+    user_start = pl.when((pl.col("user") != pl.col("user").shift(1)).fill_null(True)).then(row_number).forward_fill()
     return (
-        present.with_columns(pl.lit(0).alias(c) for c in ("session_key", "behavior") if c not in present.columns)
-        .with_columns(pl.col("session_key").fill_null(0))
-        .sort(["user", "time", "row"])
-        .join(first_order, on="user", how="left", maintain_order="left")
-        .with_columns(order=pl.col("first_order") + pl.int_range(pl.len(), dtype=pl.UInt32).over("user"))
+        ordered.with_columns(pl.lit(0).alias(c) for c in ("session_key", "behavior") if c not in ordered.columns)
+        .with_columns(
+            pl.col("session_key").fill_null(0),
+            order=pl.lit(first_orders).gather(pl.col("user")) + row_number - user_start,
+        )
         .select(pl.col(name).cast(dtype) for name, dtype in EVENT_SCHEMA.items())
     )
 
@@ -294,15 +322,18 @@ class BucketFilters:
     duplicates: list[pl.Series]  # per bucket: `row` of every exact repeat of an earlier event
     frequent_items: pl.DataFrame | None = None  # item codes that pass --min-item-count
 
-    def unique(self, events: pl.LazyFrame, bucket: int) -> pl.DataFrame:
-        return events.filter(HAS_IDS & ~pl.col("row").is_in(self.duplicates[bucket].implode())).collect()
+    def frequent(self, events: pl.LazyFrame, bucket: int) -> pl.DataFrame:
+        """The rows that pass has_ids, unique and frequent_item, filtered in one go (one copy)."""
+        return events.filter(
+            HAS_IDS
+            & ~pl.col("row").is_in(self.duplicates[bucket].implode())
+            & pl.col("item").is_in(self.frequent_items.get_column("item").implode())
+        ).collect()
 
-    def kept(self, unique: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """(frequent_item rows, kept rows)."""
-        frequent = unique.join(self.frequent_items, on="item", how="semi")
+    def kept(self, frequent: pl.DataFrame) -> pl.DataFrame:
         if self.config.max_user_events is None:
-            return frequent, frequent
-        return frequent, frequent.filter(pl.len().over("user") <= self.config.max_user_events)
+            return frequent
+        return frequent.filter(pl.len().over("user") <= self.config.max_user_events)
 
 
 def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> EventTables:
@@ -316,11 +347,12 @@ def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> E
     # Pass 1: duplicates and item counts, which decide the frequent items.
     filters = BucketFilters(config, duplicates=[])
     item_counts, n_with_ids, n_unique = [], 0, 0
-    for part in parts:
-        with_ids = part.filter(HAS_IDS).collect()
+    for bucket in range(layout.n_buckets):
+        with_ids = parts[bucket].filter(HAS_IDS).collect()
         duplicates = duplicate_rows(with_ids) if not config.keep_duplicates else with_ids.get_column("row").clear()
         filters.duplicates.append(duplicates)
-        unique_counts = counts(with_ids.filter(~pl.col("row").is_in(duplicates.implode())), "item")
+        unique_items = with_ids.lazy().filter(~pl.col("row").is_in(duplicates.implode())).select("item").collect()
+        unique_counts = counts(unique_items, "item")
         item_counts.append(unique_counts)
         n_with_ids, n_unique = n_with_ids + with_ids.height, n_unique + int(unique_counts.get_column("count").sum())
         del with_ids
@@ -332,9 +364,13 @@ def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> E
     tallies: dict[str, list[pl.DataFrame]] = {name: [] for name in ("user", "item", "behavior", *event_sides)}
     n_frequent, n_kept, times = 0, 0, []
     in_memory: pl.DataFrame | None = None  # one bucket: its kept events, reused by pass 3
-    for bucket, part in enumerate(parts):
-        frequent, kept = filters.kept(filters.unique(part, bucket))
+    for bucket in range(layout.n_buckets):
+        frequent = filters.frequent(parts[bucket], bucket)
+        if layout.n_buckets == 1:
+            parts.clear()  # the events as read: from now on only the kept ones are needed
+        kept = filters.kept(frequent)
         n_frequent, n_kept = n_frequent + frequent.height, n_kept + kept.height
+        del frequent
         for role in ("user", "item", "behavior"):
             if role in kept.columns:
                 tallies[role].append(counts(kept, role))
@@ -343,6 +379,7 @@ def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> E
         times.append(kept.select(pl.col("time").min().alias("min"), pl.col("time").max().alias("max")))
         if layout.n_buckets == 1:
             in_memory = kept
+        del kept
     if n_kept == 0:
         raise InputError(
             f"{config.logs}: no events left after filtering ({rows_read} read); "
@@ -379,14 +416,19 @@ def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> E
     first_order = user_counts.select(
         pl.col("id").alias("user"), (pl.col("count").cum_sum() - pl.col("count")).cast(pl.UInt32).alias("first_order")
     )
-    for bucket, part in enumerate(parts):
-        kept = in_memory if in_memory is not None else filters.kept(filters.unique(part, bucket))[1]
+    for bucket in range(layout.n_buckets):
+        if in_memory is not None:
+            kept, in_memory = in_memory, None
+        else:
+            kept = filters.kept(filters.frequent(parts[bucket], bucket))
         typed = kept.select(*IDS, "row", *(c for c in ("session", "behavior") if c in kept.columns))
+        del kept  # each code column below is freed as soon as its ids replace it
         for column in ("user", "item", "behavior"):
             if column in typed.columns:
                 typed = encode(typed, column, vocabularies[column])
         layout.write(finalise_events(typed, first_order), directory, "events", bucket)
-    del in_memory, parts
+        del typed
+    del parts
     shutil.rmtree(scratch, ignore_errors=True)
 
     time_range = pl.concat(times)

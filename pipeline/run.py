@@ -194,8 +194,8 @@ def long_term_part(config: PreprocessConfig, sources: Sources, bucket: int) -> P
     def build(directory: Path) -> dict[str, Any]:
         side_features = read_manifest(sources.out / "events")["stats"]["side_features"]
         long_term = build_long_term(
-            pl.read_parquet(sources.table("sessions", "events", bucket)),
-            pl.read_parquet(sources.table("sessions", "sessions", bucket)),
+            pl.read_parquet(sources.table("sessions", "events", bucket), columns=["user", "item", "time", "session"]),
+            pl.read_parquet(sources.table("sessions", "sessions", bucket), columns=["session", "user", "start", "end", "length"]),
             pl.read_parquet(sources.out / "events" / "items.parquet"),
             side_features,
             config.long_window_ms,

@@ -32,9 +32,11 @@ def opens_session(session_gap_ms: int) -> pl.Expr:
 
 def local_sessions(events: pl.LazyFrame, session_gap_ms: int, max_session_length: int) -> pl.LazyFrame:
     """Events with `session` numbered 0.. over the frame and their `position` in it."""
+    # `order` counts a user's events one by one, so an event's position in its gap/id session is
+    # its order minus the order of the event that opened that session (carried forward)
+    opening_order = pl.when(opens_session(session_gap_ms)).then(pl.col("order")).forward_fill()
     return (
-        events.with_columns(rule_session=opens_session(session_gap_ms).cum_sum())
-        .with_columns(rule_position=pl.col("order") - pl.col("order").min().over("rule_session"))
+        events.with_columns(rule_position=pl.col("order") - opening_order)
         .with_columns(
             session=((pl.col("rule_position") % max_session_length) == 0).cum_sum() - 1,
             position=pl.col("rule_position") % max_session_length,
@@ -67,7 +69,13 @@ def assign_sessions(
         numbered = numbered.join(first_session.lazy(), on="user", how="left", maintain_order="left").with_columns(
             session=pl.col("first_session") + pl.col("session") - pl.col("session").min().over("user")
         )
-    return numbered.select(pl.col(name).cast(dtype) for name, dtype in SESSION_EVENT_SCHEMA.items()).collect()
+    # sessions are numbered in (user, time) order, the order of the events: flagging the column
+    # sorted lets each later group_by over it skip hashing
+    return (
+        numbered.select(pl.col(name).cast(dtype) for name, dtype in SESSION_EVENT_SCHEMA.items())
+        .with_columns(pl.col("session").set_sorted())
+        .collect()
+    )
 
 
 def summarise_sessions(session_events: pl.DataFrame) -> pl.DataFrame:

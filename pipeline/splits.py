@@ -119,6 +119,9 @@ def build_splits(
     session_events: pl.DataFrame, sessions: pl.DataFrame, config: PreprocessConfig, time_max_ms: int
 ) -> dict[str, pl.DataFrame]:
     """The splits of whole users (all of them, or one user bucket); `time_max_ms` is the last event's time."""
+    # events come in session order (sessions.assign_sessions): the flag, lost on the way through
+    # Parquet, lets each group_by over sessions skip hashing
+    session_events = session_events.with_columns(pl.col("session").set_sorted())
     if config.split == "leave-last-out":
         return leave_last_out(session_events, sessions)
     return temporal(session_events, sessions, config, time_max_ms)
