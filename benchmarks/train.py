@@ -54,6 +54,7 @@ SESSION, LONG, PROFILE_FIELDS = 5, 50, 3
 K = 100  # evaluation cut-off
 TARGET_ITEMS_PER_SECOND = 58_000
 SMALL_CATALOGUE = 3_706
+SCALING_CATALOGUES = (SMALL_CATALOGUE, 100_000)
 MEMORY_ROWS = (250_000, 1_000_000, 4_000_000)
 MEMORY_STEPS, MEMORY_ITEMS = 300, 100_000
 SECTION_TITLES = {
@@ -139,15 +140,15 @@ def run_child(arguments: list[str], environment: dict[str, str] | None = None) -
 
 def process_scaling(n_rows: int) -> list[dict]:
     script = str(Path(__file__).resolve())
-    single = [
-        training_throughput(SMALL_CATALOGUE, n_rows, threads) | {"processes": 1, "threads": threads} for threads in (1, 2)
-    ]
-    ddp = run_child(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script,
-         "--worker", "ddp", "--rows", str(n_rows)],
-        {**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    return [*single, ddp]
+    results = []
+    for n_items in SCALING_CATALOGUES:
+        results += [training_throughput(n_items, n_rows, threads) | {"processes": 1, "threads": threads} for threads in (1, 2)]
+        results.append(run_child(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script,
+             "--worker", "ddp", "--items", str(n_items), "--rows", str(n_rows)],
+            {**os.environ, "OMP_NUM_THREADS": "1"},
+        ))
+    return results
 
 
 def write_store(directory: Path, n_rows: int) -> None:
@@ -177,8 +178,14 @@ class StopTraining(Exception):
     pass
 
 
-def memory_worker(directory: Path) -> None:
-    """Map the store, train MEMORY_STEPS steps, print peak private and file-backed RSS as JSON."""
+def bytes_read() -> int:
+    """Bytes this process has read from storage (Linux /proc/self/io)."""
+    return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["read_bytes"])
+
+
+def memory_worker(directory: Path, plain: bool) -> None:
+    """Map the store, train MEMORY_STEPS steps, print peak private and file-backed RSS and the bytes
+    read meanwhile as JSON. `plain`: np.load's own mapping, without sdm's random-access advice."""
     torch.set_num_threads(2)
     config, objective, optimizer = training_setup(MEMORY_ITEMS, 512)
     peaks = memory_status()
@@ -192,8 +199,12 @@ def memory_worker(directory: Path) -> None:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    data = SessionData(map_tensors(directory, ["items", "lengths", "targets", "user", "profile", "long_item",
-                                               *[f"long_{f}" for f in SIDE_VOCAB]]))
+    names = ["items", "lengths", "targets", "user", "profile", "long_item", *[f"long_{f}" for f in SIDE_VOCAB]]
+    read_before = bytes_read()
+    if plain:
+        data = SessionData({name: torch.from_numpy(np.load(directory / f"{name}.npy", mmap_mode="c")) for name in names})
+    else:
+        data = SessionData(map_tensors(directory, names))
     steps = 0
 
     def count(targets: int, loss: float) -> None:
@@ -208,21 +219,41 @@ def memory_worker(directory: Path) -> None:
     except StopTraining:
         pass
     seconds = time.perf_counter() - started
+    read_mb = (bytes_read() - read_before) / 2**20
     done.set()
     sampler.join()
     size = sum(path.stat().st_size for path in directory.glob("*.npy"))
     print(json.dumps({"rows": len(data), "store_mb": size / 2**20, "steps": steps, "seconds": seconds,
+                      "mapping": "plain" if plain else "advised", "read_mb": read_mb,
                       "anon_before_mb": before["RssAnon"] / 1024, "anon_peak_mb": peaks["RssAnon"] / 1024,
                       "file_peak_mb": peaks["RssFile"] / 1024}))
 
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_page_cache() -> bool:
+    """Empty the page cache (needs root), so that a run reads its store from storage."""
+    try:
+        os.sync()
+        DROP_CACHES.write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def memory_scaling(work: Path, sizes: list[int]) -> list[dict]:
+    """Per size, a trainer with sdm's mapping; for the largest, also one with np.load's plain mapping
+    (readahead left on). Each starts with an empty page cache where that is allowed."""
     results = []
     script = str(Path(__file__).resolve())
     for n_rows in sizes:
         with tempfile.TemporaryDirectory(dir=work) as directory:
             run_child([sys.executable, script, "--worker", "write-store", "--rows", str(n_rows), "--store", directory])
-            results.append(run_child([sys.executable, script, "--worker", "memory", "--store", directory]))
+            for plain in (False, True) if n_rows == max(sizes) else (False,):
+                cold = drop_page_cache()
+                worker = [sys.executable, script, "--worker", "memory", "--store", directory, *(["--plain"] * plain)]
+                results.append(run_child(worker) | {"cold_cache": cold})
     return results
 
 
@@ -298,39 +329,53 @@ the TF code here). Load average (1 min) before / after: {load_before} / {load_af
 
 
 def processes_text(scaling: list[dict], load_before: str, load_after: str) -> str:
-    base = scaling[0]["targets_per_second"]
+    base = {s["n_items"]: s["targets_per_second"] for s in scaling if (s["processes"], s["threads"]) == (1, 1)}
     rows = "\n".join(
-        f"| {s['processes']} x {s['threads']} | {s['targets_per_second']:,.0f} | {s['targets_per_second'] / base:.2f}x |"
+        f"| {s['n_items']:,} | {s['processes']} x {s['threads']} | {s['targets_per_second']:,.0f} | {s['targets_per_second'] / base[s['n_items']]:.2f}x |"
         for s in scaling
     )
-    return f"""**Processes and threads** ({SMALL_CATALOGUE:,} items, the model above, a global batch of 512 sessions:
-DDP ranks take 256 each; gloo on loopback). Load average before / after: {load_before} / {load_after}.
+    return f"""**Processes and threads** (the model above, a global batch of 512 sessions: DDP ranks take
+256 each; gloo on loopback). Load average before / after: {load_before} / {load_after}.
 
-| processes x threads | target items / s | vs 1 x 1 |
-|---|---|---|
+| catalogue (items) | processes x threads | target items / s | vs 1 x 1 |
+|---|---|---|---|
 {rows}
+
+A DDP step costs the compute of a rank's share plus an all-reduce of every gradient, dense
+embedding tables included (about {(SIDE_VOCAB['shop'] * 16 + SIDE_VOCAB['brand'] * 8 + SIDE_VOCAB['leaf'] * 8 + SIDE_VOCAB['category'] * 8) * 4 / 2**20:.1f} MB of side tables plus 32 floats per item, {100_000 * 32 * 4 / 2**20:.1f} MB at 100,000 items,
+per step). On more cores, ranks of one thread each should scale with the cores while the compute of a
+step outweighs that all-reduce (small catalogues, large batches); at millions of items the dense
+all-reduce of the item table takes over, and sparse or sharded embeddings would be the next step.
 """
 
 
 def memory_text(memory: list[dict], load_before: str, load_after: str) -> str:
+    advised = [m for m in memory if m["mapping"] == "advised"]
     rows = "\n".join(
-        f"| {m['rows']:,} | {m['store_mb']:,.0f} MB | {m['anon_before_mb']:,.0f} MB | {m['anon_peak_mb']:,.0f} MB | {m['file_peak_mb']:,.0f} MB |"
+        f"| {m['rows']:,} | {m['mapping']} | {m['store_mb']:,.0f} MB | {m['anon_before_mb']:,.0f} MB | {m['anon_peak_mb']:,.0f} MB "
+        f"| {m['file_peak_mb']:,.0f} MB | {m['read_mb']:,.0f} MB | {m['seconds']:.1f} s |"
         for m in memory
     )
-    growth = memory[-1]["anon_peak_mb"] / memory[0]["anon_peak_mb"]
+    growth = advised[-1]["anon_peak_mb"] / advised[0]["anon_peak_mb"]
+    rows_read_mb = MEMORY_STEPS * 512 * advised[-1]["store_mb"] / advised[-1]["rows"]
+    cold = "each run started with an empty page cache" if all(m["cold_cache"] for m in memory) else (
+        "the page cache could not be emptied (not root), so the reads are a lower bound")
     return f"""**Memory of a trainer** whose training tensors are memory-mapped (sdm.tensor_store: int32 .npy
-files, {MEMORY_STEPS} steps of the model above over a {MEMORY_ITEMS:,}-item catalogue, sessions of 5 items, long-term
-sets of 50 per feature). RssAnon is the process's private memory; RssFile counts the pages of the
-mapped files it has touched, which live in the page cache, are shared by every process on the
-machine (each DDP rank maps the same files) and are dropped by the kernel under pressure.
-Load average before / after: {load_before} / {load_after}.
+files), during {MEMORY_STEPS} steps of the model above (batch 512) over a {MEMORY_ITEMS:,}-item catalogue, sessions
+of 5 items, long-term sets of 50 per feature; {cold}. RssAnon is the process's private memory;
+RssFile counts the pages of the mapped files in its page tables: they live in the page cache,
+are shared by every process on the machine (each DDP rank maps the same files) and are dropped by
+the kernel under pressure. "advised" is sdm's mapping (`madvise(MADV_RANDOM)`); "plain" is
+`np.load(mmap_mode=...)` with the kernel's readahead. Load average before / after: {load_before} / {load_after}.
 
-| training sessions | files on disk | RssAnon before mapping | RssAnon peak | RssFile peak |
-|---|---|---|---|---|
+| training sessions | mapping | files | RssAnon before mapping | RssAnon peak | RssFile peak | read from storage | {MEMORY_STEPS} steps |
+|---|---|---|---|---|---|---|---|
 {rows}
 
-Peak private memory grows {growth:.2f}x for {memory[-1]['rows'] // memory[0]['rows']}x the sessions; holding the same tensors in memory as
-int64, as the trainer did before, would need twice the size of the files on top.
+Peak private memory grows {growth:.2f}x for {advised[-1]['rows'] // advised[0]['rows']}x the sessions. The {MEMORY_STEPS} steps gather about
+{rows_read_mb:,.0f} MB of rows; with readahead (8 MB per fault on this machine's disk:
+`/sys/block/*/queue/read_ahead_kb`) scattered rows pull in most of each file, which for files larger
+than memory would mean reading far more than the batches need.
 """
 
 
@@ -356,13 +401,15 @@ def main() -> None:
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--worker", choices=("ddp", "write-store", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--items", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "ddp":
-        return ddp_worker(SMALL_CATALOGUE, args.rows)
+        return ddp_worker(args.items, args.rows)
     if args.worker == "write-store":
         return write_store(args.store, args.rows)
     if args.worker == "memory":
-        return memory_worker(args.store)
+        return memory_worker(args.store, args.plain)
 
     sections = [name for name in args.sections.split(",") if name]
     unknown = set(sections) - set(SECTIONS)

@@ -230,7 +230,6 @@ def main(args: list[str] | None = None, prog_name: str | None = None) -> None:
         place = f"{error.filename}: " if error.filename else ""
         err_console.print(f"[bold red]error:[/] {who}{place}{error.strerror or error}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_BAD_INPUT)
-
     except KeyboardInterrupt:  # Ctrl-C outside a command
         if not who:
             err_console.print(INTERRUPTED_MESSAGE, highlight=False)
@@ -353,7 +352,8 @@ def launch_ranks(config, nproc: int, *, resume: bool, quiet: bool) -> None:
     try:
         elastic_launch(launch, entrypoint=sys.executable)("-m", "sdm.train", *arguments)
     except ChildFailedError as failure:
-        raise ReportedByRanks(min(process.exitcode for process in failure.failures.values())) from None
+        code = failure.get_first_failure()[1].exitcode  # the rank that failed first; torchrun stopped the others
+        raise ReportedByRanks(code if code > 0 else 128 - code) from None  # killed by signal N: 128 + N, as a shell says
     except SignalException:  # Ctrl-C reached the ranks too
         raise ReportedByRanks(EXIT_INTERRUPTED) from None
 

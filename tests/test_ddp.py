@@ -9,9 +9,12 @@ drawn per rank and could not match one process's.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
@@ -25,7 +28,7 @@ from sdm.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
 from sdm.distributed import Ranks
 from sdm.evaluate import evaluate_split
 from sdm.train import TrainConfig, load_trained, train
-from training_helpers import SMALL_MODEL, SMALL_MODEL_ARGS, child_env, read_json, run_sdm, sdm_process
+from training_helpers import SMALL_MODEL, SMALL_MODEL_ARGS, child_env, read_json, run_sdm
 
 BATCH = 64  # per rank
 LOSSES = {
@@ -46,29 +49,35 @@ def ddp_options(data: Path, epochs: int, loss: str) -> tuple[str, ...]:
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 
 
-def torchrun(*options: str, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun_command(*options: str) -> list[str]:
     """`torchrun --standalone --nproc-per-node 2 -m sdm.train OPTIONS`, as the README documents it."""
-    command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "sdm.train", *options]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=DDP_TIMEOUT, env=child_env())
+    return [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "sdm.train", *options]
 
 
-def torchrun_on_two_nodes(*options: str, cwd: Path) -> list[subprocess.CompletedProcess]:
+def two_node_commands(*options: str) -> list[list[str]]:
     """Two torchrun launchers of one process each meeting at a c10d rendezvous, as two machines
     would (the README's multi-node command, with both "machines" on this one)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     rendezvous = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}")
-    launchers = [
-        subprocess.Popen([*TORCHRUN, *rendezvous, "--rdzv-id", "test", "-m", "sdm.train", *options], cwd=cwd,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
-        for _ in range(2)
-    ]
+    return [[*TORCHRUN, *rendezvous, "--rdzv-id", "test", "-m", "sdm.train", *options]] * 2
+
+
+def start(command: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+
+
+def finish(launchers: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
     outputs = [launcher.communicate(timeout=DDP_TIMEOUT) for launcher in launchers]
     return [
         subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
         for launcher, (stdout, stderr) in zip(launchers, outputs, strict=True)
     ]
+
+
+def torchrun(*options: str, cwd: Path) -> subprocess.CompletedProcess:
+    return finish([start(torchrun_command(*options), cwd)])[0]
 
 
 def one_process_config(data: Path, out: Path, loss: str, batch_size: int, epochs: int = 1) -> TrainConfig:
@@ -85,19 +94,17 @@ def ddp_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
     """One-epoch two-rank runs, one per loss: full softmax through `sdm train --nproc 2`, sampled
     through `torchrun --nproc-per-node 2`, in-batch through two one-process torchrun "nodes"."""
     root = tmp_path_factory.mktemp("ddp")
-    runs = {}
-    for loss in LOSSES:
-        runs[loss] = root / loss
-        options = (*ddp_options(tiny_data, 1, loss), "--out", str(runs[loss]))
-        if loss == "full":
-            finished = sdm_process("train", *options, "--nproc", "2", cwd=root, timeout=DDP_TIMEOUT)
-        elif loss == "sampled":
-            finished = torchrun(*options, cwd=root)
-        else:
-            finished, other_node = torchrun_on_two_nodes(*options, cwd=root)
-            assert other_node.returncode == 0, other_node.stderr
-        assert finished.returncode == 0, finished.stderr
-        runs[f"{loss}-stdout"] = finished.stdout
+    runs = {loss: root / loss for loss in LOSSES}
+    commands = {
+        "full": [["sdm", "train", *ddp_options(tiny_data, 1, "full"), "--out", str(runs["full"]), "--nproc", "2"]],
+        "sampled": [torchrun_command(*ddp_options(tiny_data, 1, "sampled"), "--out", str(runs["sampled"]))],
+        "in-batch": two_node_commands(*ddp_options(tiny_data, 1, "in-batch"), "--out", str(runs["in-batch"])),
+    }
+    launched = {loss: [start(command, root) for command in group] for loss, group in commands.items()}  # all at once
+    for loss, launchers in launched.items():
+        finished = finish(launchers)
+        assert all(process.returncode == 0 for process in finished), [process.stderr for process in finished]
+        runs[f"{loss}-stdout"] = finished[0].stdout
     return runs
 
 
@@ -203,12 +210,6 @@ def test_rank_shares_cover_every_item_once_in_order(world_size):
         assert max(stop - start for start, stop in shares) - min(stop - start for start, stop in shares) <= 1
 
 
-def test_the_module_entry_point_has_the_train_commands_options():
-    shown = subprocess.run([sys.executable, "-m", "sdm.train", "--help"], capture_output=True, text=True, env=child_env(), timeout=60)
-    assert shown.returncode == 0, shown.stderr
-    assert "python -m sdm.train" in shown.stdout and all(flag in shown.stdout for flag in ("--data", "--device", "--bf16"))
-
-
 def test_the_ranks_get_exactly_the_options_sdm_train_was_given(tiny_data, tmp_path):
     # `sdm train --nproc N` rebuilds each rank's command line from its TrainConfig; parsed back by
     # `sdm train`, it must give the same config (every kind of option, booleans both ways).
@@ -229,3 +230,24 @@ def test_nproc_inside_torchrun_is_refused(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     outcome = run_sdm("train", "--data", tiny_data, "--out", tmp_path / "run", "--nproc", "2", *SMALL_MODEL_ARGS)
     assert outcome.exit_code == 2 and "--nproc-per-node" in outcome.stderr, outcome.output
+
+
+def test_ctrl_c_stops_every_rank_with_one_message_and_a_resumable_run(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    options = (*ddp_options(tiny_data, 50, "sampled"), "--out", str(run), "--nproc", "2", "--quiet")
+    launcher = subprocess.Popen(["sdm", "train", *options], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=child_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + DDP_TIMEOUT
+        while not (run / LAST).is_file() and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group gets it
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert sum("interrupted" in line for line in lines) == 1 and "Traceback" not in stderr, stderr
+    completed = load_checkpoint(run / LAST)["epoch"] + 1
+    assert 1 <= completed < 50 and len(read_json(run / HISTORY)["epochs"]) == completed
