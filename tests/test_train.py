@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +28,6 @@ from training_helpers import (
     SMALL_MODEL,
     SMALL_MODEL_ARGS,
     TEST_THREADS,
-    child_env,
     preprocess_tiny,
     read_json,
     read_split,
@@ -252,38 +248,6 @@ def test_resume_to_more_epochs_equals_an_uninterrupted_run(tiny_data, tmp_path):
         assert states_equal(
             load_checkpoint(tmp_path / "resumed" / checkpoint)["model"],
             load_checkpoint(tmp_path / "straight" / checkpoint)["model"],
-        )
-
-
-def test_resume_after_a_kill_ends_like_an_uninterrupted_run(tiny_data, tmp_path):
-    epochs = 6
-    options = ("--data", tiny_data, "--epochs", epochs, "--patience", epochs, "--seed", 3, *SMALL_MODEL_ARGS)
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        ["sdm", "train", "--out", killed, *map(str, options)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env=child_env(),
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while not (killed / LAST).is_file() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-        _, stderr = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed: {stderr}"
-    completed = load_checkpoint(killed / LAST)["epoch"] + 1
-    assert 1 <= completed < epochs
-
-    run_sdm_ok("train", "--out", killed, *options, "--resume")
-    run_sdm_ok("train", "--out", tmp_path / "straight", *options)
-    resumed_history = read_json(killed / HISTORY)["epochs"]
-    assert len(resumed_history) == epochs
-    assert without_timing(resumed_history) == without_timing(read_json(tmp_path / "straight" / HISTORY)["epochs"])
-    for checkpoint in (LAST, BEST):
-        assert states_equal(
-            load_checkpoint(killed / checkpoint)["model"], load_checkpoint(tmp_path / "straight" / checkpoint)["model"]
         )
 
 
