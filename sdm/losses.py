@@ -1,10 +1,11 @@
 """Softmax losses over the item catalogue (paper §3.6: sampled softmax with cross-entropy).
 
 Every loss takes user_vecs [N, d] (one row per target) and targets [N] item ids >= 1, and returns
-the mean loss over the N targets, or their sum with reduction="sum" (what a DDP rank returns, to be
-divided by the number of targets of all ranks). The exact softmax needs item_vectors [n_items, d] (row 0 is padding and never a
-candidate); the sampled ones only embed their candidates, through vectors_of(ids [...]) ->
-[..., d], so a model whose item vectors come from a tower need not run it over the catalogue.
+the mean loss over the N targets, or their sum with reduction="sum" (what a DDP rank returns, to
+be divided by the number of targets of all ranks). The exact softmax needs item_vectors
+[n_items, d] (row 0 is padding and never a candidate); the sampled ones only embed their
+candidates, through vectors_of(ids [...]) -> [..., d], so a model whose item vectors come from a
+tower need not run it over the catalogue.
 """
 
 from __future__ import annotations

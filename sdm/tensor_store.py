@@ -4,10 +4,10 @@
                           profile.npy [N, P]  long_<feature>.npy [N, L_f]  manifest.json
 
 All int32 (0 = padding), in the row order of `splits/train.parquet`. A training process maps the
-files instead of reading them (`np.load(mmap_mode="c")`), so its private memory does not grow
-with the number of training sessions: it gathers the rows of each batch, and the pages it touched
-stay in the page cache, shared by every process on the machine (DDP ranks included) and dropped
-by the kernel when memory is short.
+files instead of reading them (`map_array`), so its private memory does not grow with the number
+of training sessions: it gathers the rows of each batch, and the pages it touched stay in the
+page cache, shared by every process on the machine (DDP ranks included) and dropped by the
+kernel when memory is short.
 
 The files are built by the first `sdm train` on DATA and reused while the events, long-term and
 splits stages are unchanged (their manifest digests are the fingerprint). The build goes bucket
@@ -20,8 +20,8 @@ directory that is renamed into place when complete, under a lock that makes conc
 from __future__ import annotations
 
 import mmap
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
