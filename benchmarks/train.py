@@ -92,7 +92,7 @@ def item_side_table(n_items: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def training_setup(n_items: int, batch_size: int, ranks: Ranks = Ranks()):
-    """(config, objective (DDP-wrapped under several ranks), optimizer, item_side) of the benchmark model."""
+    """(config, objective (DDP-wrapped under several ranks), optimizer) of the benchmark model."""
     generator = torch.Generator().manual_seed(0)
     item_side = item_side_table(n_items, generator)
     config = TrainConfig(data="", out="", dim=32, batch_size=batch_size, loss="sampled", num_negatives=255, tie_output=False)

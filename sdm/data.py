@@ -138,6 +138,10 @@ class SessionData:
         return SessionData(tensors, self.targets_indptr[start:stop + 1] - first, self.targets_indices[first:last])
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return batch if device.type == "cpu" else {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
 def input_tensors(rows: pl.DataFrame, data: Path, catalogue: Catalogue) -> Batch:
     """Model inputs for rows of (user, session, items): the items as the short-term input, the
     long-term sets of `session` and the user's profile."""

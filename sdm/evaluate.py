@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from sdm.ann import faiss_top_k, overlap_recall
-from sdm.data import Batch, SessionData, load_cases, seen_items
+from sdm.data import SessionData, load_cases, seen_items, to_device
 from sdm.distributed import Ranks
 from sdm.metrics import METRICS, per_case_metrics, ranking_metrics
 from sdm.model import Recommender
@@ -23,10 +23,6 @@ def model_device(model: nn.Module) -> torch.device:
     """Where the model's parameters (or, without any, its buffers) live."""
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     return torch.device("cpu") if tensor is None else tensor.device
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    return batch if device.type == "cpu" else {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
 @torch.no_grad()

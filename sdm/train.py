@@ -54,9 +54,10 @@ from sdm.data import (
     load_catalogue,
     load_training,
     require_stage,
+    to_device,
 )
 from sdm.distributed import DEVICES, Ranks, join, leave
-from sdm.evaluate import evaluate_shared, to_device
+from sdm.evaluate import evaluate_shared
 from sdm.losses import LogUniformSampler, alone, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
 from sdm.model import Recommender
 
@@ -332,10 +333,12 @@ def train_ranks(
     data, run = Path(config.data), Path(config.out)
     checkpoint = prepare_run(config, resume, ranks.world_size)
     catalogue = load_catalogue(data)
-    if ranks.is_main:  # builds the training tensors on first use while the other ranks wait
-        load_training(data, catalogue)
-    ranks.barrier()  # also: every rank has checked the run directory before rank 0 writes to it
-    train_data = load_training(data, catalogue)
+    # Rank 0 builds the training tensors on first use while the other ranks wait; the barrier also
+    # makes every rank check the run directory before rank 0 writes to it.
+    train_data = load_training(data, catalogue) if ranks.is_main else None
+    ranks.barrier()
+    if train_data is None:
+        train_data = load_training(data, catalogue)
     valid, _ = load_cases(data, catalogue, "valid")
     if 0 < len(train_data) < ranks.world_size:
         raise InputError(f"{data}: {len(train_data)} training sessions cannot be shared by {ranks.world_size} processes")
