@@ -16,8 +16,8 @@ from sdm.data import SessionData
 from sdm.evaluate import evaluate_cases
 from sdm.item_cf import ItemCF, cooccurrence_cosine, top_neighbours
 from sdm.sasrec import SASRec
-from training_helpers import SMALL_MODEL_ARGS, assert_memorises, read_json, read_split, read_vocab, run_sdm_ok
-from conftest import run_main
+from helpers.cli import run_sdm, run_sdm_ok
+from helpers.training import SMALL_MODEL_ARGS, assert_memorises, read_json, read_split, read_vocab
 
 NEW_MODELS = ("gru4rec", "sasrec", "item-cf")
 SEQUENCE_MODELS = ("gru4rec", "sasrec")
@@ -62,7 +62,7 @@ def test_trains_evaluates_and_recommends_end_to_end(name, tiny_data, tmp_path):
     assert len({row["item"] for row in ranked}) == 5
 
     if name == "item-cf":
-        refused = run_main("export", "--run", run)
+        refused = run_sdm("export", "--run", run)
         assert refused.exit_code == 2
         assert "item-cf" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
         assert not (run / "export").exists()

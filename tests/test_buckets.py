@@ -11,15 +11,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from conftest import (
-    KEEP_ALL_ITEMS,
-    preprocess,
-    run_main,
-    snapshot,
-    stage_states,
-    write_log,
-)
-from training_helpers import SAMPLE_FILES
+from helpers.cli import run_sdm
+from helpers.logs import KEEP_ALL_ITEMS, preprocess, snapshot, stage_states, write_log
+from helpers.training import SAMPLE_FILES
 
 from pipeline.buckets import TYPED_EVENT_BYTES, bucket_count, parse_bucket
 from pipeline.config import PreprocessConfig, parse_size
@@ -214,7 +208,7 @@ def test_memory_limit_spellings(text: str, bytes_: int) -> None:
 
 
 def test_unreadable_memory_limit_is_one_line(tmp_path: Path) -> None:
-    outcome = run_main("preprocess", SAMPLE_FILES["events"], "--out", tmp_path / "out", "--memory-limit", "lots")
+    outcome = run_sdm("preprocess", SAMPLE_FILES["events"], "--out", tmp_path / "out", "--memory-limit", "lots")
     assert outcome.exit_code == 2 and "--memory-limit" in outcome.stderr and "Traceback" not in outcome.stderr
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import polars as pl
 
-from training_helpers import SAMPLE_FILES, SMALL_MODEL_ARGS, read_json, sdm_process
+from helpers.cli import sdm_process
+from helpers.training import SAMPLE_FILES, SMALL_MODEL_ARGS, read_json
 
 K = 5
 
@@ -19,8 +19,7 @@ def succeeded(*args: object, cwd) -> str:
     return finished.stdout
 
 
-def test_preprocess_train_evaluate_recommend_in_under_a_minute(tmp_path):
-    started = time.monotonic()
+def test_preprocess_train_evaluate_recommend(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     succeeded(
         "preprocess", SAMPLE_FILES["events"], "--items", SAMPLE_FILES["items"], "--users", SAMPLE_FILES["users"],
@@ -30,7 +29,6 @@ def test_preprocess_train_evaluate_recommend_in_under_a_minute(tmp_path):
     metrics = json.loads(succeeded("evaluate", "--run", run, "--k", "20,50", "--json", cwd=tmp_path))
     users = pl.read_parquet(data / "events" / "vocab" / "user.parquet").get_column("raw")
     shown = succeeded("recommend", "--run", run, "--user", users[0], "-k", K, "--json", cwd=tmp_path)
-    elapsed = time.monotonic() - started
 
     history = read_json(run / "history.json")["epochs"]
     assert [entry["epoch"] for entry in history] == [1, 2]
@@ -44,7 +42,6 @@ def test_preprocess_train_evaluate_recommend_in_under_a_minute(tmp_path):
     known_items = set(pl.read_csv(SAMPLE_FILES["items"], infer_schema=False).get_column("item_id").to_list())
     assert [row["rank"] for row in recommendations] == list(range(1, K + 1))
     assert all(row["item"] in known_items for row in recommendations)
-    assert elapsed < 60, f"preprocess -> train -> evaluate -> recommend took {elapsed:.0f}s"
 
 
 def test_demo_completes_and_compares_the_three_models(tmp_path):

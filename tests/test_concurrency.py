@@ -17,21 +17,22 @@ from pathlib import Path
 import pytest
 
 from cli.app import EXIT_INTERRUPTED, INTERRUPTED_MESSAGE
-from conftest import run_main, snapshot
-from sdm.checkpoint import LAST
-from process_harness import (
+from helpers.cli import run_sdm
+from helpers.logs import snapshot
+from helpers.processes import (
     LOCK,
     PREPROCESS_ARGS,
     PREPROCESS_FILES,
     TRAIN_ARGS,
-    TrainReference,
     assert_same_output,
     assert_same_run,
     copy_without_lock,
     signal_after_start,
     start_sdm,
     train_args,
+    TrainReference,
 )
+from sdm.checkpoint import LAST
 
 HOLD_LOCK = "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)"
 
@@ -52,14 +53,14 @@ def test_second_preprocess_on_a_locked_out_stops_and_changes_nothing(preprocess_
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / LOCK)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        outcome = run_main("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS, "--force")
+        outcome = run_sdm("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS, "--force")
     finally:
         holder.kill()
         holder.wait()
     assert outcome.exit_code == 2, outcome.output
     assert_one_line(outcome.stderr, str(out), "another sdm process")
     assert snapshot(files(out)) == before
-    rerun = run_main("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS, "--force")
+    rerun = run_sdm("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS, "--force")
     assert rerun.exit_code == 0, rerun.output
     assert_same_output(out, preprocess_reference[0])
 
@@ -75,7 +76,7 @@ def test_ctrl_c_stops_preprocess_with_one_line_and_the_rerun_completes(preproces
         pytest.fail("preprocess finished before every Ctrl-C")
     assert process.returncode == EXIT_INTERRUPTED
     assert_one_line(process.stderr.read(), INTERRUPTED_MESSAGE)
-    rerun = run_main("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS)
+    rerun = run_sdm("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS)
     assert rerun.exit_code == 0, rerun.output
     assert_same_output(out, reference)
 
@@ -92,7 +93,7 @@ def test_second_train_is_refused_and_ctrl_c_leaves_a_resumable_run(
         while not (run / LOCK).exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
         for extra in ([], ["--resume"]):
-            second = run_main("train", "--data", tiny_data, "--out", run, *TRAIN_ARGS, *extra)
+            second = run_sdm("train", "--data", tiny_data, "--out", run, *TRAIN_ARGS, *extra)
             assert second.exit_code == 2, second.output
             assert_one_line(second.stderr, str(run), "another sdm process")
         while not (run / LAST).is_file() and process.poll() is None and time.monotonic() < deadline:
@@ -104,6 +105,6 @@ def test_second_train_is_refused_and_ctrl_c_leaves_a_resumable_run(
             process.kill()
     assert process.returncode == EXIT_INTERRUPTED, "training ended before Ctrl-C reached it"
     assert_one_line(process.stderr.read(), INTERRUPTED_MESSAGE)
-    resumed = run_main("train", "--data", tiny_data, "--out", run, *TRAIN_ARGS, "--resume")
+    resumed = run_sdm("train", "--data", tiny_data, "--out", run, *TRAIN_ARGS, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert_same_run(run, train_reference.run)

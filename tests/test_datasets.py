@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KEEP_ALL_ITEMS, inspect_user, preprocess, require_dataset, stats, vocabulary
+from helpers.logs import KEEP_ALL_ITEMS, inspect_user, preprocess, require_dataset, stats, vocabulary
 
 
 def unix_seconds(text: str) -> int:

@@ -23,12 +23,12 @@ import pytest
 import torch
 
 import cli.app
-from conftest import invoke
+from helpers.cli import child_env, invoke, run_sdm
+from helpers.training import SMALL_MODEL, SMALL_MODEL_ARGS, read_json
 from sdm.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
 from sdm.distributed import Ranks
 from sdm.evaluate import evaluate_split
 from sdm.train import TrainConfig, load_trained, train
-from training_helpers import SMALL_MODEL, SMALL_MODEL_ARGS, child_env, read_json, run_sdm
 
 BATCH = 64  # per rank
 LOSSES = {

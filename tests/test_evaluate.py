@@ -16,7 +16,8 @@ from sdm.checkpoint import BEST, LAST
 from sdm.data import load_cases, seen_items
 from sdm.evaluate import embed_cases, retrieve
 from sdm.train import load_trained
-from training_helpers import SMALL_MODEL_ARGS, TEST_THREADS, read_json, read_split, run_sdm, run_sdm_ok
+from helpers.cli import run_sdm, run_sdm_ok
+from helpers.training import SMALL_MODEL_ARGS, TEST_THREADS, read_json, read_split
 
 torch.set_num_threads(TEST_THREADS)
 

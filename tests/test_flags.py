@@ -7,13 +7,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from conftest import (
+from helpers.cli import run_sdm
+from helpers.logs import (
     BASE_MS,
     KEEP_ALL_ITEMS,
     MINUTE_MS,
     preprocess,
     require_dataset,
-    run_main,
     stage_states,
     stats,
     vocabulary,
@@ -127,14 +127,14 @@ def test_changing_the_flag_columns_rebuilds_the_events_stage(tmp_path):
 )
 def test_bad_flag_options_exit_2_with_one_line(options, message, tmp_path):
     files = write_movies(tmp_path)
-    outcome = run_main("preprocess", files["events"], "--out", tmp_path / "data", "--items", files["items"], *options)
+    outcome = run_sdm("preprocess", files["events"], "--out", tmp_path / "data", "--items", files["items"], *options)
     assert outcome.exit_code == 2, outcome.output
     assert message in outcome.stderr
     assert len(outcome.stderr.strip().splitlines()) == 1
 
 
 def test_flags_are_documented_in_preprocess_help():
-    outcome = run_main("preprocess", "--help")
+    outcome = run_sdm("preprocess", "--help")
     assert "--flag-columns" in outcome.stdout
 
 

@@ -29,17 +29,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import raw_events, run_main
-from training_helpers import child_env
+from helpers.cli import child_env, run_sdm
+from helpers.logs import BASE_MS, KEEP_ALL_ITEMS, raw_events
 
 REPO = Path(__file__).resolve().parents[1]
 REGRESSION_DIR = Path(__file__).resolve().parent / "regression_inputs"
 EXPECTED = tomllib.loads((REGRESSION_DIR / "expected.toml").read_text())
-KEEP_ALL_ITEMS = ("--min-item-count", "1")
 BATCH_TIMEOUT_S = 180
 FUZZ_EXAMPLES = 30
 DAMAGED_EXAMPLES = 30
-BASE_MS = 1_700_000_000_000
 
 # Runs `sdm` once per case in one child process (imports are paid once); one JSON line per case
 # as it finishes, so that a hang is pinned to the case after the last line.
@@ -171,7 +169,7 @@ def run_in_process(data: bytes, directory: Path) -> tuple[dict, Path]:
     logs.write_bytes(data)
     faulthandler.dump_traceback_later(60, exit=True)
     try:
-        outcome = run_main("preprocess", logs, "--out", out, *KEEP_ALL_ITEMS)
+        outcome = run_sdm("preprocess", logs, "--out", out, *KEEP_ALL_ITEMS)
     finally:
         faulthandler.cancel_dump_traceback_later()
     return {"exit_code": outcome.exit_code, "stderr": outcome.stderr}, out
@@ -226,7 +224,7 @@ def test_manifest_names_never_lead_outside_the_data_directory(tiny_data: Path, t
     assert not planted.is_relative_to(data.resolve())
     pl.DataFrame({"id": [1], "raw": ["x"], "count": [1]}).write_parquet(planted)
 
-    outcome = run_main("train", "--data", data, "--out", tmp_path / "run", "--epochs", "1", "--dim", "8", "--heads", "2", "--quiet")
+    outcome = run_sdm("train", "--data", data, "--out", tmp_path / "run", "--epochs", "1", "--dim", "8", "--heads", "2", "--quiet")
     assert_rejected_in_one_line({"exit_code": outcome.exit_code, "stderr": outcome.stderr}, [str(data)])
     assert not (tmp_path / "run" / "last.pt").exists()
 
@@ -235,7 +233,7 @@ def test_a_run_pointing_at_another_directory_is_refused(tiny_data: Path, tmp_pat
     """config.json names its data directory; a crafted one pointing at a directory that is no
     preprocess output (here the file system root) is refused with one line, nothing written."""
     run = tmp_path / "run"
-    trained = run_main("train", "--data", tiny_data, "--out", run, "--epochs", "1", "--dim", "8", "--heads", "2",
+    trained = run_sdm("train", "--data", tiny_data, "--out", run, "--epochs", "1", "--dim", "8", "--heads", "2",
                        "--lstm-layers", "1", "--threads", "2", "--quiet")
     assert trained.exit_code == 0, trained.output
     config = json.loads((run / "config.json").read_text())
@@ -243,7 +241,7 @@ def test_a_run_pointing_at_another_directory_is_refused(tiny_data: Path, tmp_pat
     (run / "config.json").write_text(json.dumps(config))
     before = sorted(path.name for path in run.iterdir())
     for command in (["evaluate", "--run", run], ["recommend", "--run", run, "--user", "u1"], ["export", "--run", run]):
-        outcome = run_main(*command)
+        outcome = run_sdm(*command)
         assert_rejected_in_one_line({"exit_code": outcome.exit_code, "stderr": outcome.stderr}, ["/"])
     assert sorted(path.name for path in run.iterdir()) == before
 
@@ -254,6 +252,6 @@ def test_a_config_file_cannot_redirect_input_or_output(tmp_path: Path) -> None:
     for setting in ('out = "/tmp/elsewhere"', 'logs = "/etc/passwd"', 'users = "../../users.csv"'):
         config = tmp_path / "config.toml"
         config.write_text(f"[preprocess]\n{setting}\n")
-        outcome = run_main("preprocess", logs, "--out", tmp_path / "out", "--config", config)
+        outcome = run_sdm("preprocess", logs, "--out", tmp_path / "out", "--config", config)
         assert_rejected_in_one_line({"exit_code": outcome.exit_code, "stderr": outcome.stderr}, ["unknown setting", setting.split()[0]])
     assert not (tmp_path / "out").exists()

@@ -22,15 +22,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from conftest import run_main
-from sdm.checkpoint import HISTORY, LAST, load_checkpoint
-from training_helpers import states_equal
-
-from process_harness import (
+from helpers.cli import run_sdm
+from helpers.training import states_equal
+from helpers.processes import (
     LOCK,
     PREPROCESS_ARGS,
     PREPROCESS_FILES,
-    TrainReference,
     assert_checkpoints_are_true,
     assert_complete_or_absent,
     assert_same_output,
@@ -39,8 +36,11 @@ from process_harness import (
     signal_after_start,
     start_sdm,
     train_args,
+    TrainReference,
     visible_files,
 )
+from sdm.checkpoint import HISTORY, LAST, load_checkpoint
+
 
 QUICK_KILLS, FULL_KILLS = 3, 20
 
@@ -70,7 +70,7 @@ def kill_preprocess_repeatedly(kills: int, seed: int, work: Path, reference: Pat
         if out.exists():
             assert_complete_or_absent(out, reference)
             previous_kill = copy_without_lock(out, work / f"killed{landed}")
-        outcome = run_main("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS)
+        outcome = run_sdm("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS)
         assert outcome.exit_code == 0, outcome.output
         assert_same_output(out, reference)
         shutil.rmtree(out)
@@ -107,7 +107,7 @@ def kill_train_repeatedly(kills: int, seed: int, work: Path, data: Path, referen
         if run.exists():
             assert_checkpoints_are_true(run, reference.run)
             previous_kill = copy_without_lock(run, work / f"killed{landed}")
-        outcome = run_main(*train_args(data, run))
+        outcome = run_sdm(*train_args(data, run))
         assert outcome.exit_code == 0, outcome.output
         assert_same_run(run, reference.run)
         shutil.rmtree(run)
@@ -131,7 +131,7 @@ def test_resume_repairs_a_history_left_an_epoch_behind(train_reference: TrainRef
     run = copy_without_lock(train_reference.run.path, tmp_path / "run")
     history = json.loads((run / HISTORY).read_text())
     (run / HISTORY).write_text(json.dumps({"epochs": history["epochs"][:-1]}))
-    outcome = run_main(*train_args(tiny_data, run))
+    outcome = run_sdm(*train_args(tiny_data, run))
     assert outcome.exit_code == 0, outcome.output
     assert_same_run(run, train_reference.run)
 
@@ -172,7 +172,7 @@ def test_unwritable_preprocess_output_is_one_line_and_keeps_the_old_outputs(
     before = files_of(out)
     with monkeypatch.context() as patched:
         patched.setattr(*target, replacement(getattr(*target)))
-        outcome = run_main("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS, "--force")
+        outcome = run_sdm("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS, "--force")
     if target == (pl.LazyFrame, "sink_parquet") and outcome.exit_code == 0:
         pytest.skip("preprocess writes nothing with sink_parquet")
     assert outcome.exit_code == 2, outcome.output
@@ -181,7 +181,7 @@ def test_unwritable_preprocess_output_is_one_line_and_keeps_the_old_outputs(
     assert reason in message and str(out) in message, message
     assert files_of(out) == before
     assert [path.name for path in out.iterdir() if path.name.startswith(".") and path.name != LOCK] == []
-    assert run_main("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS).exit_code == 0
+    assert run_sdm("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS).exit_code == 0
     assert_same_output(out, reference)
 
 
@@ -201,7 +201,7 @@ def test_full_disk_during_training_keeps_the_last_checkpoint(
     run = tmp_path / "run"
     with monkeypatch.context() as patched:
         patched.setattr(sdm.checkpoint, "open", open_until_full, raising=False)
-        outcome = run_main(*train_args(tiny_data, run))
+        outcome = run_sdm(*train_args(tiny_data, run))
     assert outcome.exit_code == 2, outcome.output
     message = outcome.stderr.strip()
     assert "Traceback" not in message and len(message.splitlines()) == 1, message
@@ -209,7 +209,7 @@ def test_full_disk_during_training_keeps_the_last_checkpoint(
     last = load_checkpoint(run / LAST)
     assert last["epoch"] == 0 and states_equal(last["model"], train_reference.run.snapshots[0].model)
     assert [path.name for path in run.iterdir() if ".tmp-" in path.name] == []
-    assert run_main(*train_args(tiny_data, run)).exit_code == 0
+    assert run_sdm(*train_args(tiny_data, run)).exit_code == 0
     assert_same_run(run, train_reference.run)
 
 
@@ -224,8 +224,8 @@ def test_read_only_output_directories(preprocess_reference, train_reference: Tra
             directory.chmod(0o555)
     try:
         outcomes = [
-            run_main("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS, "--force"),
-            run_main(*train_args(tiny_data, run)),
+            run_sdm("preprocess", PREPROCESS_FILES["logs"], "--out", out, *PREPROCESS_ARGS, "--force"),
+            run_sdm(*train_args(tiny_data, run)),
         ]
     finally:
         for directory in (out, *out.rglob("*"), run):

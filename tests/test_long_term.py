@@ -12,8 +12,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-import reference
-from conftest import (
+from helpers import reference
+from helpers.logs import (
     BASE_MS,
     DAY_MS,
     HOUR_MS,
@@ -26,7 +26,7 @@ from conftest import (
     vocabulary,
     write_log,
 )
-from reference import Event
+from helpers.reference import Event
 
 WEEK_MS = 7 * DAY_MS
 SIDE = ("leaf", "category", "shop", "brand")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference import metrics_reference
+from helpers.reference import metrics_reference
 from sdm.metrics import ranking_metrics
 
 

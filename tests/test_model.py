@@ -9,7 +9,7 @@ from sdm.config import ModelConfig
 from sdm.fusion import GatedFusion
 from sdm.model import SDM
 from sdm.short_term import attention_mask, user_attention_weights
-from training_helpers import assert_memorises
+from helpers.training import assert_memorises
 
 N_ITEMS = 40
 SIDE_VOCAB = {"leaf": 9, "category": 4, "shop": 7, "brand": 6}

@@ -14,16 +14,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from conftest import (
+from helpers.cli import invoke, run_sdm
+from helpers.logs import (
     BASE_MS,
     HOUR_MS,
     KEEP_ALL_ITEMS,
     MINUTE_MS,
     STAGES,
     inspect_user,
-    invoke,
     preprocess,
-    run_main,
     snapshot,
     stage_frames,
     stage_states,
@@ -192,7 +191,7 @@ def kill_while_building(command: list[str], out: Path, stage: str) -> int:
 def test_killed_run_leaves_complete_stages_and_a_rerun_matches(tmp_path: Path) -> None:
     """A real process killed with SIGKILL in the middle of building a stage, first on an empty
     output directory, then while --force rebuilds a complete one."""
-    synth = run_main("synth", "--events", "300000", "--out", tmp_path / "synth", "--seed", "1")
+    synth = run_sdm("synth", "--events", "300000", "--out", tmp_path / "synth", "--seed", "1")
     assert synth.exit_code == 0, synth.stderr
     logs, items = tmp_path / "synth" / "events.csv", tmp_path / "synth" / "items.csv"
     options = ["--items", str(items)]
@@ -273,7 +272,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path: Path, name: str) -> None:
     arguments, words = bad_inputs(tmp_path)[name]
-    outcome = run_main("preprocess", *arguments, "--out", tmp_path / "out", *KEEP_ALL_ITEMS)
+    outcome = run_sdm("preprocess", *arguments, "--out", tmp_path / "out", *KEEP_ALL_ITEMS)
     assert outcome.exit_code == 2, outcome.stdout
     message = outcome.stderr.strip()
     assert "Traceback" not in outcome.stderr and len(message.splitlines()) == 1, outcome.stderr
@@ -292,14 +291,14 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path: Path, name: str) 
 def test_bad_input_writes_nothing_under_a_new_out_directory(tmp_path: Path, name: str) -> None:
     arguments, _ = bad_inputs(tmp_path)[name]
     out = tmp_path / "new" / "out"
-    assert run_main("preprocess", *arguments, "--out", out, *KEEP_ALL_ITEMS).exit_code == 2
+    assert run_sdm("preprocess", *arguments, "--out", out, *KEEP_ALL_ITEMS).exit_code == 2
     assert not out.exists() or sorted(out.rglob("*")) == [], sorted(out.rglob("*"))
 
 
 def test_output_path_that_is_a_file(tmp_path: Path, logs: Path) -> None:
     taken = tmp_path / "taken"
     taken.write_text("keep me")
-    outcome = run_main("preprocess", logs, "--out", taken, *KEEP_ALL_ITEMS)
+    outcome = run_sdm("preprocess", logs, "--out", taken, *KEEP_ALL_ITEMS)
     assert outcome.exit_code == 2 and "taken" in outcome.stderr and "Traceback" not in outcome.stderr
     assert taken.read_text() == "keep me"
 
@@ -307,7 +306,7 @@ def test_output_path_that_is_a_file(tmp_path: Path, logs: Path) -> None:
 def test_output_path_inside_a_file(tmp_path: Path, logs: Path) -> None:
     taken = tmp_path / "taken"
     taken.write_text("keep me")
-    outcome = run_main("preprocess", logs, "--out", taken / "out", *KEEP_ALL_ITEMS)
+    outcome = run_sdm("preprocess", logs, "--out", taken / "out", *KEEP_ALL_ITEMS)
     assert outcome.exit_code == 2, outcome.stderr[-500:]
     assert "Traceback" not in outcome.stderr and len(outcome.stderr.strip().splitlines()) == 1, outcome.stderr[-500:]
     assert taken.read_text() == "keep me"
@@ -333,7 +332,7 @@ def test_input_files_are_never_modified(tmp_path: Path) -> None:
     time.sleep(0.01)  # a rewrite would show in the modification time
     preprocess(logs, tmp_path / "out", "--items", items, "--users", users, *KEEP_ALL_ITEMS)
     preprocess(logs, tmp_path / "out", "--items", items, "--users", users, "--force", *KEEP_ALL_ITEMS)
-    run_main("preprocess", logs, "--items", items, "--users", users, "--out", tmp_path / "bad", "--time-format", "%d")
+    run_sdm("preprocess", logs, "--items", items, "--users", users, "--out", tmp_path / "bad", "--time-format", "%d")
     assert snapshot(inputs) == inputs
 
 
@@ -365,7 +364,7 @@ def test_info_prints_the_summary_again(tmp_path: Path, logs: Path) -> None:
 
 
 def test_info_on_a_directory_that_is_not_an_output(tmp_path: Path) -> None:
-    outcome = run_main("info", tmp_path)
+    outcome = run_sdm("info", tmp_path)
     assert outcome.exit_code == 2 and "Traceback" not in outcome.stderr
 
 
@@ -396,5 +395,5 @@ def test_inspect_without_json_is_readable(tmp_path: Path, logs: Path) -> None:
 
 def test_inspect_unknown_user(tmp_path: Path, logs: Path) -> None:
     preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
-    outcome = run_main("inspect", tmp_path / "out", "--user", "nobody", "--json")
+    outcome = run_sdm("inspect", tmp_path / "out", "--user", "nobody", "--json")
     assert outcome.exit_code == 2 and "nobody" in outcome.stderr and "Traceback" not in outcome.stderr

@@ -21,11 +21,11 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import reference
 from pipeline.config import PreprocessConfig
 from pipeline.errors import InputError
 from pipeline.run import run_preprocess
-from reference import Case, Event, TrainRow
+from helpers import reference
+from helpers.reference import Case, Event, TrainRow
 from sdm.metrics import ranking_metrics
 
 MINUTE_MS = 60_000

@@ -10,14 +10,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from conftest import (
+from helpers.cli import run_sdm
+from helpers.logs import (
     BASE_MS,
     DAY_MS,
     KEEP_ALL_ITEMS,
     MINUTE_MS,
     preprocess,
     raw_events,
-    run_main,
     sessions_of,
     stats,
     vocabulary,
@@ -282,7 +282,7 @@ def test_null_ids_are_dropped_and_counted(tmp_path: Path) -> None:
 
 def test_strict_makes_null_ids_an_error(tmp_path: Path) -> None:
     logs = write_log(tmp_path / "events.csv", [("u1", "a", BASE_MS), (None, "a", BASE_MS + 1)])
-    outcome = run_main("preprocess", logs, "--out", tmp_path / "out", "--strict", *KEEP_ALL_ITEMS)
+    outcome = run_sdm("preprocess", logs, "--out", tmp_path / "out", "--strict", *KEEP_ALL_ITEMS)
     assert outcome.exit_code == 2
     assert "Traceback" not in outcome.stderr and outcome.stderr.strip()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import run_main
+from helpers.cli import run_sdm
 
 from sdm.report import (
     RESULTS_SCHEMA,
@@ -108,7 +108,7 @@ def test_report_writes_markdown_and_plots(tmp_path: Path) -> None:
     results = tmp_path / "quality.parquet"
     write_results(hand_made_table(), results)
     out = tmp_path / "report"
-    outcome = run_main("report", results, "--out", out)
+    outcome = run_sdm("report", results, "--out", out)
     assert outcome.exit_code == 0, outcome.output
     text = (out / "report.md").read_text()
     for heading in ("## toy, leave-last-out", "### Models", "### SDM ablations", "## Hyper-parameter search"):
@@ -119,7 +119,7 @@ def test_report_writes_markdown_and_plots(tmp_path: Path) -> None:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert "| **0.2100** |" in text and "| 0.1900 |" in text  # the chosen search row: the best on validation
     # rerun over an existing report: replaced, no staging directory left
-    assert run_main("report", results, "--out", out).exit_code == 0
+    assert run_sdm("report", results, "--out", out).exit_code == 0
     assert sorted(path.name for path in tmp_path.iterdir()) == ["quality.parquet", "report"]
 
 
@@ -132,7 +132,7 @@ def test_bad_inputs_exit_2_naming_the_file(tmp_path: Path, case: str) -> None:
         pl.DataFrame({"model": ["sdm"], "hr": [0.1]}).write_parquet(path)
     elif case == "empty":
         write_results(results_frame([]), path)
-    outcome = run_main("report", path, "--out", tmp_path / "report")
+    outcome = run_sdm("report", path, "--out", tmp_path / "report")
     assert outcome.exit_code == 2
     assert str(path) in outcome.stderr and len(outcome.stderr.strip().splitlines()) == 1, outcome.stderr
     assert not (tmp_path / "report").exists()
@@ -218,5 +218,5 @@ def test_quick_grid_on_sample_data_end_to_end(tmp_path: Path, monkeypatch: pytes
     assert len(json.loads(test["history"])) == test["epochs"] <= quality.QUICK_EPOCHS
     quality.main()
     assert read_results(results).equals(table)
-    assert run_main("report", results, "--out", tmp_path / "report").exit_code == 0
+    assert run_sdm("report", results, "--out", tmp_path / "report").exit_code == 0
     assert "| youtube-dnn | 1 |" in (tmp_path / "report" / "report.md").read_text()

@@ -14,7 +14,8 @@ import torch
 from sdm.data import SessionData, input_tensors
 from sdm.serving import tower_arguments
 from sdm.train import load_trained
-from training_helpers import SAMPLE_FILES, TEST_THREADS, read_json, read_vocab, run_sdm, run_sdm_ok
+from helpers.cli import run_sdm, run_sdm_ok
+from helpers.training import SAMPLE_FILES, TEST_THREADS, read_json, read_vocab
 
 torch.set_num_threads(TEST_THREADS)
 

@@ -11,9 +11,18 @@ import numpy as np
 import polars as pl
 import pytest
 
-import reference
-from conftest import BASE_MS, HOUR_MS, KEEP_ALL_ITEMS, MINUTE_MS, SECOND_MS, preprocess, sessions_of, write_log
-from reference import Event
+from helpers import reference
+from helpers.logs import (
+    BASE_MS,
+    HOUR_MS,
+    KEEP_ALL_ITEMS,
+    MINUTE_MS,
+    SECOND_MS,
+    preprocess,
+    sessions_of,
+    write_log,
+)
+from helpers.reference import Event
 
 GAP_MS = 10 * MINUTE_MS
 

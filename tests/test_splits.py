@@ -10,7 +10,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from conftest import DAY_MS, HOUR_MS, KEEP_ALL_ITEMS, MINUTE_MS, SECOND_MS, preprocess, vocabulary, write_log
+from helpers.logs import (
+    DAY_MS,
+    HOUR_MS,
+    KEEP_ALL_ITEMS,
+    MINUTE_MS,
+    SECOND_MS,
+    preprocess,
+    vocabulary,
+    write_log,
+)
 
 DAY0 = 19_675 * DAY_MS  # 2023-11-14 00:00:00 UTC, a midnight
 

@@ -13,7 +13,7 @@ import sdm.tensor_store
 from pipeline.cache import MANIFEST
 from sdm.data import load_catalogue, load_training
 from sdm.tensor_store import TENSORS_DIR, TRAIN
-from training_helpers import preprocess_tiny, read_split
+from helpers.training import preprocess_tiny, read_split
 
 
 def mapped_files() -> list[tuple[int, int, str]]:

@@ -21,8 +21,9 @@ from sdm.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
 from sdm.data import BLOCK_ROWS, length_grouped_batches, load_cases, load_catalogue, load_training, pad_lists
 from sdm.evaluate import evaluate_split
 from sdm.train import TrainConfig, load_trained, train
-from training_helpers import (
-    DAY_MS,
+from helpers.cli import run_sdm, run_sdm_ok
+from helpers.logs import DAY_MS
+from helpers.training import (
     SAMPLE_TEST_DAYS,
     SAMPLE_VALID_DAYS,
     SMALL_MODEL,
@@ -32,8 +33,6 @@ from training_helpers import (
     read_json,
     read_split,
     read_vocab,
-    run_sdm,
-    run_sdm_ok,
     states_equal,
     without_timing,
 )

@@ -22,9 +22,10 @@ from pipeline.config import PreprocessConfig
 from pipeline.run import run_preprocess
 from sdm.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
 from sdm.train import TrainConfig
-from training_helpers import TEST_THREADS, TrainedRun, child_env, states_equal, train_recording, without_timing
+from helpers.cli import child_env
+from helpers.training import TEST_THREADS, TrainedRun, states_equal, train_recording, without_timing
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "sample_data"
 LOCK = ".sdm.lock"
 # `sdm` as the console script runs it, from this checkout.

@@ -1,35 +1,29 @@
-"""Shared set-up for the training, evaluation, serving and end-to-end tests.
+"""Shared set-up for the training, evaluation, serving and end-to-end tests: the sample and tiny
+data (built once per test session by the fixtures in conftest.py) and small training runs.
 
-Preprocessed data and trained runs are expensive, so each is built once per test process and
-shared by every module that asks for it (pytest would build a session fixture imported into
-several modules once per module; the cache below makes it once in all). The runs are small
-(dim 16-32, one LSTM layer, a few epochs) so that the whole suite stays fast on two cores.
+The runs are small (dim 16-32, one LSTM layer, a few epochs) so that the whole suite stays fast
+on two cores.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-
 import torch
 
-from conftest import Outcome, run_main as run_sdm
 from pipeline.config import PreprocessConfig
 from pipeline.run import run_preprocess
 from pipeline.synth import SynthConfig, write_synth
 from sdm.checkpoint import HISTORY, LAST, load_checkpoint
 from sdm.train import EpochReport, TrainConfig, train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_DIR = REPO / "sample_data"
 SAMPLE_FILES = {name: SAMPLE_DIR / f"{name}.csv" for name in ("events", "items", "users")}
-DAY_MS = 86_400_000
 # The sample data's split, passed explicitly because tests recompute its period boundaries.
 SAMPLE_TEST_DAYS, SAMPLE_VALID_DAYS = 1.0, 1.0
 
@@ -42,6 +36,7 @@ TEST_THREADS = 2
 SMALL_MODEL_ARGS = ("--dim", "16", "--heads", "2", "--lstm-layers", "1", "--threads", str(TEST_THREADS), "--quiet")
 SAMPLE_RUN_EPOCHS = 3
 TIMING_FIELDS = ("seconds", "targets_per_second")
+
 
 def preprocess_sample(out: Path) -> Path:
     run_preprocess(
@@ -120,24 +115,6 @@ def read_vocab(data: Path, name: str) -> pl.DataFrame:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
-
-
-def run_sdm_ok(*args: object) -> Outcome:
-    outcome = run_sdm(*args)
-    assert outcome.exit_code == 0, outcome.output
-    return outcome
-
-
-def sdm_process(*args: object, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The installed `sdm` console script in a child process, with a wide terminal for rich tables."""
-    return subprocess.run(
-        ["sdm", *(str(arg) for arg in args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        env=child_env(),
-    )
-
-
-def child_env() -> dict[str, str]:
-    return {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
 
 
 def states_equal(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
