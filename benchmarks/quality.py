@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 import polars as pl  # noqa: E402
 
-from pipeline.cache import write_json_atomic  # noqa: E402
 from pipeline.config import PreprocessConfig  # noqa: E402
 from pipeline.run import load_summary, run_preprocess  # noqa: E402
+from pipeline.storage import write_json_atomic  # noqa: E402
 from sdm.checkpoint import CONFIG  # noqa: E402
 from sdm.report import (  # noqa: E402
     ABLATIONS,

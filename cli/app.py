@@ -16,6 +16,7 @@ from rich.table import Table
 
 from pipeline.config import PreprocessConfig, parse_duration, parse_size
 from pipeline.errors import InputError
+from pipeline.storage import ensure_output_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -207,8 +208,7 @@ def synth(
 
     if fmt not in ("csv", "csv.gz", "parquet"):
         raise InputError(f"--format {fmt!r}: expected csv, csv.gz or parquet")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: the output path is a file; choose a directory with --out")
+    ensure_output_dir(out, create=False)
     with console.status(f"generating {events:,} events"):
         paths = write_synth(SynthConfig(n_events=events, seed=seed), out, fmt)
     for name, path in paths.items():
@@ -436,7 +436,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Full-catalogue retrieval metrics of a trained run; written to RUN/metrics-<split>.json."""
-    from pipeline.cache import write_json_atomic
+    from pipeline.storage import write_json_atomic
     from sdm.evaluate import evaluate_split
     from sdm.metrics import METRICS
     from sdm.train import load_trained
@@ -510,8 +510,7 @@ def export_command(
     if run_config["train"]["model"] == "item-cf":
         raise InputError(f"{run}: item-cf has no user tower or fixed-size vectors to export; use sdm recommend or sdm evaluate")
     target = out or run / "export"
-    if target.exists() and not target.is_dir():
-        raise InputError(f"{target}: the output path is a file; choose a directory with --out")
+    ensure_output_dir(target, create=False)
     summary = export_run(model, Path(run_config["train"]["data"]), catalogue, target)
     console.print(f"exported {summary['items']:,} item and {summary['users']:,} user vectors (d={summary['dim']}) and user_tower.pt to {target}")
 
@@ -540,8 +539,7 @@ def demo(
     from sdm.serving import recommend
     from sdm.train import TrainConfig, load_trained
 
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: the output path is a file; choose a directory with --out")
+    ensure_output_dir(out, create=False)
     data = out / "data"
     console.rule(f"1. sdm preprocess sample_data/events.csv --test-days {DEMO_TEST_DAYS:g} --valid-days {DEMO_VALID_DAYS:g}")
     config = PreprocessConfig(

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import shutil
-import uuid
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
+from pipeline.storage import as_os_error, publish_directory, remove_leftovers, temporary_path, write_json_atomic
 
 MANIFEST = "manifest.json"
 HASH_CHUNK = 1 << 22
@@ -73,33 +70,6 @@ def is_current(stage_dir: Path, fingerprint: dict[str, Any]) -> bool:
     return manifest is not None and manifest.get("fingerprint") == fingerprint
 
 
-def fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(temporary, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as error:  # e.g. a full disk: the old file stays as it was
-        temporary.unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror, str(path)) from None
-
-
-def remove_leftovers(parent: Path, name: str) -> None:
-    """Delete temporary directories that a killed run left behind."""
-    for leftover in parent.glob(f".{name}.*-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
 def build_stage(
     parent: Path,
     name: str,
@@ -108,26 +78,13 @@ def build_stage(
 ) -> dict[str, Any]:
     """Run `build(tmp_dir) -> stats`, then publish tmp_dir as parent/name with its manifest."""
     remove_leftovers(parent, name)
-    temporary = parent / f".{name}.tmp-{uuid.uuid4().hex}"
+    temporary = temporary_path(parent / name)
     temporary.mkdir(parents=True)
     try:
         stats = build(temporary)
         manifest = {"stage": name, "version": package_version(), "fingerprint": fingerprint, "stats": stats}
-        for written in temporary.rglob("*"):
-            if written.is_file():
-                with open(written, "rb+") as handle:
-                    os.fsync(handle.fileno())
         write_json_atomic(temporary / MANIFEST, manifest)
-        fsync_directory(temporary)
-        final = parent / name
-        if final.exists():
-            retired = parent / f".{name}.old-{uuid.uuid4().hex}"
-            os.replace(final, retired)
-            os.replace(temporary, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(temporary, final)
-        fsync_directory(parent)
+        publish_directory(temporary, parent / name)
     except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
         failed_write = as_os_error(error, parent / name)
@@ -135,16 +92,3 @@ def build_stage(
             raise failed_write from None
         raise
     return manifest
-
-
-def as_os_error(error: BaseException, path: Path) -> OSError | None:
-    """The operating-system error behind a failed build (a full disk, a read-only directory), naming
-    `path` when the error names no file; polars reports such errors inside its own exception types,
-    with "(os error N)" in the message. None for anything else."""
-    if isinstance(error, OSError):
-        return error if error.filename else OSError(error.errno, error.strerror, str(path))
-    reported = re.search(r"\(os error (\d+)\)", str(error))
-    if reported is None or isinstance(error, InputError):
-        return None
-    code = int(reported.group(1))
-    return OSError(code, os.strerror(code), str(path))

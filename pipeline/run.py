@@ -42,10 +42,10 @@ from pipeline.cache import (
     manifest_digest,
     package_version,
     read_manifest,
-    remove_leftovers,
 )
 from pipeline.config import PreprocessConfig
 from pipeline.errors import InputError
+from pipeline.storage import ensure_output_dir, remove_leftovers
 from pipeline.events import build_events
 from pipeline.long_term import build_long_term, long_term_column
 from pipeline.reading import count_rows, input_files, scan_table
@@ -73,21 +73,6 @@ class StageReport:
 
 
 StageCallback = Callable[[str], None]
-
-
-def make_output_dir(out: Path) -> bool:
-    """Create --out if needed; True when this run created it."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: the output path is a file; choose a directory with --out")
-    if out.is_dir():
-        return False
-    try:
-        out.mkdir(parents=True)
-    except FileExistsError:  # a sibling bucket job made it a moment ago
-        return False
-    except OSError as error:
-        raise InputError(f"{out}: cannot create the output directory ({error.strerror})") from None
-    return True
 
 
 def input_fingerprints(config: PreprocessConfig) -> dict[str, Any]:
@@ -267,7 +252,7 @@ def run_preprocess(
             raise InputError(f"{path}: no such file")
     if bucket is not None and config.buckets not in (None, bucket[1]):
         raise InputError(f"--bucket {bucket[0]}/{bucket[1]} and --buckets {config.buckets} disagree")
-    created = make_output_dir(out)
+    created = ensure_output_dir(out)
     try:
         if bucket is not None:
             return _run_bucket(config, force, on_stage_start, *bucket)

@@ -20,7 +20,6 @@ sessions, users or items, so ten million events take about ten seconds on two co
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
+
+from pipeline.storage import write_atomic
 
 BEHAVIORS = ("click", "cart", "fav", "buy")
 AGE_BUCKETS = ("18-24", "25-34", "35-44", "45-54", "55+")
@@ -602,8 +603,8 @@ def write_synth(
 ) -> dict[str, Path]:
     """Write events/items/users files into out_dir (created if missing) and return their paths.
 
-    Each file is written under a temporary name in out_dir and renamed when complete, so a reader
-    never sees a half-written file. Read csv back with schema_overrides={"user_id": pl.String} to
+    Each file is written atomically (pipeline/storage.py), so a reader never sees a half-written
+    file. Read csv back with schema_overrides={"user_id": pl.String} to
     keep the numeric user ids as strings; an empty brand reads back as null.
     """
     if fmt not in ("csv", "csv.gz", "parquet"):
@@ -614,15 +615,9 @@ def write_synth(
     paths = {}
     for name, frame in frames.items():
         path = out_dir / f"{name}.{fmt}"
-        partial = out_dir / f".{name}.{os.getpid()}.partial.{fmt}"
-        try:
-            if fmt == "parquet":
-                frame.write_parquet(partial)
-            else:
-                frame.write_csv(partial, compression="gzip" if fmt == "csv.gz" else "uncompressed")
-            partial.replace(path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        if fmt == "parquet":
+            write_atomic(path, frame.write_parquet)
+        else:
+            write_atomic(path, lambda handle: frame.write_csv(handle, compression="gzip" if fmt == "csv.gz" else "uncompressed"))
         paths[name] = path
     return paths

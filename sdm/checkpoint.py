@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +20,8 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 
-from pipeline.cache import fsync_directory, write_json_atomic
 from pipeline.errors import InputError
+from pipeline.storage import ensure_output_dir, write_atomic, write_json_atomic
 
 CONFIG = "config.json"
 LAST = "last.pt"
@@ -33,20 +31,8 @@ LOCK = ".sdm.lock"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file, fsync, rename: a kill leaves the old file or the new one."""
-    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(temporary, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        fsync_directory(path.parent)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError) and not error.filename:  # a failed write names no file: say which
-            raise OSError(error.errno, error.strerror, str(path)) from None
-        raise
+    """torch.save, atomically: a kill leaves the old file or the new one."""
+    write_atomic(path, lambda handle: torch.save(state, handle))
 
 
 @contextmanager
@@ -54,10 +40,7 @@ def run_lock(run: Path) -> Iterator[None]:
     """Hold RUN/.sdm.lock while a run is written: a second `sdm train` on the same --out stops with a
     message instead of interleaving checkpoints. A run directory this call created and nothing was
     written to is removed again."""
-    if run.exists() and not run.is_dir():
-        raise InputError(f"{run}: the output path is a file; choose a directory with --out")
-    created = not run.exists()
-    run.mkdir(parents=True, exist_ok=True)
+    created = ensure_output_dir(run)
     lock = FileLock(run / LOCK, timeout=0)
     try:
         lock.acquire()

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.errors import InputError
+from pipeline.storage import publish_directory, temporary_path, write_atomic
 
 KS = (10, 20, 50, 100)
 METRIC_NAMES = ("hit_rate", "recall", "precision", "f1", "ndcg", "mrr")
@@ -113,14 +112,10 @@ def read_results(path: Path) -> pl.DataFrame:
 
 
 def write_results(frame: pl.DataFrame, path: Path) -> None:
-    """Write to a temporary file and rename: a kill leaves the old table or the new one."""
+    """Written atomically: a kill leaves the old table or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        frame.select(pl.col(name).cast(dtype) for name, dtype in RESULTS_SCHEMA.items()).write_parquet(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    table = frame.select(pl.col(name).cast(dtype) for name, dtype in RESULTS_SCHEMA.items())
+    write_atomic(path, table.write_parquet)
 
 
 def compact_history(history: Sequence[dict[str, Any]]) -> str:
@@ -415,7 +410,7 @@ def write_report(inputs: Sequence[Path], out: Path) -> list[Path]:
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "report.md").is_file())):
         raise InputError(f"{out}: exists and is not a report directory; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    staging = temporary_path(out)
     staging.mkdir()
     try:
         lines = ["# SDM quality results", "", "Inputs: " + ", ".join(f"`{path}`" for path in inputs), ""]
@@ -426,16 +421,7 @@ def write_report(inputs: Sequence[Path], out: Path) -> list[Path]:
         if not tune.is_empty():
             lines += ["## Hyper-parameter search (validation only, seed 0; chosen in bold)", "", tuning_table(tune), ""]
         (staging / "report.md").write_text("\n".join(lines))
-        replace_directory(staging, out)
+        publish_directory(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return sorted(out.iterdir())
-
-
-def replace_directory(new: Path, target: Path) -> None:
-    """Rename `new` to `target`; an old `target` is moved aside first and removed after."""
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -10,8 +10,8 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 
-from pipeline.cache import write_json_atomic
 from pipeline.errors import InputError
+from pipeline.storage import write_atomic, write_json_atomic
 from sdm.data import Batch, Catalogue, SessionData, input_tensors
 from sdm.evaluate import embed_cases
 from sdm.model import Recommender
@@ -105,15 +105,9 @@ def export_run(model: Recommender, data: Path, catalogue: Catalogue, out: Path) 
         # shapes are symbolic in the trace; the warning is about a fixed 3-way unpack (q, k, v)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(tower, tower_arguments(example, catalogue.long_features), check_trace=False)
-    written = {
-        "items.parquet": lambda path: vector_frame(item_vocab.get_column("raw"), item_vectors).write_parquet(path),
-        "users.parquet": lambda path: vector_frame(raw_users.get_column("raw"), user_vectors).write_parquet(path),
-        "user_tower.pt": lambda path: torch.jit.save(traced, str(path)),
-    }
-    for name, write in written.items():
-        temporary = out / f".{name}.tmp"
-        write(temporary)
-        temporary.replace(out / name)
+    write_atomic(out / "items.parquet", vector_frame(item_vocab.get_column("raw"), item_vectors).write_parquet)
+    write_atomic(out / "users.parquet", vector_frame(raw_users.get_column("raw"), user_vectors).write_parquet)
+    write_atomic(out / "user_tower.pt", lambda handle: torch.jit.save(traced, handle))
     summary = {"items": item_vectors.shape[0], "users": user_vectors.shape[0], "dim": int(item_vectors.shape[1])}
     write_json_atomic(out / "export.json", {**summary, "tower_inputs": ["items", "lengths", "profile", "user", *(f"long_{f}" for f in catalogue.long_features)]})
     return summary

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.cache import manifest_digest
 from pipeline.errors import InputError
+from pipeline.storage import ensure_output_dir
 from sdm.baselines import MODEL_NAMES, build_model
 from sdm.checkpoint import (
     BEST,
@@ -274,8 +275,7 @@ def data_fingerprint(data: Path) -> str:
 def prepare_run(config: TrainConfig, resume: bool, world_size: int = 1) -> dict[str, Any] | None:
     """Check the run directory (reading only); return the checkpoint to resume from, if any."""
     run = Path(config.out)
-    if run.exists() and not run.is_dir():
-        raise InputError(f"{run}: the output path is a file; choose a directory with --out")
+    ensure_output_dir(run, create=False)
     if resume:
         if not (run / LAST).is_file():
             if (run / CONFIG).is_file():

@@ -190,17 +190,18 @@ def test_full_disk_during_training_keeps_the_last_checkpoint(
 ) -> None:
     """The disk fills up after the first epoch's checkpoints: exit 2 with one line naming the
     checkpoint, last.pt still the first epoch's, and --resume (space freed) ends as the uninterrupted run."""
-    import sdm.checkpoint
+    import pipeline.storage
 
-    opened = []
+    checkpoints = []
 
     def open_until_full(path, mode="r", *args, **kwargs):
-        opened.append(path)
-        return open("/dev/full" if len(opened) > 2 else path, mode, *args, **kwargs)
+        if ".pt." in Path(path).name:  # the temporary file of a checkpoint being saved
+            checkpoints.append(path)
+        return open("/dev/full" if len(checkpoints) > 2 else path, mode, *args, **kwargs)
 
     run = tmp_path / "run"
     with monkeypatch.context() as patched:
-        patched.setattr(sdm.checkpoint, "open", open_until_full, raising=False)
+        patched.setattr(pipeline.storage, "open", open_until_full, raising=False)
         outcome = run_sdm(*train_args(tiny_data, run))
     assert outcome.exit_code == 2, outcome.output
     message = outcome.stderr.strip()
