@@ -39,6 +39,7 @@ INTERRUPTED_MESSAGE = "interrupted: finished work is kept; rerun the same comman
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 # The sample log spans 28 days; three test and two validation days give about 900 and 650 cases.
 DEMO_TEST_DAYS, DEMO_VALID_DAYS = 3.0, 2.0
+DEMO_KS = (10, 50)
 
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output directory (created if missing).")]
 
@@ -56,16 +57,22 @@ def parse_column_map(pairs: list[str]) -> dict[str, str]:
     return mapping
 
 
-def read_config_file(path: Path | None) -> dict[str, Any]:
-    """The [preprocess] table of a TOML file (parsed as data, never executed)."""
-    if path is None:
-        return {}
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as data (never executed); unreadable or invalid: one line naming it."""
     try:
         document = tomllib.loads(path.read_text())
     except OSError as error:
         raise InputError(f"{path}: cannot read the config file ({error.strerror})") from None
     except tomllib.TOMLDecodeError as error:
         raise InputError(f"{path}: invalid TOML ({error})") from None
+    return document
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    """The [preprocess] table of a TOML file."""
+    if path is None:
+        return {}
+    document = read_toml(path)
     section = document.get("preprocess", document)
     paths_and_units = {"logs", "out", "items", "users", "session_gap_ms", "long_window_ms"}
     known = {f.name for f in fields(PreprocessConfig)} - paths_and_units | {"column", "session_gap", "long_window"}
@@ -147,6 +154,8 @@ def preprocess(
 
 
 def print_summary(summary: dict[str, dict[str, Any]]) -> None:
+    from pipeline.diagnostics import warnings
+
     table = Table(title="Preprocessing summary", show_header=True, header_style="bold")
     table.add_column("stage")
     table.add_column("measure")
@@ -161,6 +170,8 @@ def print_summary(summary: dict[str, dict[str, Any]]) -> None:
                 shown = ", ".join(value) if isinstance(value, list) else str(value)
             table.add_row(stage, name.replace("_", " "), shown)
     console.print(table)
+    for line in warnings(summary):
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False)
 
 
 @app.command()
@@ -243,12 +254,15 @@ def main(args: list[str] | None = None, prog_name: str | None = None) -> None:
 
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Option(help="A `sdm preprocess` output directory.")],
     out: OutOption,
     model: Annotated[str, typer.Option(help="sdm, youtube-dnn, popularity, gru4rec, sasrec or item-cf (item-based CF, nothing to train).")] = "sdm",
     epochs: Annotated[int, typer.Option(help="Epochs at most (early stopping may end sooner).")] = 20,
-    batch_size: Annotated[int, typer.Option(help="Sessions per batch.")] = 256,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Sessions per batch and process; 0 = automatic (about 500 steps per epoch, 32 to 256).")] = 0,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (after the warm-up; cosine decay to 0 by the last epoch).")] = 3e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW's decoupled weight decay.")] = 0.1,
+    warmup: Annotated[float, typer.Option(help="Share of the planned steps with a linear learning-rate warm-up.")] = 0.05,
     dim: Annotated[int, typer.Option(help="Hidden size d.")] = 64,
     lstm_layers: Annotated[int, typer.Option(help="Stacked LSTM layers (GRU layers for gru4rec).")] = 2,
     heads: Annotated[int, typer.Option(help="Self-attention heads.")] = 4,
@@ -262,7 +276,7 @@ def train_command(
     loss: Annotated[str, typer.Option(help="auto (exact softmax up to 20,000 items, else sampled), sampled or full.")] = "auto",
     negatives: Annotated[str, typer.Option(help="Sampled softmax negatives: log-uniform or in-batch.")] = "log-uniform",
     num_negatives: Annotated[int, typer.Option(help="Log-uniform negatives per batch.")] = 1000,
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without validation improvement.")] = 3,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without validation improvement.")] = 5,
     select_metric: Annotated[str, typer.Option(help="Validation metric that picks best.pt.")] = "recall@50",
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data, same machine: same result).")] = 0,
     threads: Annotated[int, typer.Option(help="CPU threads per process; 0 = all cores (with --nproc N: cores / N).")] = 0,
@@ -271,17 +285,26 @@ def train_command(
     nproc: Annotated[int, typer.Option(help="Processes on this machine, trained together with DDP (launches torchrun; each takes --batch-size sessions per step). For several machines run torchrun yourself: see the README.")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options under [train] (e.g. the best.toml of `sdm tune`); options given on the command line win.")] = None,
 ) -> None:
     """Train SDM (or a baseline) on preprocessed data; checkpoints and history go to --out."""
     from sdm.train import TrainConfig
 
-    config = TrainConfig(
-        data=str(data), out=str(out), model=model, epochs=epochs, batch_size=batch_size, lr=lr, dim=dim,
-        lstm_layers=lstm_layers, heads=heads, dropout=dropout, fusion=fusion, long_term=long_term,
-        short_term=short_term, side_info=side_info, user_id=user_id, tie_output=tie_output, loss=loss,
-        negatives=negatives, num_negatives=num_negatives, patience=patience, select_metric=select_metric,
-        seed=seed, threads=threads, device=device, bf16=bf16,
-    )
+    names = {f.name for f in fields(TrainConfig)} - {"ks"}
+    values = {name: value for name, value in ctx.params.items() if name in names}
+    values |= {"data": str(data), "out": str(out)}
+    if config_file is not None:
+        section = read_toml(config_file).get("train", {})
+        settings = {str(key).replace("-", "_"): value for key, value in (section.items() if isinstance(section, dict) else [])}
+        unknown = sorted(set(settings) - (names - {"data", "out"}))
+        if not isinstance(section, dict) or unknown:
+            raise InputError(f"{config_file}: [train] must be a table of sdm train options; unknown: {', '.join(unknown) or 'not a table'}")
+        # Compared by name: Typer ships its own copy of click, whose ParameterSource is not click's.
+        values |= {name: value for name, value in settings.items() if ctx.get_parameter_source(name).name == "DEFAULT"}
+    try:
+        config = TrainConfig(**values)
+    except TypeError as error:
+        raise InputError(f"{config_file}: a setting has the wrong type ({error})") from None
     if nproc < 1:
         raise InputError("--nproc must be at least 1")
     if nproc > 1 and "RANK" in os.environ:
@@ -290,6 +313,44 @@ def train_command(
         launch_ranks(config, nproc, resume=resume, quiet=quiet)
         return
     run_training(config, resume=resume, quiet=quiet or rank_of_this_process() != 0)
+
+
+@app.command()
+def tune(
+    data: Annotated[Path, typer.Option(help="A `sdm preprocess` output directory.")],
+    out: Annotated[Path, typer.Option(help="Study directory: study.db (resumable), trials/, best.toml.")],
+    model: Annotated[str, typer.Option(help="The model to tune: sdm, youtube-dnn, gru4rec or sasrec.")] = "sdm",
+    trials: Annotated[int, typer.Option(help="Finished trials the study should hold (a rerun adds the missing ones).")] = 12,
+    epochs: Annotated[int, typer.Option(help="Epochs at most per trial (the same for every model).")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler and of every trial's training.")] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads; 0 = all cores.")] = 0,
+) -> None:
+    """Search lr, weight decay, dropout, batch size and dim on the validation split (Optuna TPE);
+    writes OUT/best.toml for `sdm train --config OUT/best.toml`."""
+    try:
+        import optuna
+    except ImportError:
+        raise InputError("sdm tune needs Optuna: pip install 'sdm[tune]'") from None
+    from sdm.train import TrainConfig
+    from sdm.tune import BEST, SEARCHED, tune as run_tune
+
+    base = TrainConfig(data=str(data), out=str(out), model=model, epochs=epochs, seed=seed, threads=threads)
+    metric = base.select_metric
+
+    def report(trial: optuna.trial.FrozenTrial) -> None:
+        console.print(f"trial {trial.number}: validation {metric} {trial.value:.4f}  {trial.params}", highlight=False)
+
+    study = run_tune(base, out, trials, on_trial=report)
+    table = Table(title=f"sdm tune {model}: validation {metric}, best in bold", header_style="bold")
+    for column in ("trial", metric, *SEARCHED, "state"):
+        table.add_column(column.replace("_", " "), justify="right")
+    best = study.best_trial.number
+    for trial in study.trials:
+        cells = [f"{trial.value:.4f}" if trial.value is not None else "-"]
+        cells += [f"{trial.params[name]:.3g}" if name in trial.params else "-" for name in SEARCHED]
+        table.add_row(str(trial.number), *cells, trial.state.name.lower(), style="bold" if trial.number == best else None)
+    console.print(table)
+    console.print(f"best options in {out / BEST}; next: sdm train --data {data} --out RUN --config {out / BEST}")
 
 
 def rank_of_this_process() -> int:
@@ -530,7 +591,7 @@ def report_command(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes its data and runs.")] = Path("sdm-demo"),
-    epochs: Annotated[int, typer.Option(help="Training epochs for SDM.")] = 8,
+    epochs: Annotated[int, typer.Option(help="Training epochs at most for each model (early stopping may end sooner).")] = 5,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Run the whole job on the shipped sample data: preprocess, train SDM and baselines, evaluate, recommend."""
@@ -557,14 +618,15 @@ def demo(
         else:
             run_training(train_config, resume=False, quiet=False)
         model, _, catalogue = load_trained(run)
-        results[name] = evaluate_split(model, data, catalogue, "test", [20, 50])
+        results[name] = evaluate_split(model, data, catalogue, "test", list(DEMO_KS))
     console.rule("3. sdm evaluate (test split, full catalogue)")
     table = Table(header_style="bold")
     table.add_column("model")
-    for metric in ("hit_rate@20", "recall@20", "ndcg@20", "hit_rate@50", "recall@50"):
+    shown = [f"{metric}@{k}" for metric in ("hit_rate", "ndcg") for k in DEMO_KS]
+    for metric in shown:
         table.add_column(metric, justify="right")
     for name, metrics in results.items():
-        table.add_row(name, *(f"{metrics[m]:.4f}" for m in ("hit_rate@20", "recall@20", "ndcg@20", "hit_rate@50", "recall@50")))
+        table.add_row(name, *(f"{metrics[m]:.4f}" for m in shown))
     console.print(table)
     console.rule("4. sdm recommend")
     model, run_config, catalogue = load_trained(out / "runs" / f"sdm-seed{seed}")

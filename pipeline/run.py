@@ -45,7 +45,7 @@ from pipeline.cache import (
 )
 from pipeline.config import PreprocessConfig
 from pipeline.errors import InputError
-from pipeline.storage import ensure_output_dir, remove_leftovers
+from pipeline.diagnostics import TIME_UNITS_MS, empty_long_term_sessions, session_measures, time_resolution
 from pipeline.events import build_events
 from pipeline.long_term import build_long_term, long_term_column
 from pipeline.reading import count_rows, input_files, scan_table
@@ -56,6 +56,7 @@ from pipeline.sessions import (
     summarise_sessions,
 )
 from pipeline.splits import build_splits
+from pipeline.storage import ensure_output_dir, remove_leftovers
 
 STAGES = ("events", "sessions", "long_term", "splits")
 PER_USER_STAGES = ("sessions", "long_term", "splits")
@@ -165,14 +166,21 @@ def sessions_part(config: PreprocessConfig, sources: Sources, bucket: int) -> Pa
         sessions = summarise_sessions(session_events)
         _write(session_events, directory / "events.parquet")
         _write(sessions, directory / "sessions.parquet")
-        return {"sessions": sessions.height, "session_events": session_events.height}
+        return {"sessions": sessions.height, "session_events": session_events.height, **session_measures(session_events, sessions)}
 
     return build
 
 
 def summarise_sessions_stage(config: PreprocessConfig, counts: list[dict[str, Any]]) -> dict[str, Any]:
     sessions = sum(part["sessions"] for part in counts)
-    return {"sessions": sessions, "mean_session_length": sum(part["session_events"] for part in counts) / max(sessions, 1)}
+    events = sum(part["session_events"] for part in counts)
+    times_on_unit = {f"times_on_{unit}": sum(part[f"times_on_{unit}"] for part in counts) for unit in TIME_UNITS_MS}
+    return {
+        "sessions": sessions,
+        "mean_session_length": events / max(sessions, 1),
+        "single_item_share": sum(part["single_item_sessions"] for part in counts) / max(sessions, 1),
+        "time_resolution": time_resolution(times_on_unit, events),
+    }
 
 
 def long_term_part(config: PreprocessConfig, sources: Sources, bucket: int) -> PartBuild:
@@ -190,6 +198,7 @@ def long_term_part(config: PreprocessConfig, sources: Sources, bucket: int) -> P
         features = ["item", *side_features]
         return {
             "sessions": long_term.height,
+            "empty_long_term_sessions": empty_long_term_sessions(long_term),
             "features": features,
             **{f"total_long_{feature}": int(long_term.get_column(long_term_column(feature)).list.len().sum()) for feature in features},
         }
@@ -202,6 +211,7 @@ def summarise_long_term_stage(config: PreprocessConfig, counts: list[dict[str, A
     sessions = max(sum(part["sessions"] for part in counts), 1)
     return {
         "features": features,
+        "empty_long_term_share": sum(part["empty_long_term_sessions"] for part in counts) / sessions,
         **{f"mean_long_{feature}": sum(part[f"total_long_{feature}"] for part in counts) / sessions for feature in features},
     }
 

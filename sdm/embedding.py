@@ -8,6 +8,21 @@ from torch import Tensor, nn
 
 from sdm.config import ModelConfig
 
+# nn.Embedding's N(0, 1) rows give projected item vectors of norm ~5 and initial logits far
+# wider than ln(n_items): on a small log Adam's ~lr-sized steps never undo that in the few hundred
+# steps it gets, and the model only learns to flatten its scores (the loss stays at ln(n_items)).
+# Small rows start every logit near zero, and the softmax learns from the first step.
+EMBEDDING_INIT_STD = 0.05
+
+
+def small_embedding(vocab_size: int, width: int) -> nn.Embedding:
+    """An embedding table with N(0, EMBEDDING_INIT_STD^2) rows and a zero padding row 0."""
+    table = nn.Embedding(vocab_size, width, padding_idx=0)
+    nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
+    with torch.no_grad():
+        table.weight[0].zero_()
+    return table
+
 
 class ItemEmbedding(nn.Module):
     """e_i = W concat({e_i^f | f in F}) + b, with one table per feature f (id, leaf, category, shop, brand).
@@ -23,7 +38,7 @@ class ItemEmbedding(nn.Module):
             raise ValueError(f"item_side has shape {tuple(item_side.shape)}, expected {expected}")
         self.features = config.item_features
         self.tables = nn.ModuleDict(
-            {f: nn.Embedding(config.vocab_size(f), config.embedding_widths[f], padding_idx=0) for f in self.features}
+            {f: small_embedding(config.vocab_size(f), config.embedding_widths[f]) for f in self.features}
         )
         # item id -> ids of the side features in use; row 0 (padding item) maps to padding ids.
         self.register_buffer("item_side", item_side[:, : len(self.features) - 1].long().clone())
@@ -59,9 +74,9 @@ class UserEmbedding(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.profile_tables = nn.ModuleList(
-            nn.Embedding(vocab, config.profile_width, padding_idx=0) for vocab in config.profile_vocab
+            small_embedding(vocab, config.profile_width) for vocab in config.profile_vocab
         )
-        self.user_table = nn.Embedding(config.n_users, config.dim, padding_idx=0) if config.use_user_id else None
+        self.user_table = small_embedding(config.n_users, config.dim) if config.use_user_id else None
         concat_width = len(config.profile_vocab) * config.profile_width + (config.dim if config.use_user_id else 0)
         if concat_width:
             self.project = nn.Linear(concat_width, config.dim)

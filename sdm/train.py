@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +81,15 @@ class TrainConfig:
     out: str
     model: str = "sdm"
     epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-3
+    batch_size: int = 0  # sessions per step and process; 0 = auto_batch_size(training sessions)
+    lr: float = 3e-3  # the peak rate, after warm-up
+    weight_decay: float = 0.1  # decoupled (AdamW)
+    warmup: float = 0.05  # share of the planned steps with a linear warm-up; cosine decay to 0 after
     clip_norm: float = 5.0
     loss: str = "auto"
     negatives: str = "log-uniform"
     num_negatives: int = 1000
-    patience: int = 3
+    patience: int = 5
     select_metric: str = "recall@50"
     ks: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
     seed: int = 0
@@ -111,7 +113,10 @@ class TrainConfig:
             (self.model in MODEL_NAMES, f"--model must be one of {', '.join(MODEL_NAMES)}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
             (self.negatives in NEGATIVES, f"--negatives must be one of {', '.join(NEGATIVES)}"),
-            (self.epochs >= 0 and self.batch_size >= 1 and self.lr > 0, "--epochs, --batch-size and --lr must be positive"),
+            (self.epochs >= 0 and self.lr > 0, "--epochs and --lr must be positive"),
+            (self.batch_size >= 0, "--batch-size must be positive (or 0 for automatic)"),
+            (self.weight_decay >= 0, "--weight-decay must not be negative"),
+            (0 <= self.warmup < 1, "--warmup must be a share of the steps in [0, 1)"),
             (self.num_negatives >= 1, "--num-negatives must be at least 1"),
             (self.patience >= 1, "--patience must be at least 1"),
             (self.long_term or self.short_term, "--no-long-term and --no-short-term together leave nothing to model"),
@@ -157,6 +162,21 @@ class EpochReport:
     seconds: float
     valid: dict[str, float]
     improved: bool
+
+
+def auto_batch_size(n_sessions: int) -> int:
+    """About 500 steps per epoch, between 32 and 256 sessions per batch: a small log still gets
+    enough steps to move its embeddings, a large one the throughput of big batches."""
+    return int(min(256, max(32, 2 ** math.ceil(math.log2(max(n_sessions, 1) / 500)))))
+
+
+def learning_rate(config: TrainConfig, progress: float) -> float:
+    """The rate at `progress` (share of the planned steps done, 0..1): linear warm-up over the
+    first `warmup` share, then cosine decay to zero at the end of the last planned epoch."""
+    if progress < config.warmup:
+        return config.lr * (progress + 1e-3) / config.warmup
+    decayed = (progress - config.warmup) / max(1 - config.warmup, 1e-9)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(decayed, 1.0)))
 
 
 def uses_full_softmax(config: TrainConfig, n_items: int) -> bool:
@@ -236,8 +256,10 @@ def train_epoch(
     parameters = [p for p in objective.parameters() if p.requires_grad]
     total_loss, total_targets = torch.zeros((), dtype=torch.float64), 0
     global_batch = config.batch_size * ranks.world_size
+    steps_per_epoch = max(1, -(-len(train) // global_batch))
     autocast = torch.autocast(ranks.device.type, dtype=torch.bfloat16, enabled=config.bf16)
-    for rows in length_grouped_batches(train.tensors["lengths"], global_batch, epoch_generator(config.seed, epoch)):
+    batches = length_grouped_batches(train.tensors["lengths"], global_batch, epoch_generator(config.seed, epoch))
+    for step, rows in enumerate(batches):
         start, stop = ranks.share(len(rows))
         batch = train.batch(rows[start:stop] if stop > start else rows[:1])
         if stop == start:  # a rank without rows joins the step with one row that predicts nothing
@@ -252,6 +274,8 @@ def train_epoch(
         # DDP averages gradients over ranks: scaled so, they are the gradients of the mean loss
         # over the targets of all ranks.
         loss = loss_sum * (ranks.world_size / n_targets)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, (epoch + min(step / steps_per_epoch, 1.0)) / max(config.epochs, 1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm)
@@ -342,6 +366,9 @@ def train_ranks(
     valid, _ = load_cases(data, catalogue, "valid")
     if 0 < len(train_data) < ranks.world_size:
         raise InputError(f"{data}: {len(train_data)} training sessions cannot be shared by {ranks.world_size} processes")
+    requested = config  # what the run directory records: --resume compares options, not their resolution
+    if config.batch_size == 0:
+        config = replace(config, batch_size=auto_batch_size(len(train_data)))
     model_config = config.model_config(catalogue)
     torch.manual_seed(config.seed)
     model = build_model(config.model, model_config, catalogue.item_side, catalogue.item_counts, train_data.tensors["items"])
@@ -354,10 +381,11 @@ def train_ranks(
         objective = DistributedDataParallel(
             objective, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None, **NO_BUFFER_SYNC
         )
-    optimizer = torch.optim.Adam(trainable, lr=config.lr, fused=True) if trainable else None
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, fused=True) if trainable else None
 
     run_config = {
-        "train": asdict(config),
+        "train": asdict(requested),
+        "batch_size": config.batch_size,
         "model": model_config.to_dict(),
         "catalogue": catalogue.vocab_sizes(),
         "data_fingerprint": data_fingerprint(data),

@@ -146,15 +146,18 @@ def test_rank_zero_alone_writes_the_run_and_the_log(ddp_runs):
 
 def test_a_resumed_ddp_run_goes_on_with_the_steps_it_would_have_taken(ddp_runs, tiny_data, tmp_path):
     # The sampled-loss run (1 epoch) continued for a second epoch must still take the steps of one
-    # process with 2B sessions for 2 epochs: the same batches, negatives and optimiser state.
+    # process with 2B sessions trained for 1 epoch and continued for a second: the same batches,
+    # negatives, learning rates and optimiser state.
     resumed = tmp_path / "resumed"
     subprocess.run(["cp", "-r", str(ddp_runs["sampled"]), str(resumed)], check=True)
     continued = torchrun(*ddp_options(tiny_data, 2, "sampled"), "--out", str(resumed), "--resume", cwd=tmp_path)
     assert continued.returncode == 0, continued.stderr
     history = read_json(resumed / HISTORY)["epochs"]
     assert [entry["epoch"] for entry in history] == [1, 2]
-    train(one_process_config(tiny_data, tmp_path / "2b", "sampled", 2 * BATCH, epochs=2))
-    train(one_process_config(tiny_data, tmp_path / "b", "sampled", BATCH, epochs=2))
+    for name, batch in (("2b", 2 * BATCH), ("b", BATCH)):
+        one_epoch = one_process_config(tiny_data, tmp_path / name, "sampled", batch, epochs=1)
+        train(one_epoch)
+        train(replace(one_epoch, epochs=2), resume=True)
     two_ranks = load_checkpoint(resumed / LAST)["model"]
     same_steps = parameter_distance(two_ranks, load_checkpoint(tmp_path / "2b" / LAST)["model"])
     assert same_steps < 1e-3 and parameter_distance(two_ranks, load_checkpoint(tmp_path / "b" / LAST)["model"]) > 10 * same_steps

@@ -236,18 +236,18 @@ def test_same_seed_gives_the_same_run_and_another_seed_does_not(tiny_data, tmp_p
         assert not states_equal(first, other)
 
 
-def test_resume_to_more_epochs_equals_an_uninterrupted_run(tiny_data, tmp_path):
-    straight = train(small_config(tiny_data, tmp_path / "straight", epochs=4, patience=4))
+def test_resume_to_more_epochs_continues_the_run(tiny_data, tmp_path):
+    """More epochs on --resume: the epochs done stay as they were, the learning-rate schedule is
+    planned again for the new budget from there on, and extending is as deterministic as training."""
     interrupted = small_config(tiny_data, tmp_path / "resumed", epochs=2, patience=4)
-    assert len(train(interrupted)) == 2
+    first_two = train(interrupted)
     resumed = train(replace(interrupted, epochs=4), resume=True)
-    assert len(resumed) == 4
-    assert without_timing(resumed) == without_timing(straight)
-    for checkpoint in (LAST, BEST):
-        assert states_equal(
-            load_checkpoint(tmp_path / "resumed" / checkpoint)["model"],
-            load_checkpoint(tmp_path / "straight" / checkpoint)["model"],
-        )
+    assert len(resumed) == 4 and without_timing(resumed[:2]) == without_timing(first_two)
+    again = small_config(tiny_data, tmp_path / "again", epochs=2, patience=4)
+    train(again)
+    assert without_timing(train(replace(again, epochs=4), resume=True)) == without_timing(resumed)
+    straight = train(small_config(tiny_data, tmp_path / "straight", epochs=4, patience=4))
+    assert without_timing(straight[:2]) != without_timing(first_two)  # a 4-epoch plan decays more slowly
 
 
 def test_resume_with_different_options_is_refused(tiny_run, tiny_data):
@@ -398,3 +398,36 @@ def assert_dropped_inputs_are_ignored(run: Path, data: Path, variant: str) -> No
     with_other_items = user_vectors_with(model, batch, items=torch.where(valid, other_items, 0))
     assert torch.equal(without_long_term, reference) == (variant == "no-long-term")
     assert torch.equal(with_other_items, reference) == (variant == "no-short-term")
+
+
+# --- learning from a bare log ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bare_sample_data(tmp_path_factory) -> Path:
+    """The sample events alone: no items file (no side features) and no users file (no profile),
+    so every user shares one profile vector; the case where models used to learn nothing."""
+    out = tmp_path_factory.mktemp("bare") / "data"
+    run_sdm_ok("preprocess", Path(__file__).parents[1] / "sample_data" / "events.csv", "--out", out,
+               "--test-days", 3, "--valid-days", 2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bare_popularity_hit_rate(bare_sample_data, tmp_path_factory) -> float:
+    run = tmp_path_factory.mktemp("bare_popularity") / "run"
+    return train(TrainConfig(data=str(bare_sample_data), out=str(run), model="popularity"))[0]["valid"]["hit_rate@50"]
+
+
+@pytest.mark.parametrize("model", ["sdm", "youtube-dnn", "gru4rec", "sasrec"])
+def test_every_model_learns_from_a_bare_log_within_one_epoch(bare_sample_data, bare_popularity_hit_rate, tmp_path, model):
+    """At the defaults, one epoch takes the mean training loss clearly below ln(n_items), the loss
+    of scoring every item alike, and validation hit rate@50 to at least 90% of popularity's: the
+    model has learnt at least what popularity knows. (Measured: losses 7.34-7.42 against ln n =
+    7.78 and hit rates 0.38-0.39 against popularity's 0.39; with N(0, 1) embeddings, lr 1e-3 and
+    batches of 256 the losses were 7.46-8.42 and the hit rates 0.13-0.30.)"""
+    catalogue = load_catalogue(bare_sample_data)
+    assert not catalogue.side_features and not catalogue.profile_vocab
+    history = train(TrainConfig(data=str(bare_sample_data), out=str(tmp_path / "run"), model=model, epochs=1, threads=TEST_THREADS))
+    assert history[0]["loss"] < math.log(catalogue.n_items - 1) - 0.25, history[0]["loss"]
+    assert history[0]["valid"]["hit_rate@50"] >= 0.9 * bare_popularity_hit_rate, (history[0]["valid"], bare_popularity_hit_rate)

@@ -1,0 +1,65 @@
+"""What the summary says about how well the paper's session and long-term rules fit a log.
+
+The 10-minute gap and the 7-day window suit click streams. On rating or review logs (times at day
+resolution, a user's events weeks apart) they give single-item sessions and empty long-term sets,
+and SDM degrades to a popularity model of one item. The counts are taken while the stages are
+built (`session_measures`, `empty_long_term_sessions`); `warnings` turns the summary into advice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+# Coarsest first: a log's resolution is the first unit that nearly every time is a multiple of.
+TIME_UNITS_MS = {"day": 86_400_000, "hour": 3_600_000, "minute": 60_000, "second": 1_000, "millisecond": 1}
+ON_UNIT_SHARE = 0.99
+DEGENERATE_SHARE = 0.5
+FEW_CASES = 200
+# The public SDM's configuration for MovieLens (DeepMatch's SDM example): a short-term session of
+# at most 5 items and a long-term set of the 50 items before it, whatever their age.
+RATING_LOG_FLAGS = "--max-session-length 5 --long-window none --max-long 50"
+
+
+def session_measures(session_events: pl.DataFrame, sessions: pl.DataFrame) -> dict[str, int]:
+    """Counts summed over buckets: single-item sessions, and events whose time is a whole unit."""
+    on_units = session_events.select(
+        (pl.col("time") % unit_ms == 0).sum().alias(f"times_on_{unit}") for unit, unit_ms in TIME_UNITS_MS.items()
+    )
+    return {
+        "single_item_sessions": int((sessions.get_column("length") == 1).sum()),
+        **{name: int(value) for name, value in on_units.row(0, named=True).items()},
+    }
+
+
+def time_resolution(times_on_unit: dict[str, int], n_events: int) -> str:
+    for unit in TIME_UNITS_MS:
+        if times_on_unit[f"times_on_{unit}"] >= ON_UNIT_SHARE * n_events:
+            return unit
+    return "millisecond"
+
+
+def empty_long_term_sessions(long_term: pl.DataFrame) -> int:
+    return int((long_term.get_column("long_item").list.len() == 0).sum())
+
+
+def warnings(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per degenerate measure of a preprocess summary, with the flags that would fit."""
+    sessions, long_term, splits = (summary.get(stage, {}) for stage in ("sessions", "long_term", "splits"))
+    lines = []
+    single = sessions.get("single_item_share", 0.0)
+    empty = long_term.get("empty_long_term_share", 0.0)
+    resolution = sessions.get("time_resolution")
+    if single > DEGENERATE_SHARE or empty > DEGENERATE_SHARE or resolution == "day":
+        facts = [f"times at {resolution} resolution"] if resolution in ("day", "hour") else []
+        facts += [f"{single:.0%} of sessions hold one item"] if single > DEGENERATE_SHARE else []
+        facts += [f"{empty:.0%} have empty long-term sets"] if empty > DEGENERATE_SHARE else []
+        lines.append(f"{', '.join(facts)}: the 10-minute sessions and 7-day window do not fit this log; "
+                     f"for rating or review logs try `{RATING_LOG_FLAGS}`")
+    for name in ("valid_cases", "test_cases"):
+        cases = splits.get(name)
+        if cases is not None and cases < FEW_CASES:
+            lines.append(f"only {cases} {name.replace('_', ' ')}: metrics will be noisy (a hit rate's standard error is "
+                         f"about {0.5 / max(cases, 1) ** 0.5:.2f}); try `--split leave-last-out` or more --valid-days/--test-days")
+    return lines

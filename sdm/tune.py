@@ -1,0 +1,101 @@
+"""`sdm tune`: an Optuna search over the training options that matter, on the validation split.
+
+Every model gets the same search space and the same number of trials, so a comparison after tuning
+is a comparison of models, not of tuning effort. The study lives in OUT/study.db (SQLite): a
+second `sdm tune` with the same OUT continues it, and a trial a killed process left running is
+marked failed and its options tried again first. OUT/best.toml holds the best options under
+[train], for `sdm train --config OUT/best.toml`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from filelock import FileLock, Timeout
+
+from pipeline.errors import InputError
+from pipeline.storage import ensure_output_dir, write_bytes_atomic
+from sdm.train import TrainConfig, train
+
+STUDY = "study.db"
+BEST = "best.toml"
+UNTRAINED_MODELS = ("popularity", "item-cf")
+SEARCHED = ("lr", "weight_decay", "dropout", "batch_size", "dim")
+
+
+def suggest_options(trial: optuna.Trial) -> dict[str, Any]:
+    """The search space, the same for every trained model."""
+    return {
+        "lr": trial.suggest_float("lr", 3e-4, 1e-2, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-3, 0.3, log=True),
+        "dropout": trial.suggest_float("dropout", 0.0, 0.5),
+        "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128, 256]),
+        "dim": trial.suggest_categorical("dim", [32, 64, 128]),
+    }
+
+
+def retry_abandoned_trials(study: optuna.Study) -> None:
+    """Trials still RUNNING when no tuner holds the lock were cut off: fail them, try them again."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+
+
+def best_toml(model: str, options: dict[str, Any], value: float, metric: str) -> str:
+    lines = [f"# sdm tune: best validation {metric} {value:.4f}", "[train]", f'model = "{model}"']
+    lines += [f"{name.replace('_', '-')} = {value!r}" for name, value in sorted(options.items())]
+    return "\n".join(lines) + "\n"
+
+
+def tune(
+    base: TrainConfig,
+    out: Path,
+    trials: int,
+    on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+) -> optuna.Study:
+    """Run trials until the study in `out` holds `trials` finished ones; write out/best.toml.
+    `base` gives the data, model, epochs and seed; each trial's run goes to out/trials/NNN."""
+    if base.model in UNTRAINED_MODELS:
+        raise InputError(f"--model {base.model} has nothing to tune (it trains no parameters)")
+    if trials < 1:
+        raise InputError("--trials must be at least 1")
+    ensure_output_dir(out)
+    lock = FileLock(out / ".tune.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise InputError(f"{out}: another sdm tune is running on it; wait for it or choose another --out") from None
+    try:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(
+            study_name=base.model,
+            storage=f"sqlite:///{out / STUDY}",
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=base.seed),
+            load_if_exists=True,
+        )
+        retry_abandoned_trials(study)
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+        def objective(trial: optuna.Trial) -> float:
+            run = out / "trials" / f"{trial.number:03d}"
+            shutil.rmtree(run, ignore_errors=True)  # a cut-off attempt of this trial number
+            history = train(replace(base, out=str(run), **suggest_options(trial)))
+            values = [epoch["valid"].get(base.select_metric, -math.inf) for epoch in history]
+            return max(values, default=-math.inf)
+
+        remaining = trials - len(study.get_trials(deepcopy=False, states=finished))
+        if remaining > 0:
+            callbacks = [lambda _study, trial: on_trial(trial)] if on_trial is not None else []
+            study.optimize(objective, n_trials=remaining, callbacks=callbacks)
+        best = study.best_trial
+        write_bytes_atomic(out / BEST, best_toml(base.model, best.params, best.value, base.select_metric).encode())
+        return study
+    finally:
+        lock.release()
