@@ -171,7 +171,7 @@ def print_summary(summary: dict[str, dict[str, Any]]) -> None:
             table.add_row(stage, name.replace("_", " "), shown)
     console.print(table)
     for line in warnings(summary):
-        err_console.print(f"[yellow]warning:[/] {line}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -232,6 +232,9 @@ def main(args: list[str] | None = None, prog_name: str | None = None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Under torchrun every rank checks the same inputs; the prefix says which one is talking.
     who = f"rank {rank_of_this_process()}: " if rank_of_this_process() else ""
+    args = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in args  # anywhere on the line, for any command: show the traceback of a bug
+    args = [arg for arg in args if arg != "--debug"]
     try:
         app(args=args, prog_name=prog_name)
     except InputError as error:
@@ -250,6 +253,12 @@ def main(args: list[str] | None = None, prog_name: str | None = None) -> None:
         if exit_.code == EXIT_INTERRUPTED and not who and not isinstance(exit_, ReportedByRanks):
             err_console.print(INTERRUPTED_MESSAGE, highlight=False)
         raise
+    except Exception as error:  # a bug of ours: one line, and the traceback on request
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {who}unexpected {type(error).__name__}: {error}; run with --debug for the traceback",
+                          highlight=False, soft_wrap=True)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 @app.command("train")

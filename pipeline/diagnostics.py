@@ -17,6 +17,7 @@ TIME_UNITS_MS = {"day": 86_400_000, "hour": 3_600_000, "minute": 60_000, "second
 ON_UNIT_SHARE = 0.99
 DEGENERATE_SHARE = 0.5
 FEW_CASES = 200
+SHORT_LOG_MS = 7 * 86_400_000  # shorter than the default long-term window
 # The public SDM's configuration for MovieLens (DeepMatch's SDM example): a short-term session of
 # at most 5 items and a long-term set of the 50 items before it, whatever their age.
 RATING_LOG_FLAGS = "--max-session-length 5 --long-window none --max-long 50"
@@ -46,11 +47,17 @@ def empty_long_term_sessions(long_term: pl.DataFrame) -> int:
 
 def warnings(summary: dict[str, dict[str, Any]]) -> list[str]:
     """One line per degenerate measure of a preprocess summary, with the flags that would fit."""
-    sessions, long_term, splits = (summary.get(stage, {}) for stage in ("sessions", "long_term", "splits"))
+    events, sessions, long_term, splits = (summary.get(stage, {}) for stage in ("events", "sessions", "long_term", "splits"))
     lines = []
     single = sessions.get("single_item_share", 0.0)
     empty = long_term.get("empty_long_term_share", 0.0)
     resolution = sessions.get("time_resolution")
+    span_ms = events.get("time_max_ms", 0) - events.get("time_min_ms", 0)
+    if empty > DEGENERATE_SHARE and span_ms < SHORT_LOG_MS:
+        # No window can help: most users have no earlier session at all in so short a log.
+        lines.append(f"{empty:.0%} of sessions have no earlier session of their user (the log spans "
+                     f"{span_ms / 3_600_000:.1f} hours): the long-term part has little to read here")
+        empty = 0.0
     if single > DEGENERATE_SHARE or empty > DEGENERATE_SHARE or resolution == "day":
         facts = [f"times at {resolution} resolution"] if resolution in ("day", "hour") else []
         facts += [f"{single:.0%} of sessions hold one item"] if single > DEGENERATE_SHARE else []

@@ -46,7 +46,7 @@ from sdm.checkpoint import (
     save_checkpoint,
     write_run_json,
 )
-from sdm.config import ModelConfig
+from sdm.config import FUSIONS, ModelConfig
 from sdm.data import (
     Catalogue,
     SessionData,
@@ -60,6 +60,7 @@ from sdm.data import (
 from sdm.distributed import DEVICES, Ranks, join, leave
 from sdm.evaluate import evaluate_shared
 from sdm.losses import LogUniformSampler, alone, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
+from sdm.metrics import METRICS
 from sdm.model import Recommender
 
 # Buffers (the item side table) never change: broadcasting them every step would only cost. Newer
@@ -121,7 +122,14 @@ class TrainConfig:
             (self.patience >= 1, "--patience must be at least 1"),
             (self.long_term or self.short_term, "--no-long-term and --no-short-term together leave nothing to model"),
             (self.dim % max(self.heads, 1) == 0, f"--dim {self.dim} must be divisible by --heads {self.heads}"),
-            (self.select_metric.partition("@")[2].isdigit(), "--select-metric must look like recall@50"),
+            (self.select_metric.partition("@")[0] in METRICS and self.select_metric.partition("@")[2].isdigit()
+             and int(self.select_metric.partition("@")[2]) >= 1,
+             f"--select-metric {self.select_metric!r}: expected one of {', '.join(METRICS)} at a K >= 1, e.g. recall@50"),
+            (self.dim >= 1 and self.heads >= 1 and self.lstm_layers >= 1, "--dim, --heads and --lstm-layers must be at least 1"),
+            (0 <= self.dropout < 1, f"--dropout {self.dropout}: expected a probability in [0, 1)"),
+            (self.fusion in FUSIONS, f"--fusion {self.fusion!r}: expected one of {', '.join(FUSIONS)}"),
+            (self.seed >= 0 and self.threads >= 0, "--seed and --threads must not be negative"),
+            (math.isfinite(self.lr) and math.isfinite(self.weight_decay), "--lr and --weight-decay must be finite numbers"),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
             # Options a model would silently ignore: refusing them keeps an "ablation" from being a rerun.
             (self.fusion == "gated" or self.model == "sdm", f"--fusion applies to --model sdm only, not {self.model}"),

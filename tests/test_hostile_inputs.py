@@ -255,3 +255,34 @@ def test_a_config_file_cannot_redirect_input_or_output(tmp_path: Path) -> None:
         outcome = run_sdm("preprocess", logs, "--out", tmp_path / "out", "--config", config)
         assert_rejected_in_one_line({"exit_code": outcome.exit_code, "stderr": outcome.stderr}, ["unknown setting", setting.split()[0]])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [("--seed", "-1", "--seed"), ("--threads", "-1", "--threads"), ("--heads", "-2", "--heads"), ("--heads", "0", "--heads"),
+     ("--dropout", "nan", "--dropout"), ("--dropout", "1.5", "--dropout"), ("--lstm-layers", "0", "--lstm-layers"),
+     ("--dim", "0", "--dim"), ("--fusion", "foo", "--fusion"), ("--select-metric", "recall@0", "--select-metric"),
+     ("--warmup", "1", "--warmup"), ("--weight-decay", "-0.1", "--weight-decay"), ("--lr", "inf", "--lr")],
+)
+def test_bad_training_options_are_one_line_before_any_data_is_read(tmp_path, option, value, named):
+    """Checked when the options are read: DATA does not even exist here, and nothing is written."""
+    outcome = run_sdm("train", "--data", tmp_path / "missing", "--out", tmp_path / "run", option, value)
+    assert outcome.exit_code == 2, outcome.output
+    assert len(outcome.stderr.strip().splitlines()) == 1 and named in outcome.stderr and "Traceback" not in outcome.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch):
+    import pipeline.run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pipeline.run, "run_preprocess", broken)
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\nu,i,1\n")
+    outcome = run_sdm("preprocess", log, "--out", tmp_path / "out")
+    assert outcome.exit_code == 2 and "Traceback" not in outcome.output
+    assert outcome.stderr.strip() == "error: unexpected RuntimeError: a bug; run with --debug for the traceback"
+    debugged = run_sdm("preprocess", log, "--out", tmp_path / "out", "--debug")
+    assert "Traceback" in debugged.stderr and "a bug" in debugged.stderr

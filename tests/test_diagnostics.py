@@ -1,0 +1,46 @@
+"""The preprocess summary says when the paper's session and long-term rules do not fit a log."""
+
+from __future__ import annotations
+
+import json
+
+from helpers.cli import run_sdm_ok
+from helpers.logs import BASE_MS, DAY_MS, KEEP_ALL_ITEMS, MINUTE_MS, SECOND_MS, preprocess, stats, write_log
+
+RATING_FLAGS = "--max-session-length 5 --long-window none --max-long 50"
+
+
+def test_a_day_resolution_log_is_reported_with_the_flags_that_fit(tmp_path):
+    # One event a day per user, at midnight: every session holds one item, and with events 10 days
+    # apart no session has anything in the 7 days before it.
+    rows = [(user, f"i{(user * 7 + day) % 13}", BASE_MS - BASE_MS % DAY_MS + day * 10 * DAY_MS) for user in range(30) for day in range(6)]
+    out = tmp_path / "data"
+    outcome = preprocess(write_log(tmp_path / "log.csv", rows), out, *KEEP_ALL_ITEMS)
+    assert stats(out, "sessions")["single_item_share"] == 1.0
+    assert stats(out, "sessions")["time_resolution"] == "day"
+    assert stats(out, "long_term")["empty_long_term_share"] == 1.0
+    warning = next(line for line in outcome.stderr.splitlines() if "warning" in line)
+    assert "day resolution" in warning and "100% of sessions hold one item" in warning and RATING_FLAGS in outcome.stderr
+    assert RATING_FLAGS in run_sdm_ok("info", out).stderr  # sdm info repeats it
+
+
+def test_a_click_stream_gets_no_fit_warning(tmp_path):
+    # Sessions of 4 clicks a minute apart, a day apart: long-term sets filled, times in milliseconds.
+    rows = [(user, f"i{(user + day + click) % 11}", BASE_MS + day * DAY_MS + click * MINUTE_MS + user * 7 + 1)
+            for user in range(30) for day in range(5) for click in range(4)]
+    out = tmp_path / "data"
+    outcome = preprocess(write_log(tmp_path / "log.csv", rows), out, *KEEP_ALL_ITEMS, "--split", "leave-last-out")
+    sessions = stats(out, "sessions")
+    assert sessions["single_item_share"] == 0.0 and sessions["time_resolution"] == "millisecond"
+    assert stats(out, "long_term")["empty_long_term_share"] == 1 / 5  # each user's first session
+    assert RATING_FLAGS not in outcome.stderr
+    # 30 validation and test cases are too few to measure: said once each.
+    assert sum("only 30 valid cases" in line for line in outcome.stderr.splitlines()) == 1
+
+
+def test_resolution_is_the_coarsest_unit_nearly_every_time_is_a_multiple_of(tmp_path):
+    rows = [(user, f"i{event % 5}", BASE_MS - BASE_MS % MINUTE_MS + (user * 50 + event) * SECOND_MS * 3) for user in range(4) for event in range(50)]
+    out = tmp_path / "data"
+    preprocess(write_log(tmp_path / "log.csv", rows), out, *KEEP_ALL_ITEMS)
+    assert stats(out, "sessions")["time_resolution"] == "second"
+    assert json.loads((out / "sessions" / "manifest.json").read_text())["stats"]["time_resolution"] == "second"
