@@ -559,7 +559,12 @@ def recommend_command(
     if as_json:
         typer.echo(ranked.write_ndjson())
         return
-    table = Table(title=f"top {k} for user {user}", header_style="bold")
+    print_ranking(ranked, f"top {k} for user {user}")
+
+
+def print_ranking(ranked, title: str) -> None:
+    """A `recommend` frame (rank, item, score, side values) as a rich table."""
+    table = Table(title=title, header_style="bold")
     for name in ranked.columns:
         table.add_column(name, justify="right" if name in ("rank", "score") else "left")
     for row in ranked.iter_rows():
@@ -641,8 +646,7 @@ def demo(
     model, run_config, catalogue = load_trained(out / "runs" / f"sdm-seed{seed}")
     raw_user = most_active_user(data)
     ranked = recommend(model, data, catalogue, raw_user, 5, exclude_seen=False)
-    console.print(f"top 5 for user {raw_user}:")
-    console.print(ranked)
+    print_ranking(ranked, f"top 5 for user {raw_user}")
 
 
 def most_active_user(data: Path) -> str:

@@ -15,10 +15,14 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import InputError
 from pipeline.storage import as_os_error, publish_directory, remove_leftovers, temporary_path, write_json_atomic
 
 MANIFEST = "manifest.json"
 HASH_CHUNK = 1 << 22
+# A stage's files are checked against their manifest before use: fully hashed up to this size,
+# beyond it the first and last chunk (Parquet's magic bytes and footer) with the exact size.
+FULL_HASH_BYTES = 4 * HASH_CHUNK
 
 
 def package_version() -> str:
@@ -35,6 +39,39 @@ def file_digest(path: Path) -> str:
         while chunk := handle.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def quick_digest(path: Path) -> str:
+    size = path.stat().st_size
+    if size <= FULL_HASH_BYTES:
+        return file_digest(path)
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        digest.update(handle.read(HASH_CHUNK))
+        handle.seek(size - HASH_CHUNK)
+        digest.update(handle.read(HASH_CHUNK))
+    return digest.hexdigest()
+
+
+def file_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """Size and quick digest of every file a stage wrote, by path relative to its directory."""
+    return {
+        str(path.relative_to(directory)): {"size": path.stat().st_size, "digest": quick_digest(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def damaged_file(stage_dir: Path, manifest: dict[str, Any]) -> str | None:
+    """The first file of the stage that is missing or no longer matches its manifest, if any."""
+    for name, record in manifest.get("files", {}).items():
+        path = stage_dir / name
+        try:
+            if path.stat().st_size != record["size"] or quick_digest(path) != record["digest"]:
+                return name
+        except OSError:
+            return name
+    return None
 
 
 # Manifest entries that readers turn into file names (vocab/<feature>.parquet, vocab/profile.<field>.parquet).
@@ -55,6 +92,18 @@ def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def require_stage(data: Path, stage: str) -> dict[str, Any]:
+    """The manifest of a complete, undamaged stage of a preprocess output, for its readers."""
+    manifest = read_manifest(data / stage)
+    if manifest is None:
+        raise InputError(f"{data}: no complete '{stage}' stage; run `sdm preprocess LOGS --out {data}` first")
+    damaged = damaged_file(data / stage, manifest)
+    if damaged is not None:
+        raise InputError(f"{data / stage / damaged}: damaged (missing, or its size or checksum differs from the manifest); "
+                         f"rebuild it with `sdm preprocess LOGS --out {data} --force`")
+    return manifest
+
+
 def is_plain_name(name: str) -> bool:
     """Whether a name taken from data (a column, a manifest entry) can be part of one file name:
     no path separator, no NUL, not '.' or '..'."""
@@ -66,8 +115,10 @@ def manifest_digest(stage_dir: Path) -> str:
 
 
 def is_current(stage_dir: Path, fingerprint: dict[str, Any]) -> bool:
+    """Built with these inputs and parameters, and its files as they were written (a damaged
+    stage is rebuilt, never reused)."""
     manifest = read_manifest(stage_dir)
-    return manifest is not None and manifest.get("fingerprint") == fingerprint
+    return manifest is not None and manifest.get("fingerprint") == fingerprint and damaged_file(stage_dir, manifest) is None
 
 
 def build_stage(
@@ -82,7 +133,9 @@ def build_stage(
     temporary.mkdir(parents=True)
     try:
         stats = build(temporary)
-        manifest = {"stage": name, "version": package_version(), "fingerprint": fingerprint, "stats": stats}
+        manifest = {
+            "stage": name, "version": package_version(), "fingerprint": fingerprint, "stats": stats, "files": file_records(temporary),
+        }
         write_json_atomic(temporary / MANIFEST, manifest)
         publish_directory(temporary, parent / name)
     except BaseException as error:

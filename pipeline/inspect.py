@@ -7,6 +7,7 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.cache import require_stage
 from pipeline.errors import InputError
 from pipeline.long_term import LONG_TERM_FEATURES, long_term_column
 
@@ -26,8 +27,7 @@ def to_raw(ids: pl.Expr, vocab: pl.DataFrame) -> pl.Expr:
 def user_sessions(out: Path, raw_user: str) -> dict[str, Any]:
     """{"user", "sessions": [{"start", "items", "long_term": {feature: [...]}}]} for one raw user id."""
     for stage in ("events", "sessions", "long_term"):
-        if not (out / stage / "manifest.json").is_file():
-            raise InputError(f"{out}: stage '{stage}' is missing; run `sdm preprocess LOGS --out {out}` first")
+        require_stage(out, stage)
     users = vocabulary(out, "user").filter(pl.col("raw") == raw_user)
     if users.height == 0:
         raise InputError(f"{out}: no user {raw_user!r} (unknown, or all their events were filtered out)")

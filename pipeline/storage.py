@@ -31,15 +31,8 @@ def temporary_path(path: Path, kind: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex}")
 
 
-def fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -57,7 +50,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-        fsync_directory(path.parent)
+        fsync_path(path.parent)
     except BaseException as error:
         temporary.unlink(missing_ok=True)
         failed = as_os_error(error, path)
@@ -81,8 +74,8 @@ def publish_directory(staging: Path, target: Path) -> None:
     the new one, never a mix."""
     for written in staging.rglob("*"):
         if written.is_file():
-            fsync_file(written)
-    fsync_directory(staging)
+            fsync_path(written)
+    fsync_path(staging)
     if target.exists():
         retired = temporary_path(target, "old")
         os.replace(target, retired)
@@ -90,7 +83,7 @@ def publish_directory(staging: Path, target: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, target)
-    fsync_directory(target.parent)
+    fsync_path(target.parent)
 
 
 def remove_leftovers(parent: Path, name: str) -> None:

@@ -18,7 +18,7 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from pipeline.cache import read_manifest
+from pipeline.cache import read_manifest, require_stage
 from pipeline.errors import InputError
 from pipeline.long_term import long_term_column
 from sdm.tensor_store import attach_context, context_arrays, open_training_tensors, padded
@@ -51,13 +51,6 @@ class Catalogue:
             "profile_fields": self.profile_fields,
             "profile_vocab": self.profile_vocab,
         }
-
-
-def require_stage(data: Path, stage: str) -> dict[str, Any]:
-    manifest = read_manifest(data / stage)
-    if manifest is None:
-        raise InputError(f"{data}: no complete '{stage}' stage; run `sdm preprocess LOGS --out {data}` first")
-    return manifest
 
 
 def load_catalogue(data: Path) -> Catalogue:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.cache import manifest_digest
+from pipeline.cache import manifest_digest, require_stage
 from pipeline.errors import InputError
 from pipeline.storage import ensure_output_dir
 from sdm.baselines import MODEL_NAMES, build_model
@@ -54,7 +54,6 @@ from sdm.data import (
     load_cases,
     load_catalogue,
     load_training,
-    require_stage,
     to_device,
 )
 from sdm.distributed import DEVICES, Ranks, join, leave

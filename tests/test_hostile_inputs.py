@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers.cli import child_env, run_sdm
+from helpers.cli import child_env, run_sdm, run_sdm_ok
 from helpers.logs import BASE_MS, KEEP_ALL_ITEMS, raw_events
 
 REPO = Path(__file__).resolve().parents[1]
@@ -286,3 +286,29 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path,
     assert outcome.stderr.strip() == "error: unexpected RuntimeError: a bug; run with --debug for the traceback"
     debugged = run_sdm("preprocess", log, "--out", tmp_path / "out", "--debug")
     assert "Traceback" in debugged.stderr and "a bug" in debugged.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "deleted"])
+@pytest.mark.parametrize("table", ["events/items.parquet", "sessions/sessions.parquet", "splits/train.parquet"])
+def test_a_damaged_stage_is_named_by_readers_and_rebuilt_by_preprocess(tmp_path, damage, table):
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(f"u{u},i{(u + e) % 7},{1_700_000_000 + e * 60 + u * 86_400}\n" for u in range(20) for e in range(8)))
+    data = tmp_path / "data"
+    run_sdm_ok("preprocess", log, "--out", data, "--min-item-count", "1", "--split", "leave-last-out")
+    path = data / table
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(bytes(range(256)) * (path.stat().st_size // 256 + 1))
+    else:
+        path.unlink()
+    stage = table.split("/")[0]
+    readers = {"train": ["train", "--data", data, "--out", tmp_path / "run", "--epochs", "1"], "inspect": ["inspect", data, "--user", "u1"]}
+    reads = {"events": ("train", "inspect"), "sessions": ("inspect",), "splits": ("train",)}  # the stages each command reads
+    for command in (readers[name] for name in reads[stage]):
+        outcome = run_sdm(*command)
+        assert outcome.exit_code == 2 and "Traceback" not in outcome.output, outcome.output
+        assert len(outcome.stderr.strip().splitlines()) == 1 and table in outcome.stderr and "--force" in outcome.stderr
+    rebuilt = run_sdm_ok("preprocess", log, "--out", data, "--min-item-count", "1", "--split", "leave-last-out")
+    assert f"{stage:<10} built in" in rebuilt.stdout
+    assert run_sdm("inspect", data, "--user", "u1").exit_code == 0
