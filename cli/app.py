@@ -501,19 +501,23 @@ def recommend_command(
 def export_command(
     run: Annotated[Path, typer.Option(help="A `sdm train` output directory.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for the exported files. [default: RUN/export]")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="The user tower as onnx (needs the serve extra) or torchscript.")] = "onnx",
+    index: Annotated[Optional[str], typer.Option(help="Also write a faiss index of the items: flat, hnsw or ivf (needs faiss).")] = None,
 ) -> None:
-    """Write item vectors, users' current vectors (Parquet) and the user tower (TorchScript)."""
-    from sdm.serving import export_run
+    """Write item vectors, users' current vectors (Parquet), the user tower, optionally a faiss index, and a manifest."""
+    from sdm.export import export_run
     from sdm.train import load_trained
 
     model, run_config, catalogue = load_trained(run)
     if run_config["train"]["model"] == "item-cf":
         raise InputError(f"{run}: item-cf has no user tower or fixed-size vectors to export; use sdm recommend or sdm evaluate")
     target = out or run / "export"
-    if target.exists() and not target.is_dir():
-        raise InputError(f"{target}: the output path is a file; choose a directory with --out")
-    summary = export_run(model, Path(run_config["train"]["data"]), catalogue, target)
-    console.print(f"exported {summary['items']:,} item and {summary['users']:,} user vectors (d={summary['dim']}) and user_tower.pt to {target}")
+    manifest = export_run(model, run, run_config, catalogue, target, fmt, index)
+    extra = f" and a faiss {index} index" if index else ""
+    console.print(
+        f"exported {manifest['items']:,} item and {manifest['users']:,} user vectors (d={manifest['dim']}), "
+        f"{manifest['tower']['file']}{extra} to {target}"
+    )
 
 
 @app.command("report")
