@@ -520,6 +520,27 @@ def export_command(
     )
 
 
+@app.command("serve")
+def serve_command(
+    run: Annotated[Path, typer.Option(help="A `sdm train` output directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port, printed at start).")] = 8000,
+    index: Annotated[str, typer.Option(help="exact, or a faiss index: flat or hnsw (from RUN/export if `sdm export --index` wrote it, else built at start).")] = "exact",
+    workers: Annotated[int, typer.Option(help="Server processes sharing the port, each with its own copy of the model and index.")] = 1,
+) -> None:
+    """Answer recommendation requests over HTTP until SIGTERM or Ctrl-C (POST /recommend, /recommend/batch; GET /health, /info)."""
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InputError(f'sdm serve needs {" and ".join(missing)}: pip install "sdm[serve]"')
+    if index != "exact" and importlib.util.find_spec("faiss") is None:
+        raise InputError(f'--index {index} needs faiss-cpu: pip install "sdm[serve]"')
+    from sdm.server import serve
+
+    serve(run, host, port, index, workers, announce=lambda line: console.print(line, highlight=False, soft_wrap=True))
+
+
 @app.command("report")
 def report_command(
     inputs: Annotated[list[Path], typer.Argument(metavar="RESULTS_OR_RUN", help="Results Parquet files of benchmarks/quality.py and/or `sdm train` run directories.", show_default=False)],
