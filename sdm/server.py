@@ -476,14 +476,14 @@ def serve(run: Path, host: str, port: int, index: str, workers: int, announce: A
         raise InputError("--workers must be at least 1")
     if index not in SERVE_INDEXES:
         raise InputError(f"--index {index!r}: expected one of {', '.join(SERVE_INDEXES)}")
-    sock = listening_socket(host, port)
-    bound = sock.getsockname()[1]
     quiet = {"log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 10}
     if workers == 1:
-        configure_threads()
         service = Service(run, index)
+        sock = listening_socket(host, port)
+        configure_threads()
         server = StoppingServer(uvicorn.Config(create_app(service), **quiet))
-        announce(f"serving {run} ({service.model_name}, {service.n_items:,} items, index {index}) on http://{host}:{bound}")
+        where = f"http://{host}:{sock.getsockname()[1]}"
+        announce(f"serving {run} ({service.model_name}, {service.n_items:,} items, index {index}) on {where}")
         server.run(sockets=[sock])
     else:
         from uvicorn.supervisors import Multiprocess
@@ -493,8 +493,9 @@ def serve(run: Path, host: str, port: int, index: str, workers: int, announce: A
         read_run_config(run)  # each worker loads the run; a bad one fails here, once, in one line
         if not (run / BEST).is_file():
             raise InputError(f"{run}: no {BEST}; train the run first")
+        sock = listening_socket(host, port)
         os.environ[RUN_ENV], os.environ[INDEX_ENV] = str(run), index
         config = uvicorn.Config("sdm.server:app_from_environment", factory=True, workers=workers, **quiet)
-        announce(f"serving {run} with {workers} processes (index {index}) on http://{host}:{bound}")
+        announce(f"serving {run} with {workers} processes (index {index}) on http://{host}:{sock.getsockname()[1]}")
         Multiprocess(config, sockets=[sock]).run()
     announce("stopped")
