@@ -576,18 +576,44 @@ def print_ranking(ranked, title: str) -> None:
 def export_command(
     run: Annotated[Path, typer.Option(help="A `sdm train` output directory.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for the exported files. [default: RUN/export]")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="The user tower as onnx (needs the serve extra) or torchscript.")] = "onnx",
+    index: Annotated[Optional[str], typer.Option(help="Also write a faiss index of the items: flat, hnsw or ivf (needs faiss).")] = None,
 ) -> None:
-    """Write item vectors, users' current vectors (Parquet) and the user tower (TorchScript)."""
-    from sdm.serving import export_run
+    """Write item vectors, users' current vectors (Parquet), the user tower, optionally a faiss index, and a manifest."""
+    from sdm.export import export_run
     from sdm.train import load_trained
 
     model, run_config, catalogue = load_trained(run)
     if run_config["train"]["model"] == "item-cf":
         raise InputError(f"{run}: item-cf has no user tower or fixed-size vectors to export; use sdm recommend or sdm evaluate")
     target = out or run / "export"
-    ensure_output_dir(target, create=False)
-    summary = export_run(model, Path(run_config["train"]["data"]), catalogue, target)
-    console.print(f"exported {summary['items']:,} item and {summary['users']:,} user vectors (d={summary['dim']}) and user_tower.pt to {target}")
+    manifest = export_run(model, run, run_config, catalogue, target, fmt, index)
+    extra = f" and a faiss {index} index" if index else ""
+    console.print(
+        f"exported {manifest['items']:,} item and {manifest['users']:,} user vectors (d={manifest['dim']}), "
+        f"{manifest['tower']['file']}{extra} to {target}"
+    )
+
+
+@app.command("serve")
+def serve_command(
+    run: Annotated[Path, typer.Option(help="A `sdm train` output directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port, printed at start).")] = 8000,
+    index: Annotated[str, typer.Option(help="exact, or a faiss index: flat or hnsw (from RUN/export if `sdm export --index` wrote it, else built at start).")] = "exact",
+    workers: Annotated[int, typer.Option(help="Server processes sharing the port, each with its own copy of the model and index.")] = 1,
+) -> None:
+    """Answer recommendation requests over HTTP until SIGTERM or Ctrl-C (POST /recommend, /recommend/batch; GET /health, /info)."""
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InputError(f'sdm serve needs {" and ".join(missing)}: pip install "sdm[serve]"')
+    if index != "exact" and importlib.util.find_spec("faiss") is None:
+        raise InputError(f'--index {index} needs faiss-cpu: pip install "sdm[serve]"')
+    from sdm.server import serve
+
+    serve(run, host, port, index, workers, announce=lambda line: console.print(line, highlight=False, soft_wrap=True))
 
 
 @app.command("report")

@@ -61,9 +61,14 @@ def faiss_top_k(
     queries: Tensor, items: Tensor, k: int, kind: str = "hnsw", exclude: tuple[Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor]:
     """Approximate top-k (scores, item ids) [N, k], same conventions as retrieval.top_k."""
-    index = build_index(items, kind)
+    return index_top_k(build_index(items, kind), queries, k, exclude)
+
+
+def index_top_k(index, queries: Tensor, k: int, exclude: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Top-k (scores, item ids) [N, k] from an index of build_index: ids are its positions + 1.
+    Excluded items are searched past (k plus the longest exclusion list), then dropped."""
     extra = int(exclude[0].diff().max()) if exclude is not None and len(exclude[0]) > 1 else 0
-    search_k = min(k + extra, items.shape[0] - 1)
+    search_k = min(k + extra, index.ntotal)
     scores, positions = index.search(np.ascontiguousarray(queries.detach().numpy().astype(np.float32)), search_k)
     ids = torch.from_numpy(np.where(positions >= 0, positions + 1, -1).astype(np.int64))
     scores = torch.from_numpy(scores).to(queries.dtype)
