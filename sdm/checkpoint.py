@@ -56,17 +56,30 @@ def run_lock(run: Path) -> Iterator[None]:
             shutil.rmtree(run, ignore_errors=True)
 
 
+# What each checkpoint file holds (sdm/train.py: save_epoch); a file without these is not ours.
+CHECKPOINT_KEYS = {
+    LAST: {"model", "optimizer", "epoch", "history", "best_value", "bad_epochs"},
+    BEST: {"model", "epoch", "config"},
+}
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Tensors and plain containers only (weights_only): a pickle payload is refused, never run."""
+    """Tensors and plain containers only (weights_only): a pickle payload is refused, never run.
+    A best.pt or last.pt without its keys (another program's file, or a best.pt renamed last.pt)
+    is refused with one line."""
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0]
         raise InputError(f"{path}: refused to load: not a plain checkpoint ({reason})") from None
     except (RuntimeError, EOFError, OSError) as error:
         raise InputError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
+    missing = CHECKPOINT_KEYS.get(path.name, {"model"}) - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise InputError(f"{path}: not a checkpoint sdm train wrote (no {', '.join(sorted(missing))}); retrain, or resume from the run's own files")
+    return state
 
 
 def read_run_config(run: Path) -> dict[str, Any]:

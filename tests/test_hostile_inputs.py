@@ -312,3 +312,16 @@ def test_a_damaged_stage_is_named_by_readers_and_rebuilt_by_preprocess(tmp_path,
     rebuilt = run_sdm_ok("preprocess", log, "--out", data, "--min-item-count", "1", "--split", "leave-last-out")
     assert f"{stage:<10} built in" in rebuilt.stdout
     assert run_sdm("inspect", data, "--user", "u1").exit_code == 0
+
+
+def test_a_checkpoint_from_elsewhere_is_refused_on_resume_and_on_load(tiny_data, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    run_sdm_ok("train", "--data", tiny_data, "--out", run, "--epochs", "1", "--dim", "16", "--heads", "2", "--quiet")
+    shutil.copy(run / "best.pt", run / "last.pt")  # best.pt holds no optimiser state
+    outcome = run_sdm("train", "--data", tiny_data, "--out", run, "--epochs", "2", "--dim", "16", "--heads", "2", "--resume")
+    assert outcome.exit_code == 2 and "Traceback" not in outcome.output and "optimizer" in outcome.stderr
+    torch.save({"weights": torch.zeros(2)}, run / "best.pt")
+    outcome = run_sdm("evaluate", "--run", run)
+    assert outcome.exit_code == 2 and "best.pt" in outcome.stderr and "no config, epoch, model" in outcome.stderr
