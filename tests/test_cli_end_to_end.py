@@ -6,6 +6,7 @@ import json
 import re
 
 import polars as pl
+import pytest
 
 from helpers.cli import sdm_process
 from helpers.training import SAMPLE_FILES, SMALL_MODEL_ARGS, read_json
@@ -44,6 +45,7 @@ def test_preprocess_train_evaluate_recommend(tmp_path):
     assert all(row["item"] in known_items for row in recommendations)
 
 
+@pytest.mark.slow  # over the 5-minute budget of the default suite; python -m pytest -m slow
 def test_demo_completes_and_compares_the_three_models(tmp_path):
     finished = sdm_process("demo", "--out", tmp_path / "demo", "--epochs", 1, cwd=tmp_path, timeout=300)
     assert finished.returncode == 0, finished.stdout + finished.stderr

@@ -144,6 +144,7 @@ def test_rank_zero_alone_writes_the_run_and_the_log(ddp_runs):
     assert stdout.count("epoch   1  loss") == 1 and stdout.count("run saved in") == 1, stdout
 
 
+@pytest.mark.slow  # over the 5-minute budget of the default suite; python -m pytest -m slow
 def test_a_resumed_ddp_run_goes_on_with_the_steps_it_would_have_taken(ddp_runs, tiny_data, tmp_path):
     # The sampled-loss run (1 epoch) continued for a second epoch must still take the steps of one
     # process with 2B sessions trained for 1 epoch and continued for a second: the same batches,

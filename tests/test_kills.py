@@ -114,6 +114,7 @@ def kill_train_repeatedly(kills: int, seed: int, work: Path, data: Path, referen
     return landed
 
 
+@pytest.mark.slow  # over the 5-minute budget of the default suite; python -m pytest -m slow
 def test_train_survives_sigkill_quick(train_reference: TrainReference, tiny_data: Path, tmp_path: Path) -> None:
     assert kill_train_repeatedly(QUICK_KILLS, 0, tmp_path, tiny_data, train_reference) == QUICK_KILLS
 

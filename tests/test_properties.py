@@ -222,6 +222,7 @@ BOUNDARY_OPTIONS = dict(min_item_count=1, max_user_events=None, keep_duplicates=
                         long_window_ms=WINDOW_MS, max_long=20, input_fraction=0.5)
 
 
+@pytest.mark.slow  # over the 5-minute budget of the default suite; python -m pytest -m slow
 @settings(max_examples=PREPROCESS_EXAMPLES, deadline=None, derandomize=True)
 @example(rows=on_split_boundaries(), test_days=0.25, valid_days=0.25, **BOUNDARY_OPTIONS)
 @given(

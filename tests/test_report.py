@@ -199,6 +199,7 @@ def test_grid_skips_a_dataset_whose_files_are_missing(
     assert f"skipping toy: missing {tmp_path / 'absent.csv'}" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # over the 5-minute budget of the default suite; python -m pytest -m slow
 def test_quick_grid_on_sample_data_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--quick for one model and protocol: search (1 config), test with and without seen items,
     a second call that runs nothing, and `sdm report` over the table."""

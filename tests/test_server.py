@@ -370,6 +370,7 @@ def test_hnsw_server_loads_the_exported_index_and_stops_on_ctrl_c(sample_run, us
     assert "stopped" in stdout and "Traceback" not in stderr
 
 
+@pytest.mark.slow  # over the 5-minute budget of the default suite; python -m pytest -m slow
 def test_two_workers_answer_alike_and_stop_on_sigterm(sample_run, users, server):
     with started(sample_run.path, "--workers", "2") as pair:
         for raw_user in users.get_column("raw")[:6].to_list():
