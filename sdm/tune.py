@@ -26,18 +26,20 @@ from sdm.train import TrainConfig, train
 STUDY = "study.db"
 BEST = "best.toml"
 UNTRAINED_MODELS = ("popularity", "item-cf")
-SEARCHED = ("lr", "weight_decay", "dropout", "batch_size", "dim")
+
+
+# The search space, the same for every trained model: TrainConfig field -> its draw.
+SEARCH_SPACE: dict[str, Callable[[optuna.Trial, str], Any]] = {
+    "lr": lambda trial, name: trial.suggest_float(name, 3e-4, 1e-2, log=True),
+    "weight_decay": lambda trial, name: trial.suggest_float(name, 1e-3, 0.3, log=True),
+    "dropout": lambda trial, name: trial.suggest_float(name, 0.0, 0.5),
+    "batch_size": lambda trial, name: trial.suggest_categorical(name, [32, 64, 128, 256]),
+    "dim": lambda trial, name: trial.suggest_categorical(name, [32, 64, 128]),
+}
 
 
 def suggest_options(trial: optuna.Trial) -> dict[str, Any]:
-    """The search space, the same for every trained model."""
-    return {
-        "lr": trial.suggest_float("lr", 3e-4, 1e-2, log=True),
-        "weight_decay": trial.suggest_float("weight_decay", 1e-3, 0.3, log=True),
-        "dropout": trial.suggest_float("dropout", 0.0, 0.5),
-        "batch_size": trial.suggest_categorical("batch_size", [32, 64, 128, 256]),
-        "dim": trial.suggest_categorical("dim", [32, 64, 128]),
-    }
+    return {name: draw(trial, name) for name, draw in SEARCH_SPACE.items()}
 
 
 def retry_abandoned_trials(study: optuna.Study) -> None:
