@@ -88,7 +88,7 @@ def preprocess(
     out: OutOption,
     items: Annotated[Optional[Path], typer.Option(help="Items file: item id + leaf/category/shop/brand columns.")] = None,
     users: Annotated[Optional[Path], typer.Option(help="Users file: user id + profile columns (all other columns).")] = None,
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options under [preprocess].")] = None,
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options under \\[preprocess].")] = None,
     sep: Annotated[Optional[str], typer.Option(help="CSV delimiter of the event log. [default: detected]")] = None,
     header: Annotated[Optional[bool], typer.Option("--header/--no-header", help="Whether the first CSV line is a header. [default: header]")] = None,
     columns: Annotated[Optional[str], typer.Option(help="Column names for a headerless file, comma-separated.")] = None,
@@ -277,6 +277,7 @@ def train_command(
     heads: Annotated[int, typer.Option(help="Self-attention heads.")] = 4,
     dropout: Annotated[float, typer.Option(help="Dropout between LSTM layers.")] = 0.2,
     fusion: Annotated[str, typer.Option(help="gated, add, concat or multiply.")] = "gated",
+    attention_query: Annotated[str, typer.Option(help="Query of the short-term user attention: profile+current (e_u + the current position; the default) or profile (e_u alone, as in the paper).")] = "profile+current",
     long_term: Annotated[bool, typer.Option("--long-term/--no-long-term", help="Use the long-term sets.")] = True,
     short_term: Annotated[bool, typer.Option("--short-term/--no-short-term", help="Use the short-term session.")] = True,
     side_info: Annotated[bool, typer.Option("--side-info/--no-side-info", help="Embed leaf/category/shop/brand with the item id.")] = True,
@@ -294,7 +295,7 @@ def train_command(
     nproc: Annotated[int, typer.Option(help="Processes on this machine, trained together with DDP (launches torchrun; each takes --batch-size sessions per step). For several machines run torchrun yourself: see the README.")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options under [train] (e.g. the best.toml of `sdm tune`); options given on the command line win.")] = None,
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options under \\[train] (e.g. the best.toml of `sdm tune`); options given on the command line win.")] = None,
 ) -> None:
     """Train SDM (or a baseline) on preprocessed data; checkpoints and history go to --out."""
     from sdm.train import TrainConfig

@@ -1,4 +1,6 @@
-"""One-hot flag columns as item features (`--flag-columns`), e.g. MovieLens' 19 genre columns.
+"""Genres as item features: one-hot flag columns (`--flag-columns`, MovieLens 100K's 19 genre
+columns) or one column of "|"-separated values (a `genres` or `tags` column, as later MovieLens
+releases write them).
 
 A row's set flags, in column order, become two side features:
     category = the first set flag             "Animation"
@@ -12,24 +14,31 @@ no or empty; any other value is an error, since it means the columns are not fla
 The flags are read from the items file when `--items` is given, else from the event log. They
 replace the flag columns in the scanned table, so that no flag column (MovieLens' "Action") is
 mistaken for a role such as behaviour.
+
+A list column ("Adventure|Animation|Children") gives the same two features, found by its name
+unless --column category=... or leaf=... is given: category = its first value, leaf = the whole
+list. "(no genres listed)" and empty values give neither.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
 
 from pipeline.errors import InputError
-from pipeline.reading import Table
+from pipeline.reading import Table, normalise_name
 
 SET_VALUES = ("1", "1.0", "true", "yes")
 UNSET_VALUES = ("0", "0.0", "false", "no", "")
 # Names of the derived columns in the scanned table, mapped to their roles.
 FLAG_ROLES = {"category": "category (from flags)", "leaf": "leaf (from flags)"}
 LEAF_SEPARATOR = "|"
+# Normalised names (see reading.normalise_name) of a column of LEAF_SEPARATOR-separated values.
+LIST_COLUMN_NAMES = ("genres", "tags", "genrelist", "categories", "categorylist")
+NO_VALUES = ("", "(no genres listed)", "(none)")
 
 
 def flag_column_names(spec: str, columns: Sequence[str], path: Path | str) -> list[str]:
@@ -95,4 +104,30 @@ def with_flag_features(table: Table, spec: str | None) -> tuple[Table, dict[str,
     derived = {FLAG_ROLES[role]: expression for role, expression in flag_features(flags).items()}
     frame = table.frame.with_columns(**derived).drop(flags)
     columns = [name for name in table.columns if name not in flags] + list(derived)
+    return replace(table, frame=frame, columns=columns), dict(FLAG_ROLES)
+
+
+def list_features(column: str) -> dict[str, pl.Expr]:
+    """role -> expression for a list column: category = the first value, leaf = the whole list,
+    with spaces around the separator removed; both null for an empty list."""
+    values = pl.col(column).cast(pl.String).str.strip_chars()
+    listed = pl.when(values.str.to_lowercase().is_in(NO_VALUES).not_()).then(values)
+    parts = listed.str.split(LEAF_SEPARATOR).list.eval(pl.element().str.strip_chars())
+    return {
+        "category": parts.list.first(),
+        "leaf": parts.list.join(LEAF_SEPARATOR),
+    }
+
+
+def with_list_features(table: Table, explicit: Mapping[str, str]) -> tuple[Table, dict[str, str]]:
+    """Like with_flag_features, for a list column found by name. The table, unchanged, when it has
+    none or when --column already names a category or leaf column."""
+    if explicit.keys() & set(FLAG_ROLES):
+        return table, {}
+    column = next((name for name in table.columns if normalise_name(name) in LIST_COLUMN_NAMES), None)
+    if column is None:
+        return table, {}
+    derived = {FLAG_ROLES[role]: expression for role, expression in list_features(column).items()}
+    frame = table.frame.with_columns(**derived).drop(column)
+    columns = [name for name in table.columns if name != column] + list(derived)
     return replace(table, frame=frame, columns=columns), dict(FLAG_ROLES)

@@ -9,6 +9,9 @@ from typing import Any, Literal
 from pipeline.reading import SIDE_FEATURES
 
 FUSIONS = ("gated", "add", "concat", "multiply")
+# Query of the short-term user attention: the paper's profile vector e_u alone, or e_u plus the
+# current position's ĥ_t (see sdm/short_term.py for why).
+ATTENTION_QUERIES = ("profile", "profile+current")
 
 
 @dataclass
@@ -22,6 +25,7 @@ class ModelConfig:
     heads: int = 4
     dropout: float = 0.2
     fusion: Literal["gated", "add", "concat", "multiply"] = "gated"
+    attention_query: Literal["profile", "profile+current"] = "profile"
     use_long_term: bool = True
     use_short_term: bool = True
     use_side_info: bool = True
@@ -38,6 +42,8 @@ class ModelConfig:
             raise ValueError(f"unknown side features {sorted(unknown)}; expected a subset of {SIDE_FEATURES}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.attention_query not in ATTENTION_QUERIES:
+            raise ValueError(f"attention_query must be one of {ATTENTION_QUERIES}, got {self.attention_query!r}")
         if not (self.use_long_term or self.use_short_term):
             raise ValueError("at least one of use_long_term / use_short_term must be on")
         if self.dim % self.heads:

@@ -16,7 +16,8 @@ from sdm.config import ModelConfig
 def user_attention_weights(e_u: Tensor, keys: Tensor, allowed: Tensor, key_projection: Tensor | None = None) -> Tensor:
     """User attention with the profile as query: alpha_k = softmax_k(h_k . e_u / sqrt(d)) over the allowed k.
 
-    e_u [B, d], keys [B, N, d], allowed [B, N] or [B, M, N] bool (one softmax per row m).
+    e_u [B, d], keys [B, N, d], allowed [B, N] or [B, M, N] bool (one softmax per row m); e_u may
+    also be [B, M, d], one query per row m.
     With key_projection W [d, w], keys are [B, N, w] and stand for h_k = W k, scored without
     materialising W k: (W k) . e_u = k . (W^T e_u).
     Returns alpha with allowed's shape. A row with nothing allowed (an empty long-term set) gets
@@ -26,10 +27,13 @@ def user_attention_weights(e_u: Tensor, keys: Tensor, allowed: Tensor, key_proje
     sqrt(d), which keeps the softmax from saturating onto one position early in training (a
     saturated alpha makes s_t equal s_{t-1} with no gradient to separate them).
     """
-    query = e_u if key_projection is None else e_u @ key_projection  # [B, w]
-    scores = (keys * query.unsqueeze(1)).sum(-1) / e_u.shape[-1] ** 0.5  # [B, N]; elementwise beats bmm here
-    if allowed.dim() == 3:
-        scores = scores.unsqueeze(1)  # [B, 1, N]
+    query = e_u if key_projection is None else e_u @ key_projection  # [B, w] or [B, M, w]
+    if query.dim() == 3:
+        scores = query @ keys.transpose(1, 2) / e_u.shape[-1] ** 0.5  # [B, M, N]
+    else:
+        scores = (keys * query.unsqueeze(1)).sum(-1) / e_u.shape[-1] ** 0.5  # [B, N]; elementwise beats bmm here
+        if allowed.dim() == 3:
+            scores = scores.unsqueeze(1)  # [B, 1, N]
     # A finite fill instead of -inf keeps all-masked rows from producing 0/0; for other rows the
     # filled entries still get exactly zero weight.
     scores = torch.where(allowed, scores, torch.finfo(scores.dtype).min)
@@ -87,13 +91,19 @@ class ShortTermEncoder(nn.Module):
         super().__init__()
         self.lstm = ResidualLSTM(config)
         self.self_attention = CausalSelfAttention(config)
+        self.query_sees_current = config.attention_query == "profile+current"
 
     def forward(self, item_emb: Tensor, lengths: Tensor, e_u: Tensor) -> Tensor:
         """item_emb [B, T, d], lengths [B], e_u [B, d] -> s [B, T, d]."""
         allowed = attention_mask(lengths, item_emb.shape[1])  # [B, T, T]
         h = self.lstm(item_emb)  # [B, T, d]
         h_hat = self.self_attention(h, allowed)  # [B, T, d]
-        alpha = user_attention_weights(e_u, h_hat, allowed)  # [B, T, T]: s_t = sum_{k<=t} alpha_{t,k} h_k
+        # The paper's query e_u is the same at every position t, so s_t weighs the prefix the same
+        # way whatever was just clicked. With no profile (most logs) e_u is one vector for every
+        # user. Adding ĥ_t lets s_t favour the positions that resemble the current one (ML-100K,
+        # validation HR@50 over seeds 0-1: 0.378 with e_u alone, 0.399 with e_u + ĥ_t).
+        query = e_u.unsqueeze(1) + h_hat if self.query_sees_current else e_u  # [B, T, d] or [B, d]
+        alpha = user_attention_weights(query, h_hat, allowed)  # [B, T, T]: s_t = sum_{k<=t} alpha_{t,k} h_k
         return alpha @ h_hat  # [B, T, d]
 
 

@@ -46,7 +46,7 @@ from sdm.checkpoint import (
     save_checkpoint,
     write_run_json,
 )
-from sdm.config import FUSIONS, ModelConfig
+from sdm.config import ATTENTION_QUERIES, FUSIONS, ModelConfig
 from sdm.data import (
     Catalogue,
     SessionData,
@@ -102,6 +102,7 @@ class TrainConfig:
     heads: int = 4
     dropout: float = 0.2
     fusion: str = "gated"
+    attention_query: str = "profile+current"
     long_term: bool = True
     short_term: bool = True
     side_info: bool = True
@@ -127,12 +128,16 @@ class TrainConfig:
             (self.dim >= 1 and self.heads >= 1 and self.lstm_layers >= 1, "--dim, --heads and --lstm-layers must be at least 1"),
             (0 <= self.dropout < 1, f"--dropout {self.dropout}: expected a probability in [0, 1)"),
             (self.fusion in FUSIONS, f"--fusion {self.fusion!r}: expected one of {', '.join(FUSIONS)}"),
+            (self.attention_query in ATTENTION_QUERIES,
+             f"--attention-query {self.attention_query!r}: expected one of {', '.join(ATTENTION_QUERIES)}"),
             (self.seed >= 0 and self.threads >= 0, "--seed and --threads must not be negative"),
             (math.isfinite(self.lr) and math.isfinite(self.weight_decay), "--lr and --weight-decay must be finite numbers"),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
             # Options a model would silently ignore: refusing them keeps an "ablation" from being a rerun.
             (self.fusion == "gated" or self.model == "sdm", f"--fusion applies to --model sdm only, not {self.model}"),
             (self.short_term or self.model == "sdm", f"--no-short-term applies to --model sdm only, not {self.model}"),
+            (self.attention_query == "profile+current" or self.model == "sdm",
+             f"--attention-query applies to --model sdm only, not {self.model}"),
             (self.long_term or self.model in LONG_TERM_MODELS,
              f"--no-long-term applies to --model {', '.join(LONG_TERM_MODELS)} only, not {self.model}"),
         ]
@@ -153,6 +158,7 @@ class TrainConfig:
             heads=self.heads,
             dropout=self.dropout,
             fusion=self.fusion,
+            attention_query=self.attention_query,
             use_long_term=self.long_term,
             use_short_term=self.short_term,
             use_side_info=self.side_info,

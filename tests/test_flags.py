@@ -20,7 +20,7 @@ from helpers.logs import (
     write_log,
 )
 from pipeline.errors import InputError
-from pipeline.flags import flag_column_names, flag_features
+from pipeline.flags import flag_column_names, flag_features, list_features
 
 COLUMNS = ["item", "title", "A", "B", "C", "year"]
 
@@ -92,6 +92,29 @@ def test_preprocess_fills_category_and_leaf_from_the_items_files_flags(tmp_path)
         "3": ("C", "C"),
         "4": (None, None),  # no flag set: unknown (id 0)
     }
+    assert stats(out)["side_features"] == ["leaf", "category"]
+
+
+def test_a_list_column_gives_its_first_value_as_category_and_the_whole_list_as_leaf():
+    table = pl.DataFrame({"genres": ["Adventure|Animation", " Drama ", "(no genres listed)", "", None, "Crime | Film-Noir"]})
+    derived = table.select(**list_features("genres"))
+    assert derived.get_column("category").to_list() == ["Adventure", "Drama", None, None, None, "Crime"]
+    assert derived.get_column("leaf").to_list() == ["Adventure|Animation", "Drama", None, None, None, "Crime|Film-Noir"]
+
+
+def write_genres_list(directory: Path) -> dict[str, Path]:
+    """write_movies' log with a MovieLens-style items file: movieId,title,genres."""
+    files = write_movies(directory)
+    items = [(1, "Toy", "B|C"), (2, "Heat", "A|C"), (3, "Babe", "C"), (4, "Nil", "(no genres listed)")]
+    files["items"] = write_log(directory / "movies.csv", items, header=("movieId", "title", "genres"))
+    return files
+
+
+def test_preprocess_reads_a_genres_list_column_of_the_items_file(tmp_path):
+    files = write_genres_list(tmp_path)
+    out = tmp_path / "data"
+    preprocess(files["events"], out, "--items", files["items"], *KEEP_ALL_ITEMS)
+    assert raw_side_values(out) == {"1": ("B", "B|C"), "2": ("A", "A|C"), "3": ("C", "C"), "4": (None, None)}
     assert stats(out)["side_features"] == ["leaf", "category"]
 
 

@@ -77,6 +77,7 @@ ABLATIONS = [
     {"fusion": "add"},
     {"fusion": "concat"},
     {"fusion": "multiply"},
+    {"attention_query": "profile+current"},
     {"use_long_term": False},
     {"use_short_term": False},
     {"use_side_info": False},
@@ -117,10 +118,10 @@ def test_extra_padding_changes_nothing(name, overrides):
     assert torch.isfinite(padded_out).all()
 
 
-@pytest.mark.parametrize("name", ["sdm", "youtube-dnn"])
-def test_every_position_equals_the_truncated_session(name):
+@pytest.mark.parametrize("name, overrides", [("sdm", {}), ("sdm", {"attention_query": "profile+current"}), ("youtube-dnn", {})])
+def test_every_position_equals_the_truncated_session(name, overrides):
     # forward trains all prefixes at once; position t must be what evaluation sees for items 0..t.
-    model = make_model(name)
+    model = make_model(name, **overrides)
     batch = make_batch(make_config())
     with torch.no_grad():
         out = model(batch)
@@ -130,9 +131,9 @@ def test_every_position_equals_the_truncated_session(name):
             torch.testing.assert_close(model.user_vectors(truncated)[rows], out[rows, t], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["sdm", "youtube-dnn"])
-def test_later_items_do_not_change_earlier_positions(name):
-    model = make_model(name)
+@pytest.mark.parametrize("name, overrides", [("sdm", {}), ("sdm", {"attention_query": "profile+current"}), ("youtube-dnn", {})])
+def test_later_items_do_not_change_earlier_positions(name, overrides):
+    model = make_model(name, **overrides)
     batch = make_batch(make_config())
     changed = dict(batch, items=batch["items"].clone())
     changed["items"][:, 2:] = (changed["items"][:, 2:] + 7) % (N_ITEMS - 1) + 1
@@ -253,6 +254,24 @@ def test_causal_user_attention_sees_only_the_valid_prefix():
             assert alpha[b, t, : t + 1].sum().item() == pytest.approx(1.0)
             assert (alpha[b, t, t + 1 :] == 0).all()
     assert torch.isfinite(alpha).all()
+
+
+@pytest.mark.parametrize("query", ["profile", "profile+current"])
+def test_user_attention_query_decides_whether_prefix_weights_depend_on_the_position(query):
+    # alpha[t, k] / alpha[t, k'] for k, k' <= t: with e_u alone the query is the same at every t,
+    # so the ratio is too; with e_u + ĥ_t it follows the current position.
+    model = make_model("sdm", attention_query=query)
+    encoder = model.short_term
+    torch.manual_seed(0)
+    h_hat, e_u = torch.randn(1, 4, 16), torch.randn(1, 16)
+    allowed = attention_mask(torch.tensor([4]), 4)
+    per_position = e_u.unsqueeze(1) + h_hat if encoder.query_sees_current else e_u
+    alpha = user_attention_weights(per_position, h_hat, allowed)[0]  # [T, T]
+    ratios = alpha[1:, 0] / alpha[1:, 1]  # positions 1..3, keys 0 and 1
+    assert torch.allclose(ratios, ratios[0].expand(3)) == (query == "profile")
+    # The per-position query against a hand computation at t = 2.
+    expected = torch.softmax(h_hat[0, :3] @ per_position.expand(1, 4, 16)[0, 2] / 4.0, 0)
+    torch.testing.assert_close(alpha[2, :3], expected)
 
 
 def parameter_names(model: torch.nn.Module) -> set[str]:
