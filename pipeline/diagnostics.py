@@ -12,6 +12,8 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.config import PreprocessConfig
+
 # Coarsest first: a log's resolution is the first unit that nearly every time is a multiple of.
 TIME_UNITS_MS = {"day": 86_400_000, "hour": 3_600_000, "minute": 60_000, "second": 1_000, "millisecond": 1}
 ON_UNIT_SHARE = 0.99
@@ -21,6 +23,10 @@ SHORT_LOG_MS = 7 * 86_400_000  # shorter than the default long-term window
 # The public SDM's configuration for MovieLens (DeepMatch's SDM example): a short-term session of
 # at most 5 items and a long-term set of the 50 items before it, whatever their age.
 RATING_LOG_FLAGS = "--max-session-length 5 --long-window none --max-long 50"
+# A log with one of these columns and neither a session nor a behaviour column is taken for a
+# rating log: MovieLens 100K's sittings pass the share tests above (15% single-item sessions, 38%
+# empty long-term sets), yet the flags help SDM there (test HR@50 0.356 -> 0.419).
+RATING_NAMES = ("rating", "ratings", "score", "stars", "starrating", "reviewscore", "overall")
 
 
 def session_measures(session_events: pl.DataFrame, sessions: pl.DataFrame) -> dict[str, int]:
@@ -58,8 +64,14 @@ def warnings(summary: dict[str, dict[str, Any]]) -> list[str]:
         lines.append(f"{empty:.0%} of sessions have no earlier session of their user (the log spans "
                      f"{span_ms / 3_600_000:.1f} hours): the long-term part has little to read here")
         empty = 0.0
-    if single > DEGENERATE_SHARE or empty > DEGENERATE_SHARE or resolution == "day":
-        facts = [f"times at {resolution} resolution"] if resolution in ("day", "hour") else []
+    # The advice is for the paper's rules; a user who has changed them has already chosen.
+    paper_window_days = PreprocessConfig.long_window_ms / 86_400_000
+    paper_rules = (sessions.get("max_session_length", PreprocessConfig.max_session_length) == PreprocessConfig.max_session_length
+                   and long_term.get("window_days", paper_window_days) == paper_window_days)
+    rating = events.get("rating_column")
+    if paper_rules and (single > DEGENERATE_SHARE or empty > DEGENERATE_SHARE or resolution == "day" or rating):
+        facts = [f"a {rating!r} column and no session or behaviour column"] if rating else []
+        facts += [f"times at {resolution} resolution"] if resolution in ("day", "hour") else []
         facts += [f"{single:.0%} of sessions hold one item"] if single > DEGENERATE_SHARE else []
         facts += [f"{empty:.0%} have empty long-term sets"] if empty > DEGENERATE_SHARE else []
         lines.append(f"{', '.join(facts)}: the 10-minute sessions and 7-day window do not fit this log; "

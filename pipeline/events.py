@@ -26,6 +26,7 @@ import polars as pl
 
 from pipeline.buckets import Layout, bucket_of
 from pipeline.config import PreprocessConfig
+from pipeline.diagnostics import RATING_NAMES
 from pipeline.errors import InputError
 from pipeline.flags import with_flag_features, with_list_features
 from pipeline.reading import (
@@ -34,6 +35,7 @@ from pipeline.reading import (
     SIDE_FEATURES,
     Table,
     find_column,
+    normalise_name,
     resolve_roles,
     scan_table,
     time_expression,
@@ -86,10 +88,11 @@ def checked(dictionary_frame: pl.DataFrame, table: Table, column: str) -> pl.Dat
     return dictionary_frame.select("code", "raw")
 
 
-def read_events(config: PreprocessConfig, n_buckets: int, scratch: Path) -> tuple[list[pl.LazyFrame], dict[str, pl.DataFrame], int]:
+def read_events(config: PreprocessConfig, n_buckets: int, scratch: Path) -> tuple[list[pl.LazyFrame], dict[str, pl.DataFrame], int, str | None]:
     """Events as codes (user, item, time in ms, optional roles, `row` = input order), one frame
     per user bucket (kept in memory for one bucket, else written under `scratch`), each
-    categorical role's dictionary, and the number of rows read."""
+    categorical role's dictionary, the number of rows read, and the log's rating column (a log
+    with one and no session or behaviour column is a rating log; see pipeline/diagnostics.py)."""
     table = scan_table(config.logs, sep=config.sep, header=config.header, columns=config.columns)
     # --flag-columns are read from the items file when there is one, else from the log.
     table, flag_roles = with_flag_features(table, None if config.items else config.flag_columns)
@@ -138,7 +141,13 @@ def read_events(config: PreprocessConfig, n_buckets: int, scratch: Path) -> tupl
         raise InputError(f"{table.path}: malformed input ({malformed})")
     return parts, {
         role: checked(frame, table, column) for (role, column), frame in zip(categorical.items(), dictionaries, strict=True)
-    }, rows_read
+    }, rows_read, rating_column(table.columns, roles)
+
+
+def rating_column(columns: list[str], roles: dict[str, str]) -> str | None:
+    if "session" in roles or "behavior" in roles:
+        return None
+    return next((name for name in columns if normalise_name(name) in RATING_NAMES), None)
 
 
 def read_items_file(config: PreprocessConfig) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
@@ -343,7 +352,7 @@ class BucketFilters:
 def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> EventTables:
     """Write the typed events of every bucket into `directory` (see Layout) and return the rest."""
     scratch = directory / ".scratch"
-    parts, dictionaries, rows_read = read_events(config, layout.n_buckets, scratch)
+    parts, dictionaries, rows_read, rating = read_events(config, layout.n_buckets, scratch)
     items_file, item_dictionaries = read_items_file(config) if config.items else (None, {})
     if config.strict:
         check_strict(parts, config)
@@ -449,6 +458,7 @@ def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> E
         **{f"item_conflicts_{feature}": count for feature, count in conflicts.items()},
         "time_min_ms": int(time_range.get_column("min").min()),
         "time_max_ms": int(time_range.get_column("max").max()),
+        "rating_column": rating,
     }
     return EventTables(
         items.sort("item"),

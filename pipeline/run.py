@@ -180,6 +180,7 @@ def summarise_sessions_stage(config: PreprocessConfig, counts: list[dict[str, An
         "mean_session_length": events / max(sessions, 1),
         "single_item_share": sum(part["single_item_sessions"] for part in counts) / max(sessions, 1),
         "time_resolution": time_resolution(times_on_unit, events),
+        "max_session_length": config.max_session_length,
     }
 
 
@@ -211,6 +212,7 @@ def summarise_long_term_stage(config: PreprocessConfig, counts: list[dict[str, A
     sessions = max(sum(part["sessions"] for part in counts), 1)
     return {
         "features": features,
+        "window_days": "none" if config.long_window_ms is None else config.long_window_ms / 86_400_000,
         "empty_long_term_share": sum(part["empty_long_term_sessions"] for part in counts) / sessions,
         **{f"mean_long_{feature}": sum(part[f"total_long_{feature}"] for part in counts) / sessions for feature in features},
     }

@@ -38,6 +38,33 @@ def test_a_click_stream_gets_no_fit_warning(tmp_path):
     assert sum("only 30 valid cases" in line for line in outcome.stderr.splitlines()) == 1
 
 
+def click_stream_rows() -> list[tuple]:
+    return [(user, f"i{(user + day + click) % 11}", BASE_MS + day * DAY_MS + click * MINUTE_MS + user * 7 + 1, (user + click) % 5 + 1)
+            for user in range(30) for day in range(5) for click in range(4)]
+
+
+def test_a_rating_column_marks_a_rating_log_until_the_suggested_flags_are_given(tmp_path):
+    # Sittings that pass the share tests (no single-item sessions, few empty long-term sets) but
+    # carry a rating and no session or behaviour column, as MovieLens does.
+    log = write_log(tmp_path / "ratings.csv", click_stream_rows(), header=("userId", "movieId", "timestamp", "rating"))
+    outcome = preprocess(log, tmp_path / "data", *KEEP_ALL_ITEMS, "--split", "leave-last-out")
+    assert stats(tmp_path / "data", "events")["rating_column"] == "rating"
+    warning = next(line for line in outcome.stderr.splitlines() if RATING_FLAGS in line)
+    assert "'rating' column" in warning
+    followed = preprocess(log, tmp_path / "suggested", *KEEP_ALL_ITEMS, "--split", "leave-last-out", *RATING_FLAGS.split())
+    assert RATING_FLAGS not in followed.stderr  # the rules have been chosen: no advice repeated
+    assert stats(tmp_path / "suggested", "sessions")["max_session_length"] == 5
+    assert stats(tmp_path / "suggested", "long_term")["window_days"] == "none"
+
+
+def test_a_rating_next_to_a_behaviour_column_is_not_a_rating_log(tmp_path):
+    rows = [(*row, "click") for row in click_stream_rows()]
+    log = write_log(tmp_path / "log.csv", rows, header=("user", "item", "time", "rating", "event_type"))
+    outcome = preprocess(log, tmp_path / "data", *KEEP_ALL_ITEMS, "--split", "leave-last-out")
+    assert stats(tmp_path / "data", "events")["rating_column"] is None
+    assert RATING_FLAGS not in outcome.stderr
+
+
 def test_resolution_is_the_coarsest_unit_nearly_every_time_is_a_multiple_of(tmp_path):
     rows = [(user, f"i{event % 5}", BASE_MS - BASE_MS % MINUTE_MS + (user * 50 + event) * SECOND_MS * 3) for user in range(4) for event in range(50)]
     out = tmp_path / "data"
