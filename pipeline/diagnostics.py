@@ -20,6 +20,9 @@ ON_UNIT_SHARE = 0.99
 DEGENERATE_SHARE = 0.5
 FEW_CASES = 200
 SHORT_LOG_MS = 7 * 86_400_000  # shorter than the default long-term window
+# Integer times read as unix seconds that all fall in 1970 are almost surely something else:
+# Tmall's `time_stamp` is MMDD (829 = Aug 29), which reads as 00:13:49 on 1 January 1970.
+YEAR_1971_MS = 365 * 86_400_000
 # The public SDM's configuration for MovieLens (DeepMatch's SDM example): a short-term session of
 # at most 5 items and a long-term set of the 50 items before it, whatever their age.
 RATING_LOG_FLAGS = "--max-session-length 5 --long-window none --max-long 50"
@@ -59,6 +62,10 @@ def warnings(summary: dict[str, dict[str, Any]]) -> list[str]:
     empty = long_term.get("empty_long_term_share", 0.0)
     resolution = sessions.get("time_resolution")
     span_ms = events.get("time_max_ms", 0) - events.get("time_min_ms", 0)
+    if events.get("time_max_ms", YEAR_1971_MS) < YEAR_1971_MS:
+        lines.append("every time falls in 1970 when read as a unix time: if the time column holds dates such as "
+                     "MMDD (829 = Aug 29), rerun with --time-format, e.g. --time-format '%m%d'")
+        return lines  # sessions, windows and splits computed from such times say nothing
     if empty > DEGENERATE_SHARE and span_ms < SHORT_LOG_MS:
         # No window can help: most users have no earlier session at all in so short a log.
         lines.append(f"{empty:.0%} of sessions have no earlier session of their user (the log spans "

@@ -71,3 +71,16 @@ def test_resolution_is_the_coarsest_unit_nearly_every_time_is_a_multiple_of(tmp_
     preprocess(write_log(tmp_path / "log.csv", rows), out, *KEEP_ALL_ITEMS)
     assert stats(out, "sessions")["time_resolution"] == "second"
     assert json.loads((out / "sessions" / "manifest.json").read_text())["stats"]["time_resolution"] == "second"
+
+
+def test_integer_dates_read_as_unix_times_are_pointed_at_time_format(tmp_path):
+    # MMDD stamps (Tmall's time_stamp) parse as unix seconds on 1 January 1970.
+    rows = [(user, f"i{(user + day) % 7}", 800 + day) for user in range(10) for day in range(1, 29)]
+    outcome = preprocess(write_log(tmp_path / "log.csv", rows), tmp_path / "data", *KEEP_ALL_ITEMS, "--split", "leave-last-out")
+    warning = next(line for line in outcome.stderr.splitlines() if "1970" in line)
+    assert "--time-format '%m%d'" in warning
+    assert RATING_FLAGS not in outcome.stderr  # nothing measured on such times is advice
+    parsed = preprocess(write_log(tmp_path / "log.csv", rows), tmp_path / "dated", *KEEP_ALL_ITEMS, "--split", "leave-last-out",
+                        "--time-format", "%m%d")
+    assert "1970" not in parsed.stderr
+    assert stats(tmp_path / "dated", "sessions")["time_resolution"] == "day"
