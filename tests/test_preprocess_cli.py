@@ -397,3 +397,14 @@ def test_inspect_unknown_user(tmp_path: Path, logs: Path) -> None:
     preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
     outcome = run_sdm("inspect", tmp_path / "out", "--user", "nobody", "--json")
     assert outcome.exit_code == 2 and "nobody" in outcome.stderr and "Traceback" not in outcome.stderr
+
+
+@pytest.mark.parametrize(("command", "shown"), [
+    ("preprocess", ["[default: 10m]", "[default: 50]", "[default: 7d]", "under [preprocess]"]),
+    ("train", ["under [train]", "[default: profile+current]"]),
+])
+def test_help_shows_defaults_and_config_sections(command, shown):
+    # Square brackets are rich markup to Typer: unescaped, "[default: 50]" vanished from --help.
+    text = re.sub(r"[\s│]+", " ", run_sdm(command, "--help").stdout)
+    for phrase in shown:
+        assert phrase in text
