@@ -175,11 +175,19 @@ def print_summary(summary: dict[str, dict[str, Any]]) -> None:
 
 
 @app.command()
-def info(directory: Annotated[Path, typer.Argument(help="A `sdm preprocess` output directory.")]) -> None:
+def info(
+    directory: Annotated[Path, typer.Argument(help="A `sdm preprocess` output directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (stage -> measures, plus the warnings) instead of a table.")] = False,
+) -> None:
     """Print the summary of a preprocess output again."""
+    from pipeline.diagnostics import warnings
     from pipeline.run import load_summary
 
-    print_summary(load_summary(directory))
+    summary = load_summary(directory)
+    if as_json:
+        typer.echo(json.dumps({**summary, "warnings": warnings(summary)}, indent=2))
+    else:
+        print_summary(summary)
 
 
 @app.command()

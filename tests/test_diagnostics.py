@@ -22,6 +22,9 @@ def test_a_day_resolution_log_is_reported_with_the_flags_that_fit(tmp_path):
     warning = next(line for line in outcome.stderr.splitlines() if "warning" in line)
     assert "day resolution" in warning and "100% of sessions hold one item" in warning and RATING_FLAGS in outcome.stderr
     assert RATING_FLAGS in run_sdm_ok("info", out).stderr  # sdm info repeats it
+    described = json.loads(run_sdm_ok("info", out, "--json").stdout)
+    assert described["sessions"]["single_item_share"] == 1.0
+    assert any(RATING_FLAGS in line for line in described["warnings"])
 
 
 def test_a_click_stream_gets_no_fit_warning(tmp_path):
