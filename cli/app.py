@@ -469,17 +469,16 @@ def run_training(config, *, resume: bool, quiet: bool) -> None:
         epoch_counter["epoch"] = epoch.epoch
         metric = config.select_metric
         shown = f"{metric} {epoch.valid[metric]:.4f}" if metric in epoch.valid else "no validation cases"
+        fitted = f"loss {epoch.loss:.4f}  {epoch.targets_per_second:,.0f} targets/s  " if epoch.targets_per_second else "counted, no gradient steps  "
         if not quiet:
-            console.print(
-                f"epoch {epoch.epoch:>3}  loss {epoch.loss:.4f}  {epoch.targets_per_second:,.0f} targets/s  "
-                f"{shown}{'  [green]best[/]' if epoch.improved else ''}"
-            )
+            console.print(f"epoch {epoch.epoch:>3}  {fitted}{shown}{'  [green]best[/]' if epoch.improved else ''}")
 
     with progress:
         history = train(config, resume=resume, on_epoch=report, progress=None if quiet else start_epoch)
     if rank_of_this_process() == 0:
-        print_history(history, config.select_metric)
-        console.print(f"run saved in {config.out} (best.pt = best {config.select_metric}); next: sdm evaluate --run {config.out}")
+        if quiet:  # otherwise each epoch has been printed as it ended
+            print_history(history, config.select_metric)
+        console.print(f"run saved in {config.out} (best.pt = best {config.select_metric}); next: sdm evaluate --run {config.out}", soft_wrap=True)
 
 
 def print_history(history: list[dict], metric: str) -> None:
@@ -488,8 +487,9 @@ def print_history(history: list[dict], metric: str) -> None:
         table.add_column(name, justify="right")
     for row in history:
         value = row["valid"].get(metric)
+        fitted = row["targets_per_second"] > 0  # popularity and item-cf count; they take no gradient steps
         table.add_row(
-            str(row["epoch"]), f"{row['loss']:.4f}", f"{row['targets_per_second']:,.0f}",
+            str(row["epoch"]), f"{row['loss']:.4f}" if fitted else "-", f"{row['targets_per_second']:,.0f}" if fitted else "-",
             "-" if value is None else f"{value:.4f}", "*" if row["improved"] else "",
         )
     console.print(table)
