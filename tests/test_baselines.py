@@ -273,7 +273,7 @@ def test_sequence_model_overfits_eight_sessions(name):
 def test_counting_baselines_report_no_loss_or_speed(tiny_data, tmp_path, quiet):
     # Popularity takes no gradient step: "loss 0.0000, 0 targets/s" would read as a broken run.
     outcome = run_sdm("train", "--data", tiny_data, "--out", tmp_path / "run", "--model", "popularity", *(["--quiet"] if quiet else []))
-    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.exit_code == 0, outcome.stderr
     assert "0.0000" not in outcome.stdout and "0 targets/s" not in outcome.stdout
     assert ("counted, no gradient steps" in outcome.stdout) != quiet
     assert ("Training" in outcome.stdout) == quiet  # the table, or one line per epoch: not both
