@@ -15,6 +15,7 @@ traceback, a hang or a silent wrong result.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import faulthandler
 import io
 import json
@@ -325,3 +326,88 @@ def test_a_checkpoint_from_elsewhere_is_refused_on_resume_and_on_load(tiny_data,
     torch.save({"weights": torch.zeros(2)}, run / "best.pt")
     outcome = run_sdm("evaluate", "--run", run)
     assert outcome.exit_code == 2 and "best.pt" in outcome.stderr and "no config, epoch, model" in outcome.stderr
+
+
+# --- config files ---------------------------------------------------------------------------------
+
+# A value of the wrong type for each kind of setting (what a config file may hold is derived from
+# the command's options, so a new option is checked here without a change).
+WRONG_VALUE = {"an integer": "1.5", "a finite number": '"0.5"', "a string": "5", "true or false": "1"}
+WRONG_SPECIAL = {"session_gap": "1.5", "long_window": "5", "memory_limit": "-1", "columns": "5", "column": '"user=uid"'}
+
+
+def assert_config_refused(outcome, *words: str) -> None:
+    assert_rejected_in_one_line({"exit_code": outcome.exit_code, "stderr": outcome.stderr}, list(words))
+    assert "unexpected" not in outcome.stderr, outcome.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [('column = "user=uid"', "expected a table"), ("session-gap = 1.5", "expected a duration string"),
+     ("test-days = inf", "expected a finite number"), ("test_days = nan", "expected a finite number"),
+     ("min-item-count = [1]", "expected an integer"), ("min-item-count = true", "expected an integer"),
+     ("strict = \"yes\"", "expected true or false"), ("max-long = 2.5", "expected an integer")],
+)
+def test_a_preprocess_config_value_of_the_wrong_type_is_named(tmp_path, setting, expected):
+    config = tmp_path / "config.toml"
+    config.write_text(f"[preprocess]\n{setting}\n")
+    outcome = run_sdm("preprocess", REGRESSION_DIR / "bom.csv", "--out", tmp_path / "out", "--config", config)
+    key, value = (part.strip() for part in setting.split("=", 1))
+    assert_config_refused(outcome, str(config), f"{key} = {value}", expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_huge_number_of_days_is_refused_not_overflowed(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text("[preprocess]\ntest-days = 1e300\n")
+    outcome = run_sdm("preprocess", REGRESSION_DIR / "bom.csv", "--out", tmp_path / "out", "--config", config)
+    assert_config_refused(outcome, "--test-days", "at most")
+    assert_config_refused(run_sdm("preprocess", REGRESSION_DIR / "bom.csv", "--out", tmp_path / "out", "--valid-days", "inf"), "--valid-days")
+
+
+def test_every_config_setting_of_the_wrong_type_is_one_line_naming_it(tmp_path):
+    from cli.app import preprocess, setting_kinds, train_command
+    from sdm.train import TrainConfig
+
+    commands = {
+        "preprocess": (setting_kinds(preprocess), ["preprocess", REGRESSION_DIR / "bom.csv", "--out", tmp_path / "out"]),
+        "train": (setting_kinds(train_command, {f.name for f in dataclasses.fields(TrainConfig)}),
+                  ["train", "--data", tmp_path / "missing", "--out", tmp_path / "out"]),
+    }
+    config = tmp_path / "config.toml"
+    for section, (kinds, command) in commands.items():
+        assert len(kinds) > 15, kinds.keys()  # the options were found
+        for name, kind in kinds.items():
+            key = name.replace("_", "-")
+            value = WRONG_SPECIAL.get(name, WRONG_VALUE.get(kind.expected))
+            config.write_text(f"[{section}]\n{key} = {value}\n")
+            outcome = run_sdm(*command, "--config", config)
+            assert_config_refused(outcome, f"{key} = {value}", f"expected {kind.expected}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("section", ["preprocess", "train"])
+def test_an_unknown_config_key_is_named_with_the_valid_ones(tmp_path, section):
+    config = tmp_path / "config.toml"
+    config.write_text(f"[{section}]\nlearning-rate = 0.1\n")
+    command = ["preprocess", REGRESSION_DIR / "bom.csv"] if section == "preprocess" else ["train", "--data", tmp_path / "missing"]
+    outcome = run_sdm(*command, "--out", tmp_path / "out", "--config", config)
+    assert_config_refused(outcome, "unknown setting learning-rate", f"[{section}]", "valid:", "min-item-count" if section == "preprocess" else "weight-decay")
+    config.write_text(f"{section} = 5\n")  # not a table
+    assert_config_refused(run_sdm(*command, "--out", tmp_path / "out", "--config", config), f"[{section}] must be a table")
+    config.write_bytes(b"\xff\xfe[preprocess]\n")
+    assert_config_refused(run_sdm(*command, "--out", tmp_path / "out", "--config", config), "not UTF-8")
+
+
+def test_config_keys_may_be_spelled_as_options(tmp_path):
+    """`session-gap` (as on the command line) and `session_gap` are the same setting."""
+    config = tmp_path / "config.toml"
+    for spelling in ("session-gap", "session_gap"):
+        out = tmp_path / spelling
+        config.write_text(f'[preprocess]\n{spelling} = "5m"\nmin-item-count = 1\ncolumn = {{ user = "user" }}\n')
+        run_sdm_ok("preprocess", REGRESSION_DIR / "bom.csv", "--out", out, "--config", config)
+        params = json.loads((out / "sessions" / "manifest.json").read_text())["fingerprint"]["params"]
+        assert params["session_gap_ms"] == 5 * 60_000
+    config.write_text('[preprocess]\nsession-gap = "5m"\nsession_gap = "6m"\n')
+    outcome = run_sdm("preprocess", REGRESSION_DIR / "bom.csv", "--out", tmp_path / "twice", "--config", config)
+    assert_config_refused(outcome, "set twice")
