@@ -411,3 +411,13 @@ def test_config_keys_may_be_spelled_as_options(tmp_path):
     config.write_text('[preprocess]\nsession-gap = "5m"\nsession_gap = "6m"\n')
     outcome = run_sdm("preprocess", REGRESSION_DIR / "bom.csv", "--out", tmp_path / "twice", "--config", config)
     assert_config_refused(outcome, "set twice")
+
+
+@pytest.mark.slow  # an ONNX export takes about 15 s on 2 cores
+def test_onnx_export_of_a_run_with_embeddings_as_narrow_as_the_example_session(tiny_data, tmp_path):
+    """dim 16 gives 4-wide side embeddings, the width the export's example session once had: the
+    exporter fixed the session length at 4 and onnxruntime failed on the first real batch."""
+    run = tmp_path / "run"
+    run_sdm_ok("train", "--data", tiny_data, "--out", run, "--epochs", "1", "--dim", "16", "--heads", "2", "--lstm-layers", "1", "--quiet")
+    run_sdm_ok("export", "--run", run)
+    assert json.loads((run / "export" / "manifest.json").read_text())["tower"]["onnx_max_abs_difference"] < 1e-4
