@@ -25,8 +25,10 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -421,3 +423,145 @@ def test_onnx_export_of_a_run_with_embeddings_as_narrow_as_the_example_session(t
     run_sdm_ok("train", "--data", tiny_data, "--out", run, "--epochs", "1", "--dim", "16", "--heads", "2", "--lstm-layers", "1", "--quiet")
     run_sdm_ok("export", "--run", run)
     assert json.loads((run / "export" / "manifest.json").read_text())["tower"]["onnx_max_abs_difference"] < 1e-4
+
+
+# --- the training tensor store ------------------------------------------------------------------
+
+
+def stored_arrays(store: Path) -> dict[str, np.ndarray]:
+    return {path.stem: np.load(path) for path in sorted(store.glob("*.npy"))}
+
+
+def damage_the_digest_cannot_see(store: Path, name: str, array: np.ndarray) -> None:
+    """Replace store/name.npy and record the new file in the manifest, as when the bytes between the
+    first and last 4 MB of a large file (which the quick digest skips) are damaged: only the
+    checks on the mapped arrays can tell."""
+    from pipeline.cache import file_records
+
+    np.save(store / f"{name}.npy", array)
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["files"] = file_records(store)
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def stored_data(tiny_data: Path, tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A copy of the tiny data with its training store built, and the store's arrays."""
+    from sdm.data import load_catalogue, load_training
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("tensors"))
+    load_training(data, load_catalogue(data))
+    return data, stored_arrays(data / "tensors" / "train")
+
+
+def last_row_cut(array: np.ndarray) -> np.ndarray:
+    return array[:-1]
+
+
+def beyond_the_vocabulary(array: np.ndarray) -> np.ndarray:
+    damaged = array.copy()
+    damaged.flat[damaged.size // 2] = 999_998  # "Target 999998 is out of bounds", in the issue
+    return damaged
+
+
+def negative(array: np.ndarray) -> np.ndarray:
+    damaged = array.copy()
+    damaged.flat[-1] = -3
+    return damaged
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [("targets", beyond_the_vocabulary), ("long_item", beyond_the_vocabulary), ("profile", beyond_the_vocabulary),
+     ("user", negative), ("lengths", lambda array: np.zeros_like(array)),  # an empty session
+     ("items", lambda array: array.astype(np.int64)), ("items", lambda array: np.asfortranarray(array.astype(np.float32))),
+     ("user", last_row_cut), ("items", lambda array: array[:, :-1])],
+)
+def test_a_damaged_store_is_rebuilt_not_used(stored_data, name, damage):
+    from sdm.data import load_catalogue, load_training
+
+    data, built = stored_data
+    store = data / "tensors" / "train"
+    damage_the_digest_cannot_see(store, name, damage(built[name]))
+    training = load_training(data, load_catalogue(data))
+    assert {key: tensor.dtype for key, tensor in training.tensors.items()} == dict.fromkeys(built, torch.int32)
+    assert {key: tensor.numpy().tolist() for key, tensor in training.tensors.items()} == {key: array.tolist() for key, array in built.items()}
+    assert all(np.array_equal(stored_arrays(store)[key], array) for key, array in built.items())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header", "swapped"])
+def test_a_store_file_cut_short_or_not_npy_or_from_another_data_is_rebuilt(stored_data, tiny_log, tmp_path, damage):
+    """Not even re-recorded in the manifest: caught by the digest, or by the size and header checks."""
+    from sdm.data import load_catalogue, load_training
+    from helpers.training import preprocess_tiny
+
+    data, built = stored_data
+    path = data / "tensors" / "train" / "items.npy"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "header":
+        path.write_bytes(b"\x93NUMPY\x09\x00" + path.read_bytes()[8:])  # a version numpy does not know
+    else:
+        other = preprocess_tiny(tiny_log, tmp_path / "other", min_item_count=1)
+        load_training(other, load_catalogue(other))
+        shutil.copy(other / "tensors" / "train" / "items.npy", path)
+    training = load_training(data, load_catalogue(data))
+    assert training.tensors["items"].numpy().tolist() == built["items"].tolist()
+
+
+def test_each_kind_of_damage_is_named_by_the_check(stored_data):
+    from sdm.data import load_catalogue
+    from sdm.tensor_store import DamagedStore, checked_arrays
+
+    data, built = stored_data
+    store = data / "tensors" / "train"
+    catalogue = load_catalogue(data)
+    vocab = {"item": catalogue.n_items, "user": catalogue.n_users, **catalogue.side_vocab, "profile": catalogue.profile_vocab}
+    assert checked_arrays(store, vocab).keys() == built.keys()
+    for name, array, words in [
+        ("targets", beyond_the_vocabulary(built["targets"]), ["targets.npy", "999998", "outside the ids"]),
+        ("items", built["items"].astype(np.int64), ["items.npy", "int64", "not the int32"]),
+        ("user", built["user"][:-1], ["user.npy", "not the int32"]),
+    ]:
+        np.save(store / f"{name}.npy", array)
+        with pytest.raises(DamagedStore) as raised:
+            checked_arrays(store, vocab)
+        assert all(word in str(raised.value) for word in words), (words, str(raised.value))
+        np.save(store / f"{name}.npy", built[name])
+    (store / "lengths.npy").write_bytes((store / "lengths.npy").read_bytes()[:-4])
+    with pytest.raises(DamagedStore, match="bytes, but its header"):
+        checked_arrays(store, vocab)
+
+
+def test_a_damaged_store_that_cannot_be_rebuilt_is_one_line(stored_data, tmp_path, monkeypatch):
+    import sdm.tensor_store
+
+    data, built = stored_data
+    damage_the_digest_cannot_see(data / "tensors" / "train", "targets", beyond_the_vocabulary(built["targets"]))
+
+    class ReadOnly:  # what FileLock meets in a DATA the user may read but not write (root writes anyway)
+        def __init__(self, path):
+            pass
+
+        def acquire(self):
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(sdm.tensor_store, "FileLock", ReadOnly)
+    outcome = run_sdm("train", "--data", data, "--out", tmp_path / "run", "--epochs", "1", "--dim", "8", "--heads", "2", "--quiet")
+    assert_config_refused(outcome, "targets.npy", "outside the ids", "write access")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_store_still_wrong_after_its_rebuild_is_one_line(stored_data):
+    """Ids beyond the vocabulary in the rebuilt store mean the splits disagree with the events
+    stage: the fix is to rebuild the data (here the vocabulary is made too small instead)."""
+    from pipeline.errors import InputError
+    from sdm.data import load_catalogue
+    from sdm.tensor_store import ensure_training_tensors
+
+    data, _ = stored_data
+    catalogue = load_catalogue(data)
+    vocab = {"item": 2, "user": catalogue.n_users, **catalogue.side_vocab, "profile": catalogue.profile_vocab}
+    with pytest.raises(InputError, match=r"items.npy: holds values .* as rebuilt from .*splits; rebuild the data with `sdm preprocess .* --force`"):
+        ensure_training_tensors(data, catalogue.profile_fields, catalogue.long_features, vocab)
