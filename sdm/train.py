@@ -40,8 +40,10 @@ from sdm.checkpoint import (
     CONFIG,
     HISTORY,
     LAST,
+    check_same_run,
     load_checkpoint,
     read_run_config,
+    restore,
     run_lock,
     save_checkpoint,
     write_run_json,
@@ -313,6 +315,10 @@ def prepare_run(config: TrainConfig, resume: bool, world_size: int = 1) -> dict[
                 return None  # killed before its first checkpoint: start over
             raise InputError(f"{run}: nothing to resume (no {LAST}); drop --resume to start a new run")
         saved = read_run_config(run)
+        # The run's own files first: a config.json or checkpoint copied from another run is named as such.
+        checkpoint = load_checkpoint(run / LAST)
+        check_same_run(checkpoint, run / LAST, saved)
+        check_same_run(load_checkpoint(run / BEST), run / BEST, saved)  # written at the first epoch, kept unless beaten
         free = ("epochs", "out")  # a run may be moved, or given more epochs
         if {k: v for k, v in saved["train"].items() if k not in free} != {k: v for k, v in asdict(config).items() if k not in free}:
             raise InputError(f"{run}: --resume needs the same options as the original run (only --epochs may change)")
@@ -323,7 +329,7 @@ def prepare_run(config: TrainConfig, resume: bool, world_size: int = 1) -> dict[
             )
         if saved["data_fingerprint"] != data_fingerprint(Path(config.data)):
             raise InputError(f"{run}: the data in {config.data} changed since this run started; start a new run")
-        return load_checkpoint(run / LAST)
+        return checkpoint
     if (run / CONFIG).is_file():
         raise InputError(f"{run}: already holds a run; pass --resume to continue it or choose another --out")
     return None
@@ -381,7 +387,7 @@ def train_ranks(
     model = build_model(config.model, model_config, catalogue.item_side, catalogue.item_counts, train_data.tensors["items"])
     model.to(ranks.device)
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        restore(model, checkpoint, run / LAST)
     trainable = [p for p in model.parameters() if p.requires_grad]
     objective = Objective(model, make_loss(config, catalogue.item_counts, ranks))
     if ranks.distributed and trainable:
@@ -407,7 +413,7 @@ def train_ranks(
     best_value, bad_epochs, start_epoch = -math.inf, 0, 0
     if checkpoint is not None:
         if optimizer is not None:
-            optimizer.load_state_dict(checkpoint["optimizer"])
+            restore(optimizer, checkpoint, run / LAST, "optimizer")
         history = json.loads(checkpoint["history"])
         best_value, bad_epochs, start_epoch = checkpoint["best_value"], checkpoint["bad_epochs"], checkpoint["epoch"] + 1
         if ranks.is_main:
@@ -453,6 +459,7 @@ def save_epoch(
             "history": json.dumps(history),
             "best_value": best_value,
             "bad_epochs": bad_epochs,
+            "config": json.dumps(run_config),
         },
         run / LAST,
     )
@@ -466,10 +473,15 @@ def load_trained(run: Path) -> tuple[Recommender, dict[str, Any], Catalogue]:
     catalogue = load_catalogue(data)
     if data_fingerprint(data) != run_config["data_fingerprint"]:
         raise InputError(f"{run}: its data {data} changed since training; retrain or re-run preprocess with the old options")
-    model = build_model(
-        run_config["train"]["model"], ModelConfig.from_dict(run_config["model"]), catalogue.item_side, catalogue.item_counts
-    )
-    model.load_state_dict(load_checkpoint(run / BEST)["model"])
+    try:
+        model = build_model(
+            run_config["train"]["model"], ModelConfig.from_dict(run_config["model"]), catalogue.item_side, catalogue.item_counts
+        )
+    except (ValueError, TypeError, KeyError) as error:
+        raise InputError(f"{run / CONFIG}: its model does not build ({error}); restore the run's own file, or retrain") from None
+    best = load_checkpoint(run / BEST)
+    check_same_run(best, run / BEST, run_config)
+    restore(model, best, run / BEST)
     model.eval()
     return model, run_config, catalogue
 

@@ -565,3 +565,94 @@ def test_a_store_still_wrong_after_its_rebuild_is_one_line(stored_data):
     vocab = {"item": 2, "user": catalogue.n_users, **catalogue.side_vocab, "profile": catalogue.profile_vocab}
     with pytest.raises(InputError, match=r"items.npy: holds values .* as rebuilt from .*splits; rebuild the data with `sdm preprocess .* --force`"):
         ensure_training_tensors(data, catalogue.profile_fields, catalogue.long_features, vocab)
+
+
+# --- damaged run files ----------------------------------------------------------------------------
+
+RUN_DAMAGES = {
+    "truncated": lambda path, other: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+    "zeroed": lambda path, other: path.write_bytes(bytes(path.stat().st_size)),
+    "garbage": lambda path, other: path.write_bytes(bytes(range(256)) * (path.stat().st_size // 256 + 1)),
+    "deleted": lambda path, other: path.unlink(),
+    "swapped": lambda path, other: shutil.copy(other / path.name, path),  # the file of another run (popularity, other options)
+    "json list": lambda path, other: path.write_text("[]"),
+    "json without keys": lambda path, other: path.write_text('{"train": {}, "epochs": [{"epoch": "one"}], "metrics": {"hit_rate@10": "high"}}'),
+}
+# The commands that read each file of a run (evaluate writes metrics-test.json and reads only config.json and best.pt).
+READERS = {
+    "config.json": ("evaluate", "recommend", "export", "report", "resume"),
+    "best.pt": ("evaluate", "recommend", "export", "resume"),
+    "last.pt": ("resume",),
+    "history.json": ("report",),
+    "metrics-test.json": ("report",),
+}
+
+
+def detectable(name: str, damage: str, command: str) -> bool:
+    """Whether `command` can tell this damage: JSON of the wrong shape is for JSON files; a run
+    without history or metrics is a run (report shows what there is); another run's history,
+    metrics or config.json alone are only other valid numbers to `sdm report`; a run without
+    last.pt is one killed in its first epoch, which --resume starts again."""
+    if damage.startswith("json"):
+        return name.endswith(".json")
+    if name in ("history.json", "metrics-test.json"):
+        return damage not in ("deleted", "swapped")
+    if name == "last.pt" and damage == "deleted":
+        return False
+    return not (name == "config.json" and damage == "swapped" and command == "report")
+
+
+def run_commands(run: Path, data: Path, out: Path) -> dict[str, list]:
+    from cli.app import most_active_user
+
+    return {
+        "evaluate": ["evaluate", "--run", run, "--k", "10"],
+        "recommend": ["recommend", "--run", run, "--user", most_active_user(data)],
+        "export": ["export", "--run", run, "--format", "torchscript", "--out", out],
+        "report": ["report", run, "--out", out],
+        "resume": ["train", "--data", data, "--out", run, "--epochs", "1", "--dim", "8", "--heads", "2", "--lstm-layers", "1",
+                   "--threads", "2", "--resume"],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_a_damaged_run_file_is_one_line_for_every_command_that_reads_it(tiny_runs, tiny_data, tmp_path, name):
+    """Truncated, zeroed, garbage, deleted, another run's, or JSON of the wrong shape: every reader
+    stops with one line naming the file, exit code 2; the run is left as it was and nothing is written."""
+    for damage_name, damage in RUN_DAMAGES.items():
+        run, out = tmp_path / damage_name / "run", tmp_path / damage_name / "out"
+        shutil.copytree(tiny_runs["sdm"], run)
+        damage(run / name, tiny_runs["popularity"])
+        before = {path.name: path.read_bytes() for path in run.iterdir()}
+        for command in (command for command in READERS[name] if detectable(name, damage_name, command)):
+            outcome = run_sdm(*run_commands(run, tiny_data, out)[command])
+            assert outcome.exit_code == 2, (damage_name, command, outcome.output)
+            assert_config_refused(outcome, name if damage_name != "deleted" or name != "config.json" else str(run))
+            assert {path.name: path.read_bytes() for path in run.iterdir()} == before, (damage_name, command)
+            assert not out.exists(), (damage_name, command)
+
+
+def test_a_run_file_of_the_right_shape_passes(tiny_runs, tiny_data, tmp_path):
+    """The checks refuse damage, not runs: the undamaged run works with every reader (--resume with
+    the epochs it has checks everything and trains nothing)."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    shutil.copytree(tiny_runs["sdm"], run)
+    for command, arguments in run_commands(run, tiny_data, out).items():
+        outcome = run_sdm(*arguments)
+        assert outcome.exit_code == 0, (command, outcome.output)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_a_damaged_exported_index_is_built_again_by_serve(tiny_runs, tmp_path):
+    """RUN/export/index.faiss is a cache of the item vectors: garbage there is rebuilt at start."""
+    pytest.importorskip("faiss")
+    pytest.importorskip("fastapi")
+    from sdm.server import Service
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["sdm"], run)
+    run_sdm_ok("export", "--run", run, "--format", "torchscript", "--index", "flat")
+    assert Service(run, "flat").index_source == str(run / "export" / "index.faiss")
+    (run / "export" / "index.faiss").write_bytes(b"\x00" * 1000)
+    service = Service(run, "flat")
+    assert service.index_source == "built at start" and service.index.ntotal == service.n_items
