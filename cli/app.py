@@ -235,6 +235,8 @@ def synth(
 
     if fmt not in ("csv", "csv.gz", "parquet"):
         raise InputError(f"--format {fmt!r}: expected csv, csv.gz or parquet")
+    if events < 1 or seed < 0:
+        raise InputError(f"--events {events} --seed {seed}: expected at least 1 event and a seed that is not negative")
     ensure_output_dir(out, create=False)
     with console.status(f"generating {events:,} events"):
         paths = write_synth(SynthConfig(n_events=events, seed=seed), out, fmt)
@@ -252,6 +254,7 @@ def main(args: list[str] | None = None, prog_name: str | None = None) -> None:
     debug = "--debug" in args  # anywhere on the line, for any command: show the traceback of a bug
     args = [arg for arg in args if arg != "--debug"]
     try:
+        refuse_empty_paths(args)
         # Not standalone: a usage error (an unknown option, a value of the wrong type) reaches this
         # function, to be one line like every other error instead of Typer's framed box.
         code = app(args=args, prog_name=prog_name, standalone_mode=False)
@@ -283,6 +286,30 @@ def main(args: list[str] | None = None, prog_name: str | None = None) -> None:
         if code == EXIT_INTERRUPTED and not who:
             err_console.print(INTERRUPTED_MESSAGE, highlight=False)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def refuse_empty_paths(args: list[str]) -> None:
+    """An empty path given to a path option or argument is refused: pathlib reads '' as the
+    current directory, so `--out "$UNSET"` would write there and `sdm info ""` read it."""
+    commands = typer.main.get_command(app).commands
+    if not args or args[0] not in commands:
+        return
+    function = next(info.callback for info in app.registered_commands if (info.name or info.callback.__name__) == args[0])
+    paths = {name for name, declared in option_types(function).items() if Path in (declared, *typing.get_args(declared))}
+    params = commands[args[0]].params
+    takes_value = {flag: param.name for param in params if not getattr(param, "is_flag", False) for flag in param.opts if flag.startswith("-")}
+    path_argument = next((param.name.upper() for param in params if param.name in paths and not param.opts[0].startswith("-")), None)
+    pending = None  # the option whose value the next token is
+    for token in args[1:]:
+        flag, equals, value = token.partition("=")
+        if pending is None and token in takes_value:
+            pending = token
+            continue
+        if pending is None and equals and flag in takes_value:
+            pending, token = flag, value
+        if token == "" and (takes_value[pending] in paths if pending else path_argument):
+            raise InputError(f"{pending or path_argument}: an empty path; give a file or directory (. for this one)")
+        pending = None
 
 
 # Click's base class of usage errors, found through Typer, which re-exports click's or its own copy.

@@ -29,6 +29,13 @@ SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 # A period in days, converted to milliseconds in int64: anything longer than a few centuries is a typo
 # (and 1e300 days would overflow).
 MAX_DAYS = 100_000
+# Counts and durations become polars Int64 values, added to others: a count beyond 2^31 - 1 or a
+# duration or size beyond 2^62 is a typo, not a setting, and would overflow (max-long 2^63 did).
+LARGEST = {"min_item_count": 2**31 - 1, "max_user_events": 2**31 - 1, "max_session_length": 2**31 - 1, "max_long": 2**31 - 1,
+           "session_gap_ms": 2**62, "long_window_ms": 2**62, "memory_limit": 2**62}
+# Each bucket is a job of its own with its own part files: more than this is a typo too (and
+# planning 1e30 buckets would never end).
+MAX_BUCKETS = 10_000
 # A fixed default rather than a share of this machine's RAM: the same command then picks the same
 # number of buckets (the same file layout, the same caches) on every machine, and 2 GB is safe on
 # any laptop.
@@ -110,7 +117,12 @@ class PreprocessConfig:
                 "--flag-columns fills category and leaf; drop --column category=/leaf=",
             ),
             (self.memory_limit >= 10**8, "--memory-limit must be at least 100MB"),
-            (self.buckets is None or self.buckets >= 1, "--buckets must be at least 1"),
+            (self.buckets is None or 1 <= self.buckets <= MAX_BUCKETS, f"--buckets must be from 1 to {MAX_BUCKETS:,}"),
+        ]
+        checks += [
+            (getattr(self, name) is None or getattr(self, name) <= largest,
+             f"--{name.removesuffix('_ms').replace('_', '-')} must be at most {largest:,}{' ms' * name.endswith('_ms')}")
+            for name, largest in LARGEST.items()
         ]
         for ok, message in checks:
             if not ok:

@@ -86,7 +86,7 @@ def context_arrays(
     None is the longest set in the frame."""
     arrays = {
         "user": frame.get_column("user").to_numpy().astype(np.int64),
-        "profile": frame.select(profile_fields).fill_null(0).to_numpy().astype(np.int64).reshape(frame.height, -1),
+        "profile": frame.select(profile_fields).fill_null(0).to_numpy().astype(np.int64).reshape(frame.height, len(profile_fields)),
     }
     for feature, width in long_widths.items():
         arrays[f"long_{feature}"] = padded(frame.get_column(long_term_column(feature)), width)

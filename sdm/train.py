@@ -75,6 +75,7 @@ FULL_SOFTMAX_MAX_ITEMS = 20_000  # --loss auto uses the exact softmax up to this
 LOSSES = ("auto", "sampled", "full")
 NEGATIVES = ("log-uniform", "in-batch")
 LONG_TERM_MODELS = ("sdm", "youtube-dnn", "item-cf")  # the models that read the long-term sets
+MAX_DIM, MAX_LAYERS, MAX_THREADS, MAX_NEGATIVES = 4096, 64, 1024, 10**7
 
 
 @dataclass
@@ -127,6 +128,10 @@ class TrainConfig:
              and int(self.select_metric.partition("@")[2]) >= 1,
              f"--select-metric {self.select_metric!r}: expected one of {', '.join(METRICS)} at a K >= 1, e.g. recall@50"),
             (self.dim >= 1 and self.heads >= 1 and self.lstm_layers >= 1, "--dim, --heads and --lstm-layers must be at least 1"),
+            # Beyond these a model does not fit in memory (or takes ages to build): a typo, refused before it is tried.
+            (self.dim <= MAX_DIM and self.lstm_layers <= MAX_LAYERS, f"--dim must be at most {MAX_DIM} and --lstm-layers at most {MAX_LAYERS}"),
+            (self.seed < 2**63 and self.threads <= MAX_THREADS and self.num_negatives <= MAX_NEGATIVES,
+             f"--seed must be below 2^63, --threads at most {MAX_THREADS} and --num-negatives at most {MAX_NEGATIVES:,}"),
             (0 <= self.dropout < 1, f"--dropout {self.dropout}: expected a probability in [0, 1)"),
             (self.fusion in FUSIONS, f"--fusion {self.fusion!r}: expected one of {', '.join(FUSIONS)}"),
             (self.seed >= 0 and self.threads >= 0, "--seed and --threads must not be negative"),
@@ -377,7 +382,9 @@ def train_ranks(
     if train_data is None:
         train_data = load_training(data, catalogue)
     valid, _ = load_cases(data, catalogue, "valid")
-    if 0 < len(train_data) < ranks.world_size:
+    if len(train_data) == 0:
+        raise InputError(f"{data}: no training sessions; preprocess a longer log, or with fewer --test-days and --valid-days")
+    if len(train_data) < ranks.world_size:
         raise InputError(f"{data}: {len(train_data)} training sessions cannot be shared by {ranks.world_size} processes")
     requested = config  # what the run directory records: --resume compares options, not their resolution
     if config.batch_size == 0:

@@ -265,7 +265,9 @@ def test_a_config_file_cannot_redirect_input_or_output(tmp_path: Path) -> None:
     [("--seed", "-1", "--seed"), ("--threads", "-1", "--threads"), ("--heads", "-2", "--heads"), ("--heads", "0", "--heads"),
      ("--dropout", "nan", "--dropout"), ("--dropout", "1.5", "--dropout"), ("--lstm-layers", "0", "--lstm-layers"),
      ("--dim", "0", "--dim"), ("--fusion", "foo", "--fusion"), ("--select-metric", "recall@0", "--select-metric"),
-     ("--warmup", "1", "--warmup"), ("--weight-decay", "-0.1", "--weight-decay"), ("--lr", "inf", "--lr")],
+     ("--warmup", "1", "--warmup"), ("--weight-decay", "-0.1", "--weight-decay"), ("--lr", "inf", "--lr"),
+     ("--dim", str(2**63), "--dim"), ("--lstm-layers", str(2**63), "--lstm-layers"), ("--threads", str(10**30), "--threads"),
+     ("--seed", str(2**64), "--seed"), ("--num-negatives", str(10**30), "--num-negatives")],
 )
 def test_bad_training_options_are_one_line_before_any_data_is_read(tmp_path, option, value, named):
     """Checked when the options are read: DATA does not even exist here, and nothing is written."""
@@ -656,3 +658,49 @@ def test_a_damaged_exported_index_is_built_again_by_serve(tiny_runs, tmp_path):
     (run / "export" / "index.faiss").write_bytes(b"\x00" * 1000)
     service = Service(run, "flat")
     assert service.index_source == "built at start" and service.index.ntotal == service.n_items
+
+
+# --- found by tests/test_cli_fuzz.py ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [(["preprocess", REGRESSION_DIR / "bom.csv", "--max-long", str(2**63)], ["--max-long", "at most"]),
+     (["preprocess", REGRESSION_DIR / "bom.csv", "--buckets", str(10**30)], ["--buckets", "10,000"]),
+     (["preprocess", REGRESSION_DIR / "bom.csv", "--session-gap", "99999999999999999999d"], ["--session-gap", "at most"]),
+     (["synth", "--events", "0"], ["--events 0"]), (["synth", "--seed", "-1"], ["--seed -1"]),
+     (["train", "--data", "x", "--epochs", "abc"], ["'--epochs'", "integer", "sdm train --help"]),
+     (["train", "--data", "x", "--bogus"], ["--bogus", "sdm train --help"]),
+     (["nosuch"], ["No such command", "sdm --help"])],
+)
+def test_found_by_the_fuzz_one_line(tmp_path, arguments, words):
+    """Each gave a traceback, an "unexpected" error, a framed box of several lines, or never ended."""
+    outcome = run_sdm(*arguments, "--out", tmp_path / "out")
+    assert_config_refused(outcome, *words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arguments", [["info", ""], ["preprocess", "", "--out", "{out}"], ["preprocess", "{log}", "--out", ""],
+                                       ["train", "--data=", "--out", "{out}"], ["report", "", "--out", "{out}"]])
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch, arguments):
+    """`--out ""` (an unset shell variable) once wrote a preprocess output into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REGRESSION_DIR / "bom.csv", tmp_path / "log.csv")
+    given = [argument.format(out=tmp_path / "out", log=tmp_path / "log.csv") for argument in arguments]
+    assert_config_refused(run_sdm(*given), "an empty path")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["log.csv"]
+
+
+def test_data_without_training_sessions_is_one_line(tmp_path):
+    data = tmp_path / "data"
+    run_sdm_ok("preprocess", REGRESSION_DIR / "bom.csv", "--out", data, "--min-item-count", "1")  # 2 events: all held out
+    outcome = run_sdm("train", "--data", data, "--out", tmp_path / "run", "--epochs", "1", "--dim", "8", "--heads", "2", "--quiet")
+    assert_config_refused(outcome, "no training sessions")
+
+
+def test_an_error_is_printed_as_it_is(tmp_path):
+    """Square brackets are no markup ([train] vanished from messages) and a library's line breaks are spaces."""
+    config = tmp_path / "config.toml"
+    config.write_text("[train]\n[train.bold]\nx = 1\n")
+    outcome = run_sdm("train", "--data", tmp_path, "--out", tmp_path / "run", "--config", config)
+    assert_config_refused(outcome, "unknown setting bold in [train]")
