@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -13,15 +14,14 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from pipeline.config import PreprocessConfig, parse_duration, parse_size
+from pipeline.config import (
+    BOOLEAN, DURATION, DURATION_OR_NONE, INTEGER, NAMES, NUMBER, ROLE_TABLE, SIZE, TEXT, PreprocessConfig, SettingKind,
+    parse_duration, parse_size, read_settings, read_toml,
+)
 from pipeline.errors import InputError
 from pipeline.storage import ensure_output_dir
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 app = typer.Typer(
     name="sdm",
@@ -44,7 +44,7 @@ DEMO_KS = (10, 50)
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output directory (created if missing).")]
 
 
-def parse_column_map(pairs: list[str]) -> dict[str, str]:
+def parse_column_map(pairs: list[str], option: str = "--column") -> dict[str, str]:
     from pipeline.reading import ALL_ROLES
 
     mapping = {}
@@ -52,34 +52,46 @@ def parse_column_map(pairs: list[str]) -> dict[str, str]:
         role, separator, name = pair.partition("=")
         role = role.strip().lower()
         if not separator or not name or role not in ALL_ROLES:
-            raise InputError(f"--column {pair!r}: expected ROLE=NAME with ROLE one of {', '.join(ALL_ROLES)}")
+            raise InputError(f"{option} {pair!r}: expected ROLE=NAME with ROLE one of {', '.join(ALL_ROLES)}")
         mapping[role] = name.strip()
     return mapping
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """A TOML file as data (never executed); unreadable or invalid: one line naming it."""
-    try:
-        document = tomllib.loads(path.read_text())
-    except OSError as error:
-        raise InputError(f"{path}: cannot read the config file ({error.strerror})") from None
-    except tomllib.TOMLDecodeError as error:
-        raise InputError(f"{path}: invalid TOML ({error})") from None
-    return document
+# A config file holds a command's options in their command-line types (an option declared int
+# takes a TOML integer, and so on), except these, whose strings the command parses.
+KIND_OF_TYPE = {int: INTEGER, float: NUMBER, str: TEXT, bool: BOOLEAN}
+SPECIAL_KINDS = {"session_gap": DURATION, "long_window": DURATION_OR_NONE, "memory_limit": SIZE, "columns": NAMES, "column": ROLE_TABLE}
+# Not settings of a config file: where the input and output are (a config file must not redirect
+# them), the config file itself, and what one invocation does (--force, --bucket, --resume, ...).
+NOT_SETTINGS = {"logs", "out", "items", "users", "data", "config_file", "force", "bucket", "resume", "quiet", "nproc", "ctx"}
+
+
+def option_types(command: Any) -> dict[str, type]:
+    """Each option of a command function -> its declared type (Optional[int] -> int)."""
+    declared = {}
+    for name, hint in typing.get_type_hints(command).items():
+        if name == "return":
+            continue
+        arguments = [argument for argument in typing.get_args(hint) if argument is not type(None)]
+        declared[name] = arguments[0] if typing.get_origin(hint) is typing.Union and len(arguments) == 1 else hint
+    return declared
+
+
+def setting_kinds(command: Any, names: set[str] | None = None) -> dict[str, SettingKind]:
+    """What a config file may set for a command: its options (those in `names`, if given) but NOT_SETTINGS."""
+    return {
+        name: SPECIAL_KINDS.get(name) or KIND_OF_TYPE[declared]
+        for name, declared in option_types(command).items()
+        if name not in NOT_SETTINGS and (names is None or name in names)
+    }
 
 
 def read_config_file(path: Path | None) -> dict[str, Any]:
-    """The [preprocess] table of a TOML file."""
+    """The [preprocess] table of a TOML file (or the whole file, if it has no such table), checked."""
     if path is None:
         return {}
     document = read_toml(path)
-    section = document.get("preprocess", document)
-    paths_and_units = {"logs", "out", "items", "users", "session_gap_ms", "long_window_ms"}
-    known = {f.name for f in fields(PreprocessConfig)} - paths_and_units | {"column", "session_gap", "long_window"}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise InputError(f"{path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
-    return section
+    return read_settings(path, document.get("preprocess", document), "preprocess", setting_kinds(preprocess))
 
 
 @app.command()
@@ -124,23 +136,27 @@ def preprocess(
         "max_session_length": max_session_length, "max_long": max_long, "split": split,
         "test_days": test_days, "valid_days": valid_days, "input_fraction": input_fraction,
         "session_gap": session_gap, "long_window": long_window,
-        "columns": columns.split(",") if columns else None,
-        "memory_limit": memory_limit, "buckets": buckets,
+        "columns": columns, "memory_limit": memory_limit, "buckets": buckets,
     }
     settings |= {name: value for name, value in given.items() if value is not None}
-    column_map = {**settings.pop("column", {}), **settings.pop("column_map", {}), **parse_column_map(column or [])}
+
+    def source(name: str) -> str:
+        """Who gave a setting, for the messages about its value: the option or the config file."""
+        flag = "--" + name.replace("_", "-")
+        return flag if given.get(name) is not None else f"{config_file}: {flag[2:]}"
+
+    config_pairs = [f"{role}={name}" for role, name in settings.pop("column", {}).items()]
+    column_map = {**parse_column_map(config_pairs, f"{config_file}: column"), **parse_column_map(column or [])}
     if "columns" in settings:
-        settings["columns"] = tuple(name.strip() for name in settings["columns"])
+        names = settings["columns"].split(",") if isinstance(settings["columns"], str) else settings["columns"]
+        settings["columns"] = tuple(name.strip() for name in names)
     if "memory_limit" in settings:
-        settings["memory_limit"] = parse_size(settings["memory_limit"], option="--memory-limit")
+        settings["memory_limit"] = parse_size(settings["memory_limit"], option=source("memory_limit"))
     if "session_gap" in settings:
-        settings["session_gap_ms"] = parse_duration(settings.pop("session_gap"), option="--session-gap")
+        settings["session_gap_ms"] = parse_duration(settings.pop("session_gap"), option=source("session_gap"))
     if "long_window" in settings:
-        settings["long_window_ms"] = parse_duration(settings.pop("long_window"), option="--long-window", allow_none=True)
-    try:
-        config = PreprocessConfig(logs=logs, out=out, items=items, users=users, column_map=column_map, **settings)
-    except TypeError as error:
-        raise InputError(f"{config_file}: a setting has the wrong type ({error})") from None
+        settings["long_window_ms"] = parse_duration(settings.pop("long_window"), option=source("long_window"), allow_none=True)
+    config = PreprocessConfig(logs=logs, out=out, items=items, users=users, column_map=column_map, **settings)
 
     with console.status("") as status:
         reports = run_preprocess(
@@ -227,6 +243,8 @@ def synth(
 
     if fmt not in ("csv", "csv.gz", "parquet"):
         raise InputError(f"--format {fmt!r}: expected csv, csv.gz or parquet")
+    if events < 1 or seed < 0:
+        raise InputError(f"--events {events} --seed {seed}: expected at least 1 event and a seed that is not negative")
     ensure_output_dir(out, create=False)
     with console.status(f"generating {events:,} events"):
         paths = write_synth(SynthConfig(n_events=events, seed=seed), out, fmt)
@@ -244,29 +262,74 @@ def main(args: list[str] | None = None, prog_name: str | None = None) -> None:
     debug = "--debug" in args  # anywhere on the line, for any command: show the traceback of a bug
     args = [arg for arg in args if arg != "--debug"]
     try:
-        app(args=args, prog_name=prog_name)
+        refuse_empty_paths(args)
+        # Not standalone: a usage error (an unknown option, a value of the wrong type) reaches this
+        # function, to be one line like every other error instead of Typer's framed box.
+        code = app(args=args, prog_name=prog_name, standalone_mode=False)
+    except USAGE_ERROR as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # `sdm` or `sdm COMMAND` alone: the help, as before
+            app(args=[*args, "--help"], prog_name=prog_name, standalone_mode=False)
+            sys.exit(error.exit_code)
+        command = f" {error.ctx.command_path}" if getattr(error, "ctx", None) is not None else ""
+        say(f"{who}{error.format_message().rstrip('.')}; see `{command.strip() or 'sdm'} --help`")
     except InputError as error:
-        err_console.print(f"[bold red]error:[/] {who}{error}", highlight=False, soft_wrap=True)
-        sys.exit(EXIT_BAD_INPUT)
+        say(f"{who}{error}")
     except OSError as error:  # a full disk, a read-only or unwritable output: the user's to fix, not a bug
         place = f"{error.filename}: " if error.filename else ""
-        err_console.print(f"[bold red]error:[/] {who}{place}{error.strerror or error}", highlight=False, soft_wrap=True)
-        sys.exit(EXIT_BAD_INPUT)
+        say(f"{who}{place}{error.strerror or error}")
     except KeyboardInterrupt:  # Ctrl-C outside a command
         if not who:
             err_console.print(INTERRUPTED_MESSAGE, highlight=False)
         sys.exit(EXIT_INTERRUPTED)
     except SystemExit as exit_:
-        # Typer turns Ctrl-C inside a command into a silent exit 130
         if exit_.code == EXIT_INTERRUPTED and not who and not isinstance(exit_, ReportedByRanks):
             err_console.print(INTERRUPTED_MESSAGE, highlight=False)
         raise
     except Exception as error:  # a bug of ours: one line, and the traceback on request
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {who}unexpected {type(error).__name__}: {error}; run with --debug for the traceback",
-                          highlight=False, soft_wrap=True)
-        sys.exit(EXIT_BAD_INPUT)
+        say(f"{who}unexpected {type(error).__name__}: {error}; run with --debug for the traceback")
+    else:
+        # Typer turns Ctrl-C inside a command into exit code 130, returned when not standalone
+        if code == EXIT_INTERRUPTED and not who:
+            err_console.print(INTERRUPTED_MESSAGE, highlight=False)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def refuse_empty_paths(args: list[str]) -> None:
+    """An empty path given to a path option or argument is refused: pathlib reads '' as the
+    current directory, so `--out "$UNSET"` would write there and `sdm info ""` read it."""
+    commands = typer.main.get_command(app).commands
+    if not args or args[0] not in commands:
+        return
+    function = next(info.callback for info in app.registered_commands if (info.name or info.callback.__name__) == args[0])
+    paths = {name for name, declared in option_types(function).items() if Path in (declared, *typing.get_args(declared))}
+    params = commands[args[0]].params
+    takes_value = {flag: param.name for param in params if not getattr(param, "is_flag", False) for flag in param.opts if flag.startswith("-")}
+    path_argument = next((param.name.upper() for param in params if param.name in paths and not param.opts[0].startswith("-")), None)
+    pending = None  # the option whose value the next token is
+    for token in args[1:]:
+        flag, equals, value = token.partition("=")
+        if pending is None and token in takes_value:
+            pending = token
+            continue
+        if pending is None and equals and flag in takes_value:
+            pending, token = flag, value
+        if token == "" and (takes_value[pending] in paths if pending else path_argument):
+            raise InputError(f"{pending or path_argument}: an empty path; give a file or directory (. for this one)")
+        pending = None
+
+
+# Click's base class of usage errors, found through Typer, which re-exports click's or its own copy.
+USAGE_ERROR = next(base for base in typer.BadParameter.__mro__ if base.__name__ == "ClickException")
+
+
+def say(message: str) -> None:
+    """An error as one line on stderr, exit code 2. The text is printed as it is (a raw id or a TOML
+    section such as [train] is no markup), its line breaks (from a library's message) as spaces."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    err_console.print(Text.assemble(("error:", "bold red"), " ", text), highlight=False, soft_wrap=True)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 @app.command("train")
@@ -313,16 +376,10 @@ def train_command(
     values |= {"data": str(data), "out": str(out)}
     if config_file is not None:
         section = read_toml(config_file).get("train", {})
-        settings = {str(key).replace("-", "_"): value for key, value in (section.items() if isinstance(section, dict) else [])}
-        unknown = sorted(set(settings) - (names - {"data", "out"}))
-        if not isinstance(section, dict) or unknown:
-            raise InputError(f"{config_file}: [train] must be a table of sdm train options; unknown: {', '.join(unknown) or 'not a table'}")
+        settings = read_settings(config_file, section, "train", setting_kinds(train_command, names))
         # Compared by name: Typer ships its own copy of click, whose ParameterSource is not click's.
         values |= {name: value for name, value in settings.items() if ctx.get_parameter_source(name).name == "DEFAULT"}
-    try:
-        config = TrainConfig(**values)
-    except TypeError as error:
-        raise InputError(f"{config_file}: a setting has the wrong type ({error})") from None
+    config = TrainConfig(**values)
     if nproc < 1:
         raise InputError("--nproc must be at least 1")
     if nproc > 1 and "RANK" in os.environ:

@@ -56,17 +56,25 @@ def run_lock(run: Path) -> Iterator[None]:
             shutil.rmtree(run, ignore_errors=True)
 
 
-# What each checkpoint file holds (sdm/train.py: save_epoch); a file without these is not ours.
+# What each checkpoint file holds (sdm/train.py: save_epoch), and the type of each entry; a file
+# without these is not ours. (last.pt records the run's config since issue 17; older ones do not.)
 CHECKPOINT_KEYS = {
     LAST: {"model", "optimizer", "epoch", "history", "best_value", "bad_epochs"},
     BEST: {"model", "epoch", "config"},
 }
+ENTRY_TYPES = {"model": dict, "optimizer": dict, "epoch": int, "history": str, "best_value": (int, float), "bad_epochs": int, "config": str}
+JSON_ENTRIES = ("history", "config")
+# What must match between a checkpoint's recorded run config and RUN/config.json for the
+# checkpoint to be this run's: everything but what a run may change (moved, given more epochs).
+SAME_RUN_KEYS = ("model", "catalogue", "data_fingerprint")
+FREE_OPTIONS = ("epochs", "out")
+RETRAIN = "restore the run's own file, or retrain into a new --out"
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Tensors and plain containers only (weights_only): a pickle payload is refused, never run.
-    A best.pt or last.pt without its keys (another program's file, or a best.pt renamed last.pt)
-    is refused with one line."""
+    A best.pt or last.pt without its keys (another program's file, or a best.pt renamed last.pt),
+    or with an entry of the wrong type, is refused with one line."""
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint")
     try:
@@ -74,21 +82,100 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0]
         raise InputError(f"{path}: refused to load: not a plain checkpoint ({reason})") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise InputError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise InputError(f"{path}: not a readable checkpoint ({type(error).__name__}); {RETRAIN}") from None
     missing = CHECKPOINT_KEYS.get(path.name, {"model"}) - set(state if isinstance(state, dict) else ())
     if missing:
         raise InputError(f"{path}: not a checkpoint sdm train wrote (no {', '.join(sorted(missing))}); retrain, or resume from the run's own files")
+    for key, expected in ENTRY_TYPES.items():
+        if key in state and (not isinstance(state[key], expected) or isinstance(state[key], bool) or not valid_json(state[key], key)):
+            raise InputError(f"{path}: not a checkpoint sdm train wrote ({key} is a {type(state[key]).__name__}); {RETRAIN}")
     return state
 
 
-def read_run_config(run: Path) -> dict[str, Any]:
+def valid_json(value: Any, key: str) -> bool:
+    if key not in JSON_ENTRIES:
+        return True
     try:
-        return json.loads((run / CONFIG).read_text())
+        return isinstance(json.loads(value), dict if key == "config" else list)
+    except ValueError:
+        return False
+
+
+def check_same_run(state: dict[str, Any], path: Path, run_config: dict[str, Any]) -> None:
+    """A checkpoint that records another run's config (other data, vocabularies, model or options:
+    a file copied from another run directory) is refused."""
+    if "config" not in state:
+        return  # a last.pt from before checkpoints recorded their run
+    recorded = json.loads(state["config"])
+    options = [{k: v for k, v in (config.get("train") or {}).items() if k not in FREE_OPTIONS} for config in (recorded, run_config)]
+    differs = [key for key in SAME_RUN_KEYS if recorded.get(key) != run_config.get(key)] + ["train"] * (options[0] != options[1])
+    if differs:
+        raise InputError(f"{path}: a checkpoint of another run (its {', '.join(differs)} differ from {path.parent / CONFIG}); {RETRAIN}")
+
+
+def restore(module: Any, state: dict[str, Any], path: Path, key: str = "model") -> None:
+    """module.load_state_dict(state[key]), with weights or optimiser state of another shape (another
+    run's file) refused with one line."""
+    try:
+        module.load_state_dict(state[key])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise InputError(f"{path}: its {key} does not fit the run in {path.parent / CONFIG} ({reason}); {RETRAIN}") from None
+
+
+def read_run_config(run: Path) -> dict[str, Any]:
+    """RUN/config.json, checked to hold what its readers use: the training options (with the data
+    directory and model), the model config, the catalogue's sizes and the data's fingerprint."""
+    try:
+        config = json.loads((run / CONFIG).read_text())
     except FileNotFoundError:
         raise InputError(f"{run}: not a run directory (no {CONFIG}); train one with `sdm train --data DIR --out {run}`") from None
     except (OSError, ValueError) as error:
-        raise InputError(f"{run / CONFIG}: unreadable ({error})") from None
+        raise InputError(f"{run / CONFIG}: unreadable ({error}); {RETRAIN}") from None
+    expected = {"train": dict, "model": dict, "catalogue": dict, "data_fingerprint": str}
+    wrong = [key for key, kind in expected.items() if not isinstance(config, dict) or not isinstance(config.get(key), kind)]
+    train = config.get("train") if isinstance(config, dict) else None
+    wrong += [f"train.{key}" for key in ("data", "model") if isinstance(train, dict) and not isinstance(train.get(key), str)]
+    if wrong:
+        raise InputError(f"{run / CONFIG}: not the {CONFIG} sdm train writes (no valid {', '.join(wrong)}); {RETRAIN}")
+    return config
+
+
+def read_history(run: Path) -> list[dict[str, Any]]:
+    """RUN/history.json's epochs (empty when there is none), each checked to hold its numbers."""
+    path = run / HISTORY
+    if not path.is_file():
+        return []
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: unreadable ({type(error).__name__}); {RETRAIN}") from None
+    epochs = document.get("epochs") if isinstance(document, dict) else None
+    numbers = ("epoch", "loss", "seconds")
+    if not isinstance(epochs, list) or not all(
+        isinstance(entry, dict) and all(is_number(entry.get(key)) for key in numbers)
+        and isinstance(entry.get("valid"), dict) and all(map(is_number, entry["valid"].values()))
+        for entry in epochs
+    ):
+        raise InputError(f"{path}: not the {HISTORY} sdm train writes (epochs of {', '.join(numbers)} and valid metrics); {RETRAIN}")
+    return epochs
+
+
+def read_metrics(path: Path) -> dict[str, float]:
+    """The metrics of a RUN/metrics-<split>.json that `sdm evaluate` wrote, checked to be numbers."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: unreadable ({type(error).__name__}); rerun `sdm evaluate` to rewrite it") from None
+    metrics = document.get("metrics") if isinstance(document, dict) else None
+    if not isinstance(metrics, dict) or not all(map(is_number, metrics.values())):
+        raise InputError(f"{path}: not the metrics sdm evaluate writes; rerun `sdm evaluate` to rewrite it")
+    return metrics
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def write_run_json(run: Path, name: str, payload: dict[str, Any] | list[Any]) -> None:

@@ -153,7 +153,8 @@ def load_training(data: Path, catalogue: Catalogue) -> SessionData:
     """Training sessions, memory-mapped; targets[:, t] = the next item of the session, and at the
     last position the first item of the user's next session (0 where there is none)."""
     require_stage(data, "splits")
-    tensors, n_targets = open_training_tensors(data, catalogue.profile_fields, catalogue.long_features)
+    vocab = {"item": catalogue.n_items, "user": catalogue.n_users, **catalogue.side_vocab, "profile": catalogue.profile_vocab}
+    tensors, n_targets = open_training_tensors(data, catalogue.profile_fields, catalogue.long_features, vocab)
     return SessionData(tensors, n_targets=n_targets)
 
 

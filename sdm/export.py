@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import logging
 import platform
@@ -223,7 +224,12 @@ def write_onnx(tower: UserTower, catalogue: Catalogue, path: Path) -> None:
     except ImportError:
         raise InputError('--format onnx needs onnx and onnxscript: pip install "sdm[serve]" (or use --format torchscript)') from None
     features = catalogue.long_features
-    sizes = {"batch": 3, "length": 4, **{f"long_{f}": 5 + j for j, f in enumerate(features)}}
+    # Each dynamic dimension gets a size that no weight or the profile has: an example
+    # length of 4 equal to a 4-wide embedding was fixed at 4 in the graph, and onnxruntime then
+    # failed on every real session of another length.
+    static = {size for tensor in tower.state_dict().values() for size in tensor.shape} | {len(catalogue.profile_fields)}
+    free = (size for size in itertools.count(3) if size not in static)
+    sizes = dict(zip(["batch", "length", *(f"long_{f}" for f in features)], free))
     example = example_batch(catalogue, sizes)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
     dynamic_shapes = {

@@ -28,8 +28,10 @@ from typing import Any
 
 import polars as pl
 
+from pipeline.cache import read_manifest
 from pipeline.errors import InputError
 from pipeline.storage import publish_directory, temporary_path, write_atomic
+from sdm.checkpoint import read_history, read_metrics, read_run_config
 
 KS = (10, 20, 50, 100)
 METRIC_NAMES = ("hit_rate", "recall", "precision", "f1", "ndcg", "mrr")
@@ -155,15 +157,14 @@ def metric_columns(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 
 def run_row(run: Path) -> dict[str, Any]:
     """A `sdm train` run directory as one "test" row of the results table."""
-    config = read_json(run / "config.json")
-    options = config.get("train", {})
-    history = read_json(run / "history.json")["epochs"] if (run / "history.json").is_file() else []
-    data = Path(options.get("data", ""))
-    splits = read_json(data / "splits" / "manifest.json").get("stats", {}) if (data / "splits" / "manifest.json").is_file() else {}
+    options = read_run_config(run)["train"]
+    history = read_history(run)
+    data = Path(options["data"])
+    splits = (read_manifest(data / "splits") or {"stats": {}})["stats"]
     row = {
         "dataset": data.name or "?",
         "protocol": splits.get("split", "?"),
-        "model": options.get("model", "?"),
+        "model": options["model"],
         "variant": variant_of(options),
         "stage": "test",
         "seed": options.get("seed", 0),
@@ -174,17 +175,8 @@ def run_row(run: Path) -> dict[str, Any]:
     }
     for name, prefix in (("metrics-test.json", "test_"), ("metrics-test-exclude-seen.json", "test_seen_excluded_")):
         if (run / name).is_file():
-            row |= metric_columns(read_json(run / name).get("metrics", {}), prefix)
+            row |= metric_columns(read_metrics(run / name), prefix)
     return row
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: unreadable JSON ({error})") from None
 
 
 def load_inputs(paths: Sequence[Path]) -> pl.DataFrame:

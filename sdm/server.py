@@ -143,8 +143,11 @@ class Service:
         exported = read_export_manifest(self.run / "export")
         entry = (exported or {}).get("index") or {}
         if exported is not None and exported.get("fingerprint") == self.fingerprint and entry.get("kind") == kind:
-            index = faiss.read_index(str(self.run / "export" / entry["file"]))
-            if index.ntotal == self.n_items:
+            try:
+                index = faiss.read_index(str(self.run / "export" / str(entry.get("file"))))
+            except RuntimeError:  # a damaged or missing file: built now, as for another run's index
+                index = None
+            if index is not None and index.ntotal == self.n_items:
                 return index, str(self.run / "export" / entry["file"])
         return build_index(self.item_vectors, kind), "built at start"
 

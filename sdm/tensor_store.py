@@ -19,7 +19,9 @@ directory that is renamed into place when complete, under a lock that makes conc
 
 from __future__ import annotations
 
+import math
 import mmap
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import polars as pl
 import torch
 from filelock import FileLock
 
-from pipeline.cache import build_stage, is_current, manifest_digest, package_version, read_manifest
+from pipeline.cache import MANIFEST, build_stage, is_current, manifest_digest, package_version, read_manifest
 from pipeline.errors import InputError
 from pipeline.long_term import long_term_column
 
@@ -84,7 +86,7 @@ def context_arrays(
     None is the longest set in the frame."""
     arrays = {
         "user": frame.get_column("user").to_numpy().astype(np.int64),
-        "profile": frame.select(profile_fields).fill_null(0).to_numpy().astype(np.int64).reshape(frame.height, -1),
+        "profile": frame.select(profile_fields).fill_null(0).to_numpy().astype(np.int64).reshape(frame.height, len(profile_fields)),
     }
     for feature, width in long_widths.items():
         arrays[f"long_{feature}"] = padded(frame.get_column(long_term_column(feature)), width)
@@ -141,37 +143,111 @@ def build_training_tensors(data: Path, profile_fields: list[str], long_features:
     return build
 
 
-def ensure_training_tensors(data: Path, profile_fields: list[str], long_features: list[str]) -> dict[str, Any]:
-    """The manifest of DATA/tensors/train, built first if missing or stale."""
+class DamagedStore(Exception):
+    """A file of the store that does not hold what its manifest says; the message names it and how."""
+
+
+def ensure_training_tensors(data: Path, profile_fields: list[str], long_features: list[str],
+                            vocab: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The checked arrays (see `checked_arrays`) and the manifest of DATA/tensors/train, built first
+    if missing or stale, and rebuilt if damaged: the store is a cache of the Parquet splits."""
     parent = data / TENSORS_DIR
     expected = fingerprint(data)
+    damage = None
     if is_current(parent / TRAIN, expected):
-        return read_manifest(parent / TRAIN)
+        try:
+            return checked_arrays(parent / TRAIN, vocab), read_manifest(parent / TRAIN)
+        except DamagedStore as found:
+            damage = found
     try:
         parent.mkdir(exist_ok=True)
         lock = FileLock(parent / f".{TRAIN}.lock")
         lock.acquire()
     except PermissionError:
-        raise InputError(f"{parent}: cannot write the training tensors here; sdm train needs write access to {data}") from None
+        reason = f"{damage}; sdm train rebuilds it, but " if damage else ""
+        raise InputError(f"{reason}{parent}: cannot write the training tensors here; sdm train needs write access to {data}") from None
     try:
-        if not is_current(parent / TRAIN, expected):  # another process may have built it while we waited
-            build_stage(parent, TRAIN, expected, build_training_tensors(data, profile_fields, long_features))
+        if is_current(parent / TRAIN, expected):  # another process may have built it while we waited
+            try:
+                return checked_arrays(parent / TRAIN, vocab), read_manifest(parent / TRAIN)
+            except DamagedStore:
+                pass  # still the damaged store: rebuilt below
+        build_stage(parent, TRAIN, expected, build_training_tensors(data, profile_fields, long_features))
     finally:
         lock.release()
-    return read_manifest(parent / TRAIN)
+    try:
+        return checked_arrays(parent / TRAIN, vocab), read_manifest(parent / TRAIN)
+    except DamagedStore as still:  # built from undamaged splits, so their ids are beyond the vocabularies
+        raise InputError(f"{still}, as rebuilt from {data / 'splits'}; rebuild the data with `sdm preprocess LOGS --out {data} --force`") from None
+
+
+def id_ranges(shapes: dict[str, list[int]], vocab: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """[low, high) of the values of each array: an id below its vocabulary's size (0 = padding),
+    a length from 1 to the session width; profile columns each below their field's size."""
+    width = shapes["items"][1]
+    ranges: dict[str, tuple[Any, Any]] = {
+        "items": (0, vocab["item"]), "targets": (0, vocab["item"]), "lengths": (1, width + 1), "user": (0, vocab["user"]),
+        "profile": (np.zeros(len(vocab["profile"]), dtype=np.int64), np.asarray(vocab["profile"], dtype=np.int64)),
+    }
+    return ranges | {name: (0, vocab[name.removeprefix("long_")]) for name in shapes if name.startswith("long_")}
+
+
+def checked_arrays(directory: Path, vocab: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Every array of the store, mapped (map_array) after checking it against the manifest: a .npy
+    header of int32 in C order with the manifest's shape, the same number of rows in every array,
+    a file exactly as long as that shape needs, and values in their id ranges (one min and one
+    max per array, over the mapped pages). `vocab`: the size of each id's vocabulary ("item",
+    "user", each long-term feature, and "profile": one size per field). A damaged store raises
+    DamagedStore naming the file."""
+    stats = (read_manifest(directory) or {}).get("stats", {})
+    shapes = stats.get("shapes")
+    needed = {"items", "targets", "lengths", "user", "profile"}
+    if not isinstance(shapes, dict) or not needed <= set(shapes) or not all(
+        isinstance(shape, list) and shape and all(isinstance(size, int) and size >= 0 for size in shape) for shape in shapes.values()
+    ) or not isinstance(stats.get("targets"), int) or not {name.removeprefix("long_") for name in shapes if name.startswith("long_")} <= set(vocab):
+        raise DamagedStore(f"{directory / MANIFEST}: not the manifest of a training store")
+    rows = {shape[0] for shape in shapes.values()}
+    if len(rows) != 1:
+        raise DamagedStore(f"{directory / MANIFEST}: its arrays have different numbers of rows")
+    arrays = {}
+    for name, (low, high) in id_ranges(shapes, vocab).items():
+        path = directory / f"{name}.npy"
+        array = map_array(path)
+        if array.dtype != DTYPE or tuple(array.shape) != tuple(shapes[name]) or not array.flags.c_contiguous:
+            raise DamagedStore(f"{path}: holds {array.dtype} {list(array.shape)}, not the int32 {shapes[name]} of its manifest")
+        if array.size:
+            # one pass each for the least and the greatest value; per column for the profile fields
+            smallest, largest = (array.min(axis=0), array.max(axis=0)) if name == "profile" else (array.min(), array.max())
+            if np.any(smallest < low) or np.any(largest >= high):
+                raise DamagedStore(f"{path}: holds values from {np.min(smallest)} to {np.max(largest)}, outside the ids of its vocabulary "
+                                   f"([{np.min(low)}, {np.max(high)}))")
+        arrays[name] = array
+    return arrays
 
 
 def map_array(path: Path) -> np.ndarray:
-    """A .npy file as an array backed by the file's pages, not by private memory.
+    """A .npy file as an array backed by the file's pages, not by private memory; a file that is
+    no .npy, or shorter or longer than its header says, raises DamagedStore.
 
     Mapped copy-on-write, which gives torch the writable array it expects without copying, and
     advised as randomly accessed: batches read scattered rows, and the kernel's readahead
     (8 MB per fault on some virtual disks) would otherwise read most of a file for one batch."""
-    with open(path, "rb") as handle:
-        read_header = HEADER_READERS[np.lib.format.read_magic(handle)]
-        shape, fortran_order, dtype = read_header(handle)
-        offset = handle.tell()
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    try:
+        with open(path, "rb") as handle:
+            read_header = HEADER_READERS[np.lib.format.read_magic(handle)]
+            shape, fortran_order, dtype = read_header(handle)
+            offset = handle.tell()
+            if dtype.hasobject:  # Python objects: pickled, not numbers to map
+                raise DamagedStore(f"{path}: holds Python objects, not numbers")
+            size = os.fstat(handle.fileno()).st_size
+            expected = offset + math.prod(shape) * dtype.itemsize
+            if size != expected:
+                raise DamagedStore(f"{path}: {size:,} bytes, but its header's {dtype} {list(shape)} needs {expected:,}")
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError as error:
+        raise DamagedStore(f"{path}: unreadable ({error.strerror})") from None
+    except (ValueError, KeyError):  # no .npy magic, an unknown version or a header numpy cannot parse
+        raise DamagedStore(f"{path}: not a .npy file") from None
     if hasattr(mmap, "MADV_RANDOM"):
         mapped.madvise(mmap.MADV_RANDOM)
     count = int(np.prod(shape))
@@ -183,7 +259,8 @@ def map_tensors(directory: Path, names: list[str]) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(map_array(directory / f"{name}.npy")) for name in names}
 
 
-def open_training_tensors(data: Path, profile_fields: list[str], long_features: list[str]) -> tuple[dict[str, torch.Tensor], int]:
-    """(memory-mapped int32 tensors of the training split, number of targets)."""
-    manifest = ensure_training_tensors(data, profile_fields, long_features)
-    return map_tensors(data / TENSORS_DIR / TRAIN, list(manifest["stats"]["shapes"])), manifest["stats"]["targets"]
+def open_training_tensors(data: Path, profile_fields: list[str], long_features: list[str],
+                          vocab: dict[str, Any]) -> tuple[dict[str, torch.Tensor], int]:
+    """(memory-mapped int32 tensors of the training split, number of targets); see ensure_training_tensors."""
+    arrays, manifest = ensure_training_tensors(data, profile_fields, long_features, vocab)
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}, manifest["stats"]["targets"]

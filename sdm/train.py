@@ -40,8 +40,10 @@ from sdm.checkpoint import (
     CONFIG,
     HISTORY,
     LAST,
+    check_same_run,
     load_checkpoint,
     read_run_config,
+    restore,
     run_lock,
     save_checkpoint,
     write_run_json,
@@ -73,6 +75,7 @@ FULL_SOFTMAX_MAX_ITEMS = 20_000  # --loss auto uses the exact softmax up to this
 LOSSES = ("auto", "sampled", "full")
 NEGATIVES = ("log-uniform", "in-batch")
 LONG_TERM_MODELS = ("sdm", "youtube-dnn", "item-cf")  # the models that read the long-term sets
+MAX_DIM, MAX_LAYERS, MAX_THREADS, MAX_NEGATIVES = 4096, 64, 1024, 10**7
 
 
 @dataclass
@@ -126,6 +129,10 @@ class TrainConfig:
              and int(self.select_metric.partition("@")[2]) >= 1,
              f"--select-metric {self.select_metric!r}: expected one of {', '.join(METRICS)} at a K >= 1, e.g. recall@50"),
             (self.dim >= 1 and self.heads >= 1 and self.lstm_layers >= 1, "--dim, --heads and --lstm-layers must be at least 1"),
+            # Beyond these a model does not fit in memory (or takes ages to build): a typo, refused before it is tried.
+            (self.dim <= MAX_DIM and self.lstm_layers <= MAX_LAYERS, f"--dim must be at most {MAX_DIM} and --lstm-layers at most {MAX_LAYERS}"),
+            (self.seed < 2**63 and self.threads <= MAX_THREADS and self.num_negatives <= MAX_NEGATIVES,
+             f"--seed must be below 2^63, --threads at most {MAX_THREADS} and --num-negatives at most {MAX_NEGATIVES:,}"),
             (0 <= self.dropout < 1, f"--dropout {self.dropout}: expected a probability in [0, 1)"),
             (self.fusion in FUSIONS, f"--fusion {self.fusion!r}: expected one of {', '.join(FUSIONS)}"),
             (self.attention_query in ATTENTION_QUERIES,
@@ -319,6 +326,10 @@ def prepare_run(config: TrainConfig, resume: bool, world_size: int = 1) -> dict[
                 return None  # killed before its first checkpoint: start over
             raise InputError(f"{run}: nothing to resume (no {LAST}); drop --resume to start a new run")
         saved = read_run_config(run)
+        # The run's own files first: a config.json or checkpoint copied from another run is named as such.
+        checkpoint = load_checkpoint(run / LAST)
+        check_same_run(checkpoint, run / LAST, saved)
+        check_same_run(load_checkpoint(run / BEST), run / BEST, saved)  # written at the first epoch, kept unless beaten
         free = ("epochs", "out")  # a run may be moved, or given more epochs
         if {k: v for k, v in saved["train"].items() if k not in free} != {k: v for k, v in asdict(config).items() if k not in free}:
             raise InputError(f"{run}: --resume needs the same options as the original run (only --epochs may change)")
@@ -329,7 +340,7 @@ def prepare_run(config: TrainConfig, resume: bool, world_size: int = 1) -> dict[
             )
         if saved["data_fingerprint"] != data_fingerprint(Path(config.data)):
             raise InputError(f"{run}: the data in {config.data} changed since this run started; start a new run")
-        return load_checkpoint(run / LAST)
+        return checkpoint
     if (run / CONFIG).is_file():
         raise InputError(f"{run}: already holds a run; pass --resume to continue it or choose another --out")
     return None
@@ -377,7 +388,9 @@ def train_ranks(
     if train_data is None:
         train_data = load_training(data, catalogue)
     valid, _ = load_cases(data, catalogue, "valid")
-    if 0 < len(train_data) < ranks.world_size:
+    if len(train_data) == 0:
+        raise InputError(f"{data}: no training sessions; preprocess a longer log, or with fewer --test-days and --valid-days")
+    if len(train_data) < ranks.world_size:
         raise InputError(f"{data}: {len(train_data)} training sessions cannot be shared by {ranks.world_size} processes")
     requested = config  # what the run directory records: --resume compares options, not their resolution
     if config.batch_size == 0:
@@ -387,7 +400,7 @@ def train_ranks(
     model = build_model(config.model, model_config, catalogue.item_side, catalogue.item_counts, train_data.tensors["items"])
     model.to(ranks.device)
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        restore(model, checkpoint, run / LAST)
     trainable = [p for p in model.parameters() if p.requires_grad]
     objective = Objective(model, make_loss(config, catalogue.item_counts, ranks))
     if ranks.distributed and trainable:
@@ -413,7 +426,7 @@ def train_ranks(
     best_value, bad_epochs, start_epoch = -math.inf, 0, 0
     if checkpoint is not None:
         if optimizer is not None:
-            optimizer.load_state_dict(checkpoint["optimizer"])
+            restore(optimizer, checkpoint, run / LAST, "optimizer")
         history = json.loads(checkpoint["history"])
         best_value, bad_epochs, start_epoch = checkpoint["best_value"], checkpoint["bad_epochs"], checkpoint["epoch"] + 1
         if ranks.is_main:
@@ -459,6 +472,7 @@ def save_epoch(
             "history": json.dumps(history),
             "best_value": best_value,
             "bad_epochs": bad_epochs,
+            "config": json.dumps(run_config),
         },
         run / LAST,
     )
@@ -472,10 +486,15 @@ def load_trained(run: Path) -> tuple[Recommender, dict[str, Any], Catalogue]:
     catalogue = load_catalogue(data)
     if data_fingerprint(data) != run_config["data_fingerprint"]:
         raise InputError(f"{run}: its data {data} changed since training; retrain or re-run preprocess with the old options")
-    model = build_model(
-        run_config["train"]["model"], ModelConfig.from_dict(run_config["model"]), catalogue.item_side, catalogue.item_counts
-    )
-    model.load_state_dict(load_checkpoint(run / BEST)["model"])
+    try:
+        model = build_model(
+            run_config["train"]["model"], ModelConfig.from_dict(run_config["model"]), catalogue.item_side, catalogue.item_counts
+        )
+    except (ValueError, TypeError, KeyError) as error:
+        raise InputError(f"{run / CONFIG}: its model does not build ({error}); restore the run's own file, or retrain") from None
+    best = load_checkpoint(run / BEST)
+    check_same_run(best, run / BEST, run_config)
+    restore(model, best, run / BEST)
     model.eval()
     return model, run_config, catalogue
 

@@ -47,6 +47,15 @@ def sample_run(sample_data: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def tiny_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small evaluated runs on tiny_data (helpers.training.train_tiny_run): SDM and popularity."""
+    from helpers.training import train_tiny_run
+
+    root = tmp_path_factory.mktemp("tiny_runs")
+    return {model: train_tiny_run(tiny_data, root / model, model) for model in ("sdm", "popularity")}
+
+
+@pytest.fixture(scope="session")
 def preprocess_reference(tmp_path_factory: pytest.TempPathFactory):
     """An uninterrupted preprocess of the sample data: (output directory, seconds its work took)."""
     from helpers.processes import uninterrupted_preprocess

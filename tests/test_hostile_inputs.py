@@ -15,6 +15,7 @@ traceback, a hang or a silent wrong result.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import faulthandler
 import io
 import json
@@ -24,8 +25,10 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -262,7 +265,9 @@ def test_a_config_file_cannot_redirect_input_or_output(tmp_path: Path) -> None:
     [("--seed", "-1", "--seed"), ("--threads", "-1", "--threads"), ("--heads", "-2", "--heads"), ("--heads", "0", "--heads"),
      ("--dropout", "nan", "--dropout"), ("--dropout", "1.5", "--dropout"), ("--lstm-layers", "0", "--lstm-layers"),
      ("--dim", "0", "--dim"), ("--fusion", "foo", "--fusion"), ("--select-metric", "recall@0", "--select-metric"),
-     ("--warmup", "1", "--warmup"), ("--weight-decay", "-0.1", "--weight-decay"), ("--lr", "inf", "--lr")],
+     ("--warmup", "1", "--warmup"), ("--weight-decay", "-0.1", "--weight-decay"), ("--lr", "inf", "--lr"),
+     ("--dim", str(2**63), "--dim"), ("--lstm-layers", str(2**63), "--lstm-layers"), ("--threads", str(10**30), "--threads"),
+     ("--seed", str(2**64), "--seed"), ("--num-negatives", str(10**30), "--num-negatives")],
 )
 def test_bad_training_options_are_one_line_before_any_data_is_read(tmp_path, option, value, named):
     """Checked when the options are read: DATA does not even exist here, and nothing is written."""
@@ -325,3 +330,377 @@ def test_a_checkpoint_from_elsewhere_is_refused_on_resume_and_on_load(tiny_data,
     torch.save({"weights": torch.zeros(2)}, run / "best.pt")
     outcome = run_sdm("evaluate", "--run", run)
     assert outcome.exit_code == 2 and "best.pt" in outcome.stderr and "no config, epoch, model" in outcome.stderr
+
+
+# --- config files ---------------------------------------------------------------------------------
+
+# A value of the wrong type for each kind of setting (what a config file may hold is derived from
+# the command's options, so a new option is checked here without a change).
+WRONG_VALUE = {"an integer": "1.5", "a finite number": '"0.5"', "a string": "5", "true or false": "1"}
+WRONG_SPECIAL = {"session_gap": "1.5", "long_window": "5", "memory_limit": "-1", "columns": "5", "column": '"user=uid"'}
+
+
+def assert_config_refused(outcome, *words: str) -> None:
+    assert_rejected_in_one_line({"exit_code": outcome.exit_code, "stderr": outcome.stderr}, list(words))
+    assert "unexpected" not in outcome.stderr, outcome.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [('column = "user=uid"', "expected a table"), ("session-gap = 1.5", "expected a duration string"),
+     ("test-days = inf", "expected a finite number"), ("test_days = nan", "expected a finite number"),
+     ("min-item-count = [1]", "expected an integer"), ("min-item-count = true", "expected an integer"),
+     ("strict = \"yes\"", "expected true or false"), ("max-long = 2.5", "expected an integer")],
+)
+def test_a_preprocess_config_value_of_the_wrong_type_is_named(tmp_path, setting, expected):
+    config = tmp_path / "config.toml"
+    config.write_text(f"[preprocess]\n{setting}\n")
+    outcome = run_sdm("preprocess", REGRESSION_DIR / "bom.csv", "--out", tmp_path / "out", "--config", config)
+    key, value = (part.strip() for part in setting.split("=", 1))
+    assert_config_refused(outcome, str(config), f"{key} = {value}", expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_huge_number_of_days_is_refused_not_overflowed(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text("[preprocess]\ntest-days = 1e300\n")
+    outcome = run_sdm("preprocess", REGRESSION_DIR / "bom.csv", "--out", tmp_path / "out", "--config", config)
+    assert_config_refused(outcome, "--test-days", "at most")
+    assert_config_refused(run_sdm("preprocess", REGRESSION_DIR / "bom.csv", "--out", tmp_path / "out", "--valid-days", "inf"), "--valid-days")
+
+
+def test_every_config_setting_of_the_wrong_type_is_one_line_naming_it(tmp_path):
+    from cli.app import preprocess, setting_kinds, train_command
+    from sdm.train import TrainConfig
+
+    commands = {
+        "preprocess": (setting_kinds(preprocess), ["preprocess", REGRESSION_DIR / "bom.csv", "--out", tmp_path / "out"]),
+        "train": (setting_kinds(train_command, {f.name for f in dataclasses.fields(TrainConfig)}),
+                  ["train", "--data", tmp_path / "missing", "--out", tmp_path / "out"]),
+    }
+    config = tmp_path / "config.toml"
+    for section, (kinds, command) in commands.items():
+        assert len(kinds) > 15, kinds.keys()  # the options were found
+        for name, kind in kinds.items():
+            key = name.replace("_", "-")
+            value = WRONG_SPECIAL.get(name, WRONG_VALUE.get(kind.expected))
+            config.write_text(f"[{section}]\n{key} = {value}\n")
+            outcome = run_sdm(*command, "--config", config)
+            assert_config_refused(outcome, f"{key} = {value}", f"expected {kind.expected}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("section", ["preprocess", "train"])
+def test_an_unknown_config_key_is_named_with_the_valid_ones(tmp_path, section):
+    config = tmp_path / "config.toml"
+    config.write_text(f"[{section}]\nlearning-rate = 0.1\n")
+    command = ["preprocess", REGRESSION_DIR / "bom.csv"] if section == "preprocess" else ["train", "--data", tmp_path / "missing"]
+    outcome = run_sdm(*command, "--out", tmp_path / "out", "--config", config)
+    assert_config_refused(outcome, "unknown setting learning-rate", f"[{section}]", "valid:", "min-item-count" if section == "preprocess" else "weight-decay")
+    config.write_text(f"{section} = 5\n")  # not a table
+    assert_config_refused(run_sdm(*command, "--out", tmp_path / "out", "--config", config), f"[{section}] must be a table")
+    config.write_bytes(b"\xff\xfe[preprocess]\n")
+    assert_config_refused(run_sdm(*command, "--out", tmp_path / "out", "--config", config), "not UTF-8")
+
+
+def test_config_keys_may_be_spelled_as_options(tmp_path):
+    """`session-gap` (as on the command line) and `session_gap` are the same setting."""
+    config = tmp_path / "config.toml"
+    for spelling in ("session-gap", "session_gap"):
+        out = tmp_path / spelling
+        config.write_text(f'[preprocess]\n{spelling} = "5m"\nmin-item-count = 1\ncolumn = {{ user = "user" }}\n')
+        run_sdm_ok("preprocess", REGRESSION_DIR / "bom.csv", "--out", out, "--config", config)
+        params = json.loads((out / "sessions" / "manifest.json").read_text())["fingerprint"]["params"]
+        assert params["session_gap_ms"] == 5 * 60_000
+    config.write_text('[preprocess]\nsession-gap = "5m"\nsession_gap = "6m"\n')
+    outcome = run_sdm("preprocess", REGRESSION_DIR / "bom.csv", "--out", tmp_path / "twice", "--config", config)
+    assert_config_refused(outcome, "set twice")
+
+
+@pytest.mark.slow  # an ONNX export takes about 15 s on 2 cores
+def test_onnx_export_of_a_run_with_embeddings_as_narrow_as_the_example_session(tiny_data, tmp_path):
+    """dim 16 gives 4-wide side embeddings, the width the export's example session once had: the
+    exporter fixed the session length at 4 and onnxruntime failed on the first real batch."""
+    run = tmp_path / "run"
+    run_sdm_ok("train", "--data", tiny_data, "--out", run, "--epochs", "1", "--dim", "16", "--heads", "2", "--lstm-layers", "1", "--quiet")
+    run_sdm_ok("export", "--run", run)
+    assert json.loads((run / "export" / "manifest.json").read_text())["tower"]["onnx_max_abs_difference"] < 1e-4
+
+
+# --- the training tensor store ------------------------------------------------------------------
+
+
+def stored_arrays(store: Path) -> dict[str, np.ndarray]:
+    return {path.stem: np.load(path) for path in sorted(store.glob("*.npy"))}
+
+
+def damage_the_digest_cannot_see(store: Path, name: str, array: np.ndarray) -> None:
+    """Replace store/name.npy and record the new file in the manifest, as when the bytes between the
+    first and last 4 MB of a large file (which the quick digest skips) are damaged: only the
+    checks on the mapped arrays can tell."""
+    from pipeline.cache import file_records
+
+    np.save(store / f"{name}.npy", array)
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["files"] = file_records(store)
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def stored_data(tiny_data: Path, tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A copy of the tiny data with its training store built, and the store's arrays."""
+    from sdm.data import load_catalogue, load_training
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("tensors"))
+    load_training(data, load_catalogue(data))
+    return data, stored_arrays(data / "tensors" / "train")
+
+
+def last_row_cut(array: np.ndarray) -> np.ndarray:
+    return array[:-1]
+
+
+def beyond_the_vocabulary(array: np.ndarray) -> np.ndarray:
+    damaged = array.copy()
+    damaged.flat[damaged.size // 2] = 999_998  # "Target 999998 is out of bounds", in the issue
+    return damaged
+
+
+def negative(array: np.ndarray) -> np.ndarray:
+    damaged = array.copy()
+    damaged.flat[-1] = -3
+    return damaged
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [("targets", beyond_the_vocabulary), ("long_item", beyond_the_vocabulary), ("profile", beyond_the_vocabulary),
+     ("user", negative), ("lengths", lambda array: np.zeros_like(array)),  # an empty session
+     ("items", lambda array: array.astype(np.int64)), ("items", lambda array: np.asfortranarray(array.astype(np.float32))),
+     ("user", last_row_cut), ("items", lambda array: array[:, :-1])],
+)
+def test_a_damaged_store_is_rebuilt_not_used(stored_data, name, damage):
+    from sdm.data import load_catalogue, load_training
+
+    data, built = stored_data
+    store = data / "tensors" / "train"
+    damage_the_digest_cannot_see(store, name, damage(built[name]))
+    training = load_training(data, load_catalogue(data))
+    assert {key: tensor.dtype for key, tensor in training.tensors.items()} == dict.fromkeys(built, torch.int32)
+    assert {key: tensor.numpy().tolist() for key, tensor in training.tensors.items()} == {key: array.tolist() for key, array in built.items()}
+    assert all(np.array_equal(stored_arrays(store)[key], array) for key, array in built.items())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header", "swapped"])
+def test_a_store_file_cut_short_or_not_npy_or_from_another_data_is_rebuilt(stored_data, tiny_log, tmp_path, damage):
+    """Not even re-recorded in the manifest: caught by the digest, or by the size and header checks."""
+    from sdm.data import load_catalogue, load_training
+    from helpers.training import preprocess_tiny
+
+    data, built = stored_data
+    path = data / "tensors" / "train" / "items.npy"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "header":
+        path.write_bytes(b"\x93NUMPY\x09\x00" + path.read_bytes()[8:])  # a version numpy does not know
+    else:
+        other = preprocess_tiny(tiny_log, tmp_path / "other", min_item_count=1)
+        load_training(other, load_catalogue(other))
+        shutil.copy(other / "tensors" / "train" / "items.npy", path)
+    training = load_training(data, load_catalogue(data))
+    assert training.tensors["items"].numpy().tolist() == built["items"].tolist()
+
+
+def test_each_kind_of_damage_is_named_by_the_check(stored_data):
+    from sdm.data import load_catalogue
+    from sdm.tensor_store import DamagedStore, checked_arrays
+
+    data, built = stored_data
+    store = data / "tensors" / "train"
+    catalogue = load_catalogue(data)
+    vocab = {"item": catalogue.n_items, "user": catalogue.n_users, **catalogue.side_vocab, "profile": catalogue.profile_vocab}
+    assert checked_arrays(store, vocab).keys() == built.keys()
+    for name, array, words in [
+        ("targets", beyond_the_vocabulary(built["targets"]), ["targets.npy", "999998", "outside the ids"]),
+        ("items", built["items"].astype(np.int64), ["items.npy", "int64", "not the int32"]),
+        ("user", built["user"][:-1], ["user.npy", "not the int32"]),
+    ]:
+        np.save(store / f"{name}.npy", array)
+        with pytest.raises(DamagedStore) as raised:
+            checked_arrays(store, vocab)
+        assert all(word in str(raised.value) for word in words), (words, str(raised.value))
+        np.save(store / f"{name}.npy", built[name])
+    (store / "lengths.npy").write_bytes((store / "lengths.npy").read_bytes()[:-4])
+    with pytest.raises(DamagedStore, match="bytes, but its header"):
+        checked_arrays(store, vocab)
+
+
+def test_a_damaged_store_that_cannot_be_rebuilt_is_one_line(stored_data, tmp_path, monkeypatch):
+    import sdm.tensor_store
+
+    data, built = stored_data
+    damage_the_digest_cannot_see(data / "tensors" / "train", "targets", beyond_the_vocabulary(built["targets"]))
+
+    class ReadOnly:  # what FileLock meets in a DATA the user may read but not write (root writes anyway)
+        def __init__(self, path):
+            pass
+
+        def acquire(self):
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(sdm.tensor_store, "FileLock", ReadOnly)
+    outcome = run_sdm("train", "--data", data, "--out", tmp_path / "run", "--epochs", "1", "--dim", "8", "--heads", "2", "--quiet")
+    assert_config_refused(outcome, "targets.npy", "outside the ids", "write access")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_store_still_wrong_after_its_rebuild_is_one_line(stored_data):
+    """Ids beyond the vocabulary in the rebuilt store mean the splits disagree with the events
+    stage: the fix is to rebuild the data (here the vocabulary is made too small instead)."""
+    from pipeline.errors import InputError
+    from sdm.data import load_catalogue
+    from sdm.tensor_store import ensure_training_tensors
+
+    data, _ = stored_data
+    catalogue = load_catalogue(data)
+    vocab = {"item": 2, "user": catalogue.n_users, **catalogue.side_vocab, "profile": catalogue.profile_vocab}
+    with pytest.raises(InputError, match=r"items.npy: holds values .* as rebuilt from .*splits; rebuild the data with `sdm preprocess .* --force`"):
+        ensure_training_tensors(data, catalogue.profile_fields, catalogue.long_features, vocab)
+
+
+# --- damaged run files ----------------------------------------------------------------------------
+
+RUN_DAMAGES = {
+    "truncated": lambda path, other: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+    "zeroed": lambda path, other: path.write_bytes(bytes(path.stat().st_size)),
+    "garbage": lambda path, other: path.write_bytes(bytes(range(256)) * (path.stat().st_size // 256 + 1)),
+    "deleted": lambda path, other: path.unlink(),
+    "swapped": lambda path, other: shutil.copy(other / path.name, path),  # the file of another run (popularity, other options)
+    "json list": lambda path, other: path.write_text("[]"),
+    "json without keys": lambda path, other: path.write_text('{"train": {}, "epochs": [{"epoch": "one"}], "metrics": {"hit_rate@10": "high"}}'),
+}
+# The commands that read each file of a run (evaluate writes metrics-test.json and reads only config.json and best.pt).
+READERS = {
+    "config.json": ("evaluate", "recommend", "export", "report", "resume"),
+    "best.pt": ("evaluate", "recommend", "export", "resume"),
+    "last.pt": ("resume",),
+    "history.json": ("report",),
+    "metrics-test.json": ("report",),
+}
+
+
+def detectable(name: str, damage: str, command: str) -> bool:
+    """Whether `command` can tell this damage: JSON of the wrong shape is for JSON files; a run
+    without history or metrics is a run (report shows what there is); another run's history,
+    metrics or config.json alone are only other valid numbers to `sdm report`; a run without
+    last.pt is one killed in its first epoch, which --resume starts again."""
+    if damage.startswith("json"):
+        return name.endswith(".json")
+    if name in ("history.json", "metrics-test.json"):
+        return damage not in ("deleted", "swapped")
+    if name == "last.pt" and damage == "deleted":
+        return False
+    return not (name == "config.json" and damage == "swapped" and command == "report")
+
+
+def run_commands(run: Path, data: Path, out: Path) -> dict[str, list]:
+    from cli.app import most_active_user
+
+    return {
+        "evaluate": ["evaluate", "--run", run, "--k", "10"],
+        "recommend": ["recommend", "--run", run, "--user", most_active_user(data)],
+        "export": ["export", "--run", run, "--format", "torchscript", "--out", out],
+        "report": ["report", run, "--out", out],
+        "resume": ["train", "--data", data, "--out", run, "--epochs", "1", "--dim", "8", "--heads", "2", "--lstm-layers", "1",
+                   "--threads", "2", "--resume"],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_a_damaged_run_file_is_one_line_for_every_command_that_reads_it(tiny_runs, tiny_data, tmp_path, name):
+    """Truncated, zeroed, garbage, deleted, another run's, or JSON of the wrong shape: every reader
+    stops with one line naming the file, exit code 2; the run is left as it was and nothing is written."""
+    for damage_name, damage in RUN_DAMAGES.items():
+        run, out = tmp_path / damage_name / "run", tmp_path / damage_name / "out"
+        shutil.copytree(tiny_runs["sdm"], run)
+        damage(run / name, tiny_runs["popularity"])
+        before = {path.name: path.read_bytes() for path in run.iterdir()}
+        for command in (command for command in READERS[name] if detectable(name, damage_name, command)):
+            outcome = run_sdm(*run_commands(run, tiny_data, out)[command])
+            assert outcome.exit_code == 2, (damage_name, command, outcome.output)
+            assert_config_refused(outcome, name if damage_name != "deleted" or name != "config.json" else str(run))
+            assert {path.name: path.read_bytes() for path in run.iterdir()} == before, (damage_name, command)
+            assert not out.exists(), (damage_name, command)
+
+
+def test_a_run_file_of_the_right_shape_passes(tiny_runs, tiny_data, tmp_path):
+    """The checks refuse damage, not runs: the undamaged run works with every reader (--resume with
+    the epochs it has checks everything and trains nothing)."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    shutil.copytree(tiny_runs["sdm"], run)
+    for command, arguments in run_commands(run, tiny_data, out).items():
+        outcome = run_sdm(*arguments)
+        assert outcome.exit_code == 0, (command, outcome.output)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_a_damaged_exported_index_is_built_again_by_serve(tiny_runs, tmp_path):
+    """RUN/export/index.faiss is a cache of the item vectors: garbage there is rebuilt at start."""
+    pytest.importorskip("faiss")
+    pytest.importorskip("fastapi")
+    from sdm.server import Service
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["sdm"], run)
+    run_sdm_ok("export", "--run", run, "--format", "torchscript", "--index", "flat")
+    assert Service(run, "flat").index_source == str(run / "export" / "index.faiss")
+    (run / "export" / "index.faiss").write_bytes(b"\x00" * 1000)
+    service = Service(run, "flat")
+    assert service.index_source == "built at start" and service.index.ntotal == service.n_items
+
+
+# --- found by tests/test_cli_fuzz.py ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [(["preprocess", REGRESSION_DIR / "bom.csv", "--max-long", str(2**63)], ["--max-long", "at most"]),
+     (["preprocess", REGRESSION_DIR / "bom.csv", "--buckets", str(10**30)], ["--buckets", "10,000"]),
+     (["preprocess", REGRESSION_DIR / "bom.csv", "--session-gap", "99999999999999999999d"], ["--session-gap", "at most"]),
+     (["synth", "--events", "0"], ["--events 0"]), (["synth", "--seed", "-1"], ["--seed -1"]),
+     (["train", "--data", "x", "--epochs", "abc"], ["'--epochs'", "integer", "sdm train --help"]),
+     (["train", "--data", "x", "--bogus"], ["--bogus", "sdm train --help"]),
+     (["nosuch"], ["No such command", "sdm --help"])],
+)
+def test_found_by_the_fuzz_one_line(tmp_path, arguments, words):
+    """Each gave a traceback, an "unexpected" error, a framed box of several lines, or never ended."""
+    outcome = run_sdm(*arguments, "--out", tmp_path / "out")
+    assert_config_refused(outcome, *words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arguments", [["info", ""], ["preprocess", "", "--out", "{out}"], ["preprocess", "{log}", "--out", ""],
+                                       ["train", "--data=", "--out", "{out}"], ["report", "", "--out", "{out}"]])
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch, arguments):
+    """`--out ""` (an unset shell variable) once wrote a preprocess output into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REGRESSION_DIR / "bom.csv", tmp_path / "log.csv")
+    given = [argument.format(out=tmp_path / "out", log=tmp_path / "log.csv") for argument in arguments]
+    assert_config_refused(run_sdm(*given), "an empty path")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["log.csv"]
+
+
+def test_data_without_training_sessions_is_one_line(tmp_path):
+    data = tmp_path / "data"
+    run_sdm_ok("preprocess", REGRESSION_DIR / "bom.csv", "--out", data, "--min-item-count", "1")  # 2 events: all held out
+    outcome = run_sdm("train", "--data", data, "--out", tmp_path / "run", "--epochs", "1", "--dim", "8", "--heads", "2", "--quiet")
+    assert_config_refused(outcome, "no training sessions")
+
+
+def test_an_error_is_printed_as_it_is(tmp_path):
+    """Square brackets are no markup ([train] vanished from messages) and a library's line breaks are spaces."""
+    config = tmp_path / "config.toml"
+    config.write_text("[train]\n[train.bold]\nx = 1\n")
+    outcome = run_sdm("train", "--data", tmp_path, "--out", tmp_path / "run", "--config", config)
+    assert_config_refused(outcome, "unknown setting bold in [train]")

@@ -59,4 +59,4 @@ def test_tune_refuses_models_without_parameters_and_bad_config_files(tiny_data, 
     bad = tmp_path / "bad.toml"
     bad.write_text('[train]\nlearning-rate = 0.1\n')
     outcome = run_sdm("train", "--data", tiny_data, "--out", tmp_path / "r", "--config", bad)
-    assert outcome.exit_code == 2 and "learning_rate" in outcome.stderr and not (tmp_path / "r").exists()
+    assert outcome.exit_code == 2 and "learning-rate" in outcome.stderr and not (tmp_path / "r").exists()

@@ -100,6 +100,16 @@ def train_sample_run(data: Path, out: Path) -> TrainedRun:
     return train_recording(config)
 
 
+def train_tiny_run(data: Path, out: Path, model: str = "sdm") -> Path:
+    """A one-epoch run at dim 8 on the tiny data, evaluated on test: a run directory with every
+    file `sdm train` and `sdm evaluate` write, for the tests that damage them."""
+    from helpers.cli import run_sdm_ok
+
+    train(TrainConfig(data=str(data), out=str(out), model=model, epochs=1, dim=8, heads=2, lstm_layers=1, threads=TEST_THREADS))
+    run_sdm_ok("evaluate", "--run", out, "--k", "10")
+    return out
+
+
 def without_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """History entries minus the wall-clock fields, which legitimately differ between runs."""
     return [{key: value for key, value in entry.items() if key not in TIMING_FIELDS} for entry in history]
