@@ -28,7 +28,7 @@ from sdm.train import load_trained
 from helpers.cli import child_env, run_sdm, run_sdm_ok
 from helpers.processes import REPO, SDM
 from helpers.serving import items_seen_by, latest_session_inputs, raw_items, recommended
-from helpers.training import TEST_THREADS, read_vocab
+from helpers.training import TEST_THREADS, read_json, read_vocab
 
 torch.set_num_threads(TEST_THREADS)
 
@@ -124,8 +124,19 @@ def answered_items(response: httpx.Response) -> list[str]:
 # --- the same answers as sdm recommend and the model ---------------------------------------------
 
 
-@pytest.mark.parametrize("user_rank, exclude_seen", [(0, False), (100, False), (7, True)])
+def user_without_long_term_sets(data: Path) -> int:
+    """The first user whose latest session has empty long-term sets (their first session)."""
+    latest = pl.read_parquet(data / "sessions" / "sessions.parquet").sort("session").group_by("user").last()
+    long_term = pl.read_parquet(data / "long_term" / "long_term.parquet")
+    empty = latest.join(long_term, on="session").filter(pl.col("long_item").list.len() == 0)
+    assert empty.height, "the sample data has no user whose latest session has empty long-term sets"
+    return int(empty.get_column("user").min())
+
+
+@pytest.mark.parametrize("user_rank, exclude_seen", [(0, False), (100, False), (7, True), ("empty long-term", False)])
 def test_answers_equal_sdm_recommend_for_the_same_user(server, sample_run, users, user_rank, exclude_seen, trained):
+    if user_rank == "empty long-term":
+        user_rank = users.get_column("id").to_list().index(user_without_long_term_sets(sample_run.data))
     raw_user = users.get_column("raw")[user_rank]
     options = ("--exclude-seen",) if exclude_seen else ()
     expected = recommended(sample_run.path, raw_user, "-k", K, *options)
@@ -171,8 +182,9 @@ def test_long_term_sets_of_a_new_session_are_those_preprocessing_builds(sample_r
     latest = sessions.sort("session").group_by("user").last().sort("user").head(60)
     checked_nonempty = 0
     for user, session, start in latest.select("user", "session", "start").iter_rows():
-        earlier = events.filter((pl.col("user") == user) & (pl.col("session") < session))
-        sets = long_term_sets(earlier, catalogue.item_side, catalogue.long_features, start, manifest["long_window_ms"], manifest["max_long"])
+        earlier = events.filter((pl.col("user") == user) & (pl.col("session") < session)).sort("order")
+        sets = long_term_sets(earlier.get_column("item").to_numpy(), earlier.get_column("time").to_numpy(), catalogue.item_side.numpy(),
+                              catalogue.long_features, start, manifest["long_window_ms"], manifest["max_long"])
         row = long_term.filter(pl.col("session") == session)
         for feature in catalogue.long_features:
             assert sets[feature] == row.get_column(f"long_{feature}")[0].to_list(), (user, feature)
@@ -188,10 +200,11 @@ def test_an_ad_hoc_session_of_a_known_user_uses_their_profile_and_history(server
     answer = response.json()
     assert (answer["source"], answer["known_user"]) == ("request-session", True)
 
-    events = pl.read_parquet(sample_run.data / "sessions" / "events.parquet").filter(pl.col("user") == user)
+    events = pl.read_parquet(sample_run.data / "sessions" / "events.parquet").filter(pl.col("user") == user).sort("order")
     manifest = json.loads((sample_run.data / "long_term" / "manifest.json").read_text())["fingerprint"]["params"]
-    sets = long_term_sets(events, catalogue.item_side, catalogue.long_features, int(events.get_column("time").max()),
-                          manifest["long_window_ms"], manifest["max_long"])
+    times = events.get_column("time").to_numpy()
+    sets = long_term_sets(events.get_column("item").to_numpy(), times, catalogue.item_side.numpy(), catalogue.long_features,
+                          int(times.max()), manifest["long_window_ms"], manifest["max_long"])
     profile = pl.read_parquet(sample_run.data / "events" / "users.parquet").filter(pl.col("user") == user)
     id_of = dict(read_vocab(sample_run.data, "item").select("raw", "id").iter_rows())
     batch = {
@@ -313,21 +326,34 @@ def service(sample_run) -> Service:
     return Service(sample_run.path)
 
 
-def test_user_lookups_are_scans_filtered_on_that_user(service, users):
-    """Every per-request read is a lazy Parquet scan whose filter polars pushes into the scan
-    (row groups whose statistics exclude the user are skipped), never a read of a whole table."""
-    user = int(users.get_column("id")[9])
-    queries = {**service.user_queries(user), "long_term": service.long_term_query(123)}
-    for name, query in queries.items():
-        plan = query.explain()
-        scan = plan[plan.index("Parquet SCAN"):]
-        assert re.search(r"SELECTION: .*col\(\"(user|session)\"\) == ", scan), (name, plan)
-        assert "FILTER" not in plan, (name, plan)
+def test_user_rows_hold_each_users_latest_session_sets_profile_and_events(service, sample_run, trained):
+    """The in-memory rows a request reads equal the tables' rows of that user, for every user."""
+    _, _, catalogue = trained
+    data = sample_run.data
+    latest = pl.read_parquet(data / "sessions" / "sessions.parquet").sort("session").group_by("user").last()
+    long_term = pl.read_parquet(data / "long_term" / "long_term.parquet")
+    expected = latest.join(long_term, on="session", how="left").join(pl.read_parquet(data / "events" / "users.parquet"), on="user", how="left")
+    events = pl.read_parquet(data / "sessions" / "events.parquet").sort("user", "order")
+    rows = service.users
+    for row in expected.iter_rows(named=True):
+        user = row["user"]
+        assert rows.session[user].tolist() == row["items"], user
+        for feature in catalogue.long_features:
+            assert rows.long_term[feature][user].tolist() == (row[f"long_{feature}"] or []), (user, feature)
+        assert rows.profile[user].tolist() == [row[f] or 0 for f in catalogue.profile_fields], user
+    assert rows.has_session.sum() == expected.height
+    by_user = events.partition_by("user", as_dict=True)
+    for user in expected.get_column("user").to_list()[:200]:
+        mine = by_user[(user,)]
+        assert rows.event_items[user].tolist() == mine.get_column("item").to_list(), user
+        assert rows.event_times[user].tolist() == mine.get_column("time").to_list(), user
+    assert len(rows.event_items.values) == events.height
+    assert service.info()["user_rows_bytes"] == rows.nbytes > 0
 
 
 def test_requests_read_no_whole_table_and_load_nothing_again(service, users, monkeypatch):
-    """After start, answering reads only through the filtered scans: a whole-table read or a new
-    index or model load during requests would fail here."""
+    """After start, answering reads nothing from DATA: a Parquet read or scan, or a new index or
+    model load during requests would fail here."""
     from fastapi.testclient import TestClient
 
     import sdm.ann
@@ -338,7 +364,7 @@ def test_requests_read_no_whole_table_and_load_nothing_again(service, users, mon
         raise AssertionError("called while answering a request")
 
     client = TestClient(create_app(service))
-    for name in ("read_parquet", "read_csv", "read_ipc"):
+    for name in ("read_parquet", "scan_parquet", "read_csv", "read_ipc"):
         monkeypatch.setattr(pl, name, forbidden)
     monkeypatch.setattr(sdm.train, "load_trained", forbidden)
     monkeypatch.setattr(sdm.ann, "build_index", forbidden)
@@ -358,6 +384,7 @@ def test_hnsw_server_loads_the_exported_index_and_stops_on_ctrl_c(sample_run, us
     with started(run, "--index", "hnsw") as hnsw:
         info = hnsw.client.get("/info").json()
         assert info["index"]["kind"] == "hnsw" and info["index"]["source"].endswith("index.faiss")
+        assert info["index"]["params"] == read_json(run / "export" / "manifest.json")["index"]["params"]
         found = expected = 0
         for raw_user in users.get_column("raw")[:20].to_list():
             exact = set(answered_items(server.post("/recommend", {"user": raw_user, "k": 50})))
