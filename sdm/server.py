@@ -172,6 +172,7 @@ class Service:
         if index not in SERVE_INDEXES:
             raise InputError(f"--index {index!r}: expected one of {', '.join(SERVE_INDEXES)}")
         model, run_config, catalogue = load_trained(run)
+        model.eval()  # once: requests only read the model
         self.run, self.model, self.catalogue = run, model, catalogue
         self.model_name = run_config["train"]["model"]
         self.data = Path(run_config["train"]["data"])
@@ -301,14 +302,15 @@ class Service:
 
     @torch.no_grad()
     def user_vectors(self, batch: Batch) -> Tensor:
-        self.model.eval()
         return self.model.user_vectors(batch).float()
 
     def rank(self, batch: Batch, k: int, excluded: list[list[int]]) -> tuple[Tensor, Tensor]:
         from sdm.ann import index_top_k
 
-        lengths = torch.tensor([0, *(len(set(e)) for e in excluded)])
-        exclude = (torch.cumsum(lengths, 0), torch.tensor([i for e in excluded for i in sorted(set(e))], dtype=torch.long))
+        exclude = None  # most requests exclude nothing: no exclusion pass then
+        if any(excluded):
+            lengths = torch.tensor([0, *(len(set(e)) for e in excluded)])
+            exclude = (torch.cumsum(lengths, 0), torch.tensor([i for e in excluded for i in sorted(set(e))], dtype=torch.long))
         vectors = self.user_vectors(batch)
         if self.index is None:
             return top_k(vectors, self.item_vectors, k, exclude=exclude)
@@ -320,10 +322,12 @@ class Service:
         return self.item_counts[ids].astype(np.float64), np.array(ids, dtype=np.int64)
 
     def response(self, prepared: Prepared, scores: np.ndarray, ids: np.ndarray) -> dict[str, Any]:
+        # Gathered per column, then zipped: per-item lookups cost more than ranking at top-300.
+        features = self.catalogue.side_features
+        columns = zip(self.item_raw[ids].tolist(), scores.tolist(), *(self.side_values[f][ids].tolist() for f in features))
         items = [
-            {"rank": rank, "item": self.item_raw[item], "score": float(score),
-             **{f: self.side_values[f][item] for f in self.catalogue.side_features}}
-            for rank, (item, score) in enumerate(zip(ids.tolist(), scores.tolist()), start=1)
+            {"rank": rank, "item": raw, "score": score, **dict(zip(features, sides))}
+            for rank, (raw, score, *sides) in enumerate(columns, start=1)
         ]
         return {
             "user": prepared.user, "known_user": prepared.known_user, "source": prepared.source,
@@ -515,7 +519,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound here so that a port in use is one line (and port 0 a free port)."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on connections whose socket
+        # says TCP, and without it every keep-alive answer (headers, then body) waited ~40 ms for
+        # the client's delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except (OSError, OverflowError) as error:

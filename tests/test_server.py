@@ -416,6 +416,35 @@ def test_sigterm_stops_a_server_cleanly(sample_run):
     assert "stopped" in stdout and "Traceback" not in stderr
 
 
+def test_connections_to_the_server_socket_send_without_delay():
+    """asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets that say they are TCP;
+    with it on, each keep-alive answer waited for the client's delayed ACK (~40 ms)."""
+    import asyncio
+
+    from sdm.server import listening_socket
+
+    async def accepted_nodelay() -> int:
+        settings: list[int] = []
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                settings.append(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        sock = listening_socket("127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        async with server:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(*sock.getsockname()), 10)
+            for _ in range(100):  # bounded: the server side's connection_made follows the connect
+                if settings:
+                    break
+                await asyncio.sleep(0.05)
+            writer.close()
+        return settings[0]
+
+    assert asyncio.run(accepted_nodelay()) != 0
+
+
 def test_serve_refuses_bad_options_in_one_line(sample_run, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
