@@ -5,8 +5,9 @@ of HNSW (at several efSearch) and IVF (at several nprobe) on the trained vectors
 For each catalogue size: a synthetic log with that many items (`sdm synth`, uniform popularity
 inside a leaf, 5 events per item), preprocessed with --min-item-count 1 so that the catalogue keeps
 them, SDM trained for one epoch (dim 32, sampled softmax, one thread), `sdm export --index hnsw`
-(the default index parameters); then a real `sdm serve` process per index, and client threads (one
-keep-alive connection each) that post {"user": <random known user>, "k": K} for a fixed time.
+(the ONNX user tower, which the server runs with onnxruntime, and the default index parameters);
+then a real `sdm serve` process per index, and client threads (one keep-alive connection each)
+that post {"user": <random known user>, "k": K} for a fixed time.
 Every request must get a 200 with K items: errors and requests without an answer are counted.
 
     python benchmarks/serving.py --write-docs          # docs/benchmarks.md, section "serving"
@@ -68,7 +69,7 @@ def build_run(work: Path, n_items: int) -> Path:
 
 
 def export(run: Path) -> tuple[dict, float]:
-    """`sdm export --index hnsw` at the default parameters, unless RUN/export is that already; (manifest, seconds)."""
+    """`sdm export --index hnsw` (ONNX tower) at the default parameters, unless RUN/export is that already; (manifest, seconds)."""
     from sdm.ann import IndexParams
 
     manifest_path, timing = run / "export" / "manifest.json", run / "benchmark-export.json"
@@ -76,10 +77,10 @@ def export(run: Path) -> tuple[dict, float]:
     wanted = {"M": defaults.M, "efConstruction": defaults.efConstruction, "efSearch": defaults.efSearch}
     if manifest_path.is_file() and timing.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if (manifest.get("index") or {}).get("params") == wanted:
+        if (manifest.get("index") or {}).get("params") == wanted and manifest["tower"]["format"] == "onnx":
             return manifest, json.loads(timing.read_text())["seconds"]
     began = time.perf_counter()
-    subprocess.run([*SDM, "export", "--run", str(run), "--format", "torchscript", "--index", "hnsw"], check=True, cwd=REPO,
+    subprocess.run([*SDM, "export", "--run", str(run), "--index", "hnsw"], check=True, cwd=REPO,
                    env=os.environ | {"OMP_NUM_THREADS": "1"})
     seconds = time.perf_counter() - began
     timing.write_text(json.dumps({"seconds": seconds}))
