@@ -582,7 +582,7 @@ def export_command(
     ef_construction: Annotated[int, typer.Option(help="HNSW candidates kept while building.")] = 200,
     ef_search: Annotated[int, typer.Option(help="HNSW candidates kept while searching (at least K are).")] = 512,
     nlist: Annotated[int, typer.Option(help="IVF clusters; 0 = sqrt(items).")] = 0,
-    nprobe: Annotated[int, typer.Option(help="IVF clusters searched; 0 = nlist / 8.")] = 0,
+    nprobe: Annotated[int, typer.Option(help="IVF clusters searched; 0 = nlist / 16.")] = 0,
 ) -> None:
     """Write item vectors, users' current vectors (Parquet), the user tower, optionally a faiss index, and a manifest."""
     from sdm.ann import IndexParams
@@ -607,7 +607,7 @@ def serve_command(
     run: Annotated[Path, typer.Option(help="A `sdm train` output directory.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port, printed at start).")] = 8000,
-    index: Annotated[str, typer.Option(help="exact, or a faiss index: flat or hnsw (from RUN/export if `sdm export --index` wrote it, else built at start).")] = "exact",
+    index: Annotated[str, typer.Option(help="exact, or a faiss index: flat, hnsw or ivf (from RUN/export if `sdm export --index` wrote it, else built at start).")] = "exact",
     workers: Annotated[int, typer.Option(help="Server processes sharing the port, each with its own copy of the model and index.")] = 1,
 ) -> None:
     """Answer recommendation requests over HTTP until SIGTERM or Ctrl-C (POST /recommend, /recommend/batch; GET /health, /info)."""

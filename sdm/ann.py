@@ -37,7 +37,7 @@ class IndexParams:
     efConstruction: int = 200  # HNSW: candidates kept while inserting; faiss's 40 built a poor graph
     efSearch: int = 512  # HNSW: candidates kept while searching (faiss searches max(efSearch, K))
     nlist: int = 0  # IVF: clusters; 0 = sqrt(items)
-    nprobe: int = 0  # IVF: clusters searched; 0 = nlist / 8
+    nprobe: int = 0  # IVF: clusters searched; 0 = nlist / 16
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -81,7 +81,7 @@ def build_index(items: Tensor, kind: str, params: IndexParams = IndexParams()):
         n_lists = min(params.nlist or max(1, int(np.sqrt(len(vectors)))), len(vectors))
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, n_lists, faiss.METRIC_L2)
         index.train(vectors)
-        index.nprobe = min(params.nprobe or max(1, n_lists // 8), n_lists)
+        index.nprobe = min(params.nprobe or max(1, n_lists // 16), n_lists)
     index.add(vectors)
     return index
 

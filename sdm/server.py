@@ -48,7 +48,7 @@ from sdm.data import Batch, Catalogue
 from sdm.export import tower_arguments, tower_input_names
 from sdm.retrieval import top_k
 
-SERVE_INDEXES = ("exact", "flat", "hnsw")
+SERVE_INDEXES = ("exact", "flat", "hnsw", "ivf")
 MAX_BODY_BYTES = 1 << 20  # a request of 1 MiB holds tens of thousands of ids: more is an error
 MAX_BATCH = 256  # requests in one /recommend/batch
 MAX_IDS = 10_000  # ids in one request's "items" or "exclude"

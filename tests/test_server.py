@@ -402,6 +402,21 @@ def test_a_server_uses_the_exported_onnx_tower_and_hnsw_index_and_stops_on_ctrl_
     assert "stopped" in stdout and "Traceback" not in stderr
 
 
+def test_an_ivf_index_built_at_start_finds_nearly_all_of_the_exact_answer(sample_run, service, users):
+    """No export of this run: the index is built at start, with the default parameters."""
+    ivf = Service(sample_run.path, "ivf")
+    info = ivf.info()["index"]
+    assert info["source"] == "built at start" and info["params"]["nprobe"] == max(1, info["params"]["nlist"] // 16)
+    found = expected = 0
+    for raw_user in users.get_column("raw")[:20].to_list():
+        request = [{"user": raw_user, "items": None, "k": 50, "exclude": [], "exclude_seen": False}]
+        exact = {e["item"] for e in service.answer(request)[0]["items"]}
+        approximate = [e["item"] for e in ivf.answer(request)[0]["items"]]
+        assert len(approximate) == 50
+        found, expected = found + len(exact & set(approximate)), expected + len(exact)
+    assert found / expected >= 0.95
+
+
 @pytest.mark.slow  # over the 5-minute budget of the default suite; python -m pytest -m slow
 def test_two_workers_answer_alike_and_stop_on_sigterm(sample_run, users, server):
     with started(sample_run.path, "--workers", "2") as pair:
@@ -456,7 +471,7 @@ def test_serve_refuses_bad_options_in_one_line(sample_run, tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         cases = [
-            (("--run", sample_run.path, "--index", "ivf"), "--index"),
+            (("--run", sample_run.path, "--index", "annoy"), "--index"),
             (("--run", tmp_path / "no-run"), "no-run"),
             (("--run", sample_run.path, "--workers", "0"), "--workers"),
             (("--run", sample_run.path, "--port", port), str(port)),
