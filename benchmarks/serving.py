@@ -117,7 +117,7 @@ def recalls(run: Path, k: int, n_users: int = 1000) -> dict[str, dict[int, tuple
     hnsw = faiss.read_index(str(run / "export" / "index.faiss"))
     result: dict[str, dict[int, tuple[float, float]]] = {"hnsw": {}, "ivf": {}, "default": {}}
     result["default"]["hnsw"] = hnsw.hnsw.efSearch
-    for ef in sorted({k, 800, hnsw.hnsw.efSearch, 1200, 1600}):
+    for ef in sorted({k, 800, hnsw.hnsw.efSearch, 1600}):
         hnsw.hnsw.efSearch = ef
         result["hnsw"][ef] = measured(hnsw)
     del hnsw

@@ -578,9 +578,9 @@ def export_command(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for the exported files. [default: RUN/export]")] = None,
     fmt: Annotated[str, typer.Option("--format", help="The user tower as onnx (needs the serve extra) or torchscript.")] = "onnx",
     index: Annotated[Optional[str], typer.Option(help="Also write a faiss index of the items: flat, hnsw or ivf (needs faiss).")] = None,
-    hnsw_m: Annotated[int, typer.Option("--hnsw-m", help="HNSW graph neighbours per item.")] = 32,
+    hnsw_m: Annotated[int, typer.Option("--hnsw-m", help="HNSW graph neighbours per item.")] = 48,
     ef_construction: Annotated[int, typer.Option(help="HNSW candidates kept while building.")] = 200,
-    ef_search: Annotated[int, typer.Option(help="HNSW candidates kept while searching (at least K are).")] = 512,
+    ef_search: Annotated[int, typer.Option(help="HNSW candidates kept while searching (at least K are).")] = 1200,
     nlist: Annotated[int, typer.Option(help="IVF clusters; 0 = sqrt(items).")] = 0,
     nprobe: Annotated[int, typer.Option(help="IVF clusters searched; 0 = nlist / 16.")] = 0,
 ) -> None:

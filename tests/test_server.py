@@ -381,7 +381,10 @@ def test_requests_read_no_whole_table_and_load_nothing_again(service, users, mon
 
 def test_a_server_uses_the_exported_onnx_tower_and_hnsw_index_and_stops_on_ctrl_c(sample_run, users, server, tmp_path):
     run = Path(shutil.copytree(sample_run.path, tmp_path / "run"))
-    run_sdm_ok("export", "--run", run, "--index", "hnsw")
+    # In a process of its own: a second ONNX export in one process (tests/test_export.py exports
+    # in this one) gets a fixed session length from torch.export.
+    subprocess.run([*SDM, "export", "--run", str(run), "--index", "hnsw"], cwd=REPO, env=child_env(), check=True,
+                   capture_output=True, timeout=600)
     with started(run, "--index", "hnsw") as hnsw:
         info = hnsw.client.get("/info").json()
         assert info["tower"].startswith("onnxruntime") and "user_tower.onnx" in info["tower"]
