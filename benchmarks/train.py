@@ -287,16 +287,15 @@ def evaluation_throughput(n_items: int, n_cases: int, k: int) -> dict[str, float
 
 def index_throughput(queries: torch.Tensor, items: torch.Tensor, k: int) -> dict[str, float]:
     """`sdm evaluate --index ivf`: faiss IVF build time, search cases/s and recall@k against exact."""
-    from sdm.ann import build_index, overlap_recall
+    from sdm.ann import build_index, index_top_k, overlap_recall
 
     _, exact = top_k(queries, items, k)
     started = time.perf_counter()
     index = build_index(items, "ivf")
     build_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    _, positions = index.search(queries.numpy(), k)
+    _, found = index_top_k(index, items, queries, k)
     search_seconds = time.perf_counter() - started
-    found = torch.from_numpy(positions).long() + 1  # the index holds items[1:]
     return {
         "ivf_build_seconds": build_seconds,
         "ivf_cases_per_second": len(queries) / search_seconds,

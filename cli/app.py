@@ -644,16 +644,23 @@ def export_command(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory for the exported files. \\[default: RUN/export]")] = None,
     fmt: Annotated[str, typer.Option("--format", help="The user tower as onnx (needs the serve extra) or torchscript.")] = "onnx",
     index: Annotated[Optional[str], typer.Option(help="Also write a faiss index of the items: flat, hnsw or ivf (needs faiss).")] = None,
+    hnsw_m: Annotated[int, typer.Option("--hnsw-m", help="HNSW graph neighbours per item.")] = 48,
+    ef_construction: Annotated[int, typer.Option(help="HNSW candidates kept while building.")] = 200,
+    ef_search: Annotated[int, typer.Option(help="HNSW candidates kept while searching (at least K are).")] = 1200,
+    nlist: Annotated[int, typer.Option(help="IVF clusters; 0 = sqrt(items).")] = 0,
+    nprobe: Annotated[int, typer.Option(help="IVF clusters searched; 0 = nlist / 16.")] = 0,
 ) -> None:
     """Write item vectors, users' current vectors (Parquet), the user tower, optionally a faiss index, and a manifest."""
+    from sdm.ann import IndexParams
     from sdm.export import export_run
     from sdm.train import load_trained
 
+    params = IndexParams(M=hnsw_m, efConstruction=ef_construction, efSearch=ef_search, nlist=nlist, nprobe=nprobe)
     model, run_config, catalogue = load_trained(run)
     if run_config["train"]["model"] == "item-cf":
         raise InputError(f"{run}: item-cf has no user tower or fixed-size vectors to export; use sdm recommend or sdm evaluate")
     target = out or run / "export"
-    manifest = export_run(model, run, run_config, catalogue, target, fmt, index)
+    manifest = export_run(model, run, run_config, catalogue, target, fmt, index, params)
     extra = f" and a faiss {index} index" if index else ""
     console.print(
         f"exported {manifest['items']:,} item and {manifest['users']:,} user vectors (d={manifest['dim']}), "
@@ -666,7 +673,7 @@ def serve_command(
     run: Annotated[Path, typer.Option(help="A `sdm train` output directory.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port, printed at start).")] = 8000,
-    index: Annotated[str, typer.Option(help="exact, or a faiss index: flat or hnsw (from RUN/export if `sdm export --index` wrote it, else built at start).")] = "exact",
+    index: Annotated[str, typer.Option(help="exact, or a faiss index: flat, hnsw or ivf (from RUN/export if `sdm export --index` wrote it, else built at start).")] = "exact",
     workers: Annotated[int, typer.Option(help="Server processes sharing the port, each with its own copy of the model and index.")] = 1,
 ) -> None:
     """Answer recommendation requests over HTTP until SIGTERM or Ctrl-C (POST /recommend, /recommend/batch; GET /health, /info)."""

@@ -4,7 +4,9 @@
     users.parquet        id (raw user id), vector [d]: every user's vector after their latest session
     user_tower.onnx      the user tower (inputs below -> user_vector [B, d]); with --format
                          torchscript, user_tower.pt instead
-    index.faiss          with --index flat|hnsw|ivf: a faiss inner-product index over the items,
+    index.faiss          with --index flat|hnsw|ivf: a faiss index over the items (sdm.ann: flat
+                         searches the inner product, hnsw and ivf an equivalent Euclidean space;
+                         the parameters, IndexParams, are in the manifest and the file),
     index_ids.parquet    and its id map: position -> item (dense id, raw id)
     manifest.json        the run's fingerprint, model, dims, vocab sizes, tower inputs, the index,
                          package versions, and how far onnxruntime was from PyTorch at export
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 from pipeline.cache import file_digest
 from pipeline.errors import InputError
 from pipeline.storage import ensure_output_dir, publish_directory, write_json_atomic
+from sdm.ann import INDEX_KINDS, IndexParams, build_index, index_params
 from sdm.checkpoint import BEST
 from sdm.data import Batch, Catalogue, SessionData, input_tensors
 from sdm.evaluate import embed_cases
@@ -110,9 +113,9 @@ def export_run(
     out: Path,
     fmt: str = "onnx",
     index: str | None = None,
+    params: IndexParams = IndexParams(),
 ) -> dict[str, Any]:
     """Write the export directory `out` (see the module docstring); returns its manifest."""
-    from sdm.ann import INDEX_KINDS
 
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -147,7 +150,7 @@ def export_run(
         else:
             write_torchscript(tower, inputs, catalogue, tower_path)
             difference = None
-        index_entry = write_index(all_items, index, item_vocab, staging) if index is not None else None
+        index_entry = write_index(all_items, index, params, item_vocab, staging) if index is not None else None
         manifest = {
             "kind": EXPORT_KIND,
             "run": str(run.resolve()),
@@ -278,27 +281,15 @@ def write_torchscript(tower: UserTower, inputs: SessionData, catalogue: Catalogu
     torch.jit.save(traced, str(path))
 
 
-def write_index(all_items: Tensor, kind: str, item_vocab: pl.DataFrame, directory: Path) -> dict[str, Any]:
+def write_index(all_items: Tensor, kind: str, params: IndexParams, item_vocab: pl.DataFrame, directory: Path) -> dict[str, Any]:
     """The faiss index over items[1:] and its position -> item map; the manifest's index entry."""
     import faiss
 
-    from sdm.ann import build_index
-
-    index = build_index(all_items, kind)
+    index = build_index(all_items, kind, params)
     (directory / INDEX_FILE).write_bytes(faiss.serialize_index(index).tobytes())
     positions = np.arange(index.ntotal, dtype=np.int64)
     raw_of = item_vocab.sort("id").get_column("raw")
     pl.DataFrame({"position": positions, "item": positions + 1, "raw": raw_of}).write_parquet(directory / INDEX_IDS)
-    return {"kind": kind, "file": INDEX_FILE, "ids": INDEX_IDS, "metric": "inner_product", "size": int(index.ntotal),
-            "params": index_params(index, kind)}
-
-
-def index_params(index, kind: str) -> dict[str, int]:
-    import faiss
-
-    if kind == "hnsw":
-        return {"M": int(index.hnsw.nb_neighbors(1)), "efSearch": int(index.hnsw.efSearch), "efConstruction": int(index.hnsw.efConstruction)}
-    if kind == "ivf":
-        ivf = faiss.extract_index_ivf(index)
-        return {"nlist": int(ivf.nlist), "nprobe": int(ivf.nprobe)}
-    return {}
+    space = "inner_product" if kind == "flat" else "euclidean, items with sqrt(R^2 - |x|^2) appended, queries with 0 (sdm.ann)"
+    return {"kind": kind, "file": INDEX_FILE, "ids": INDEX_IDS, "metric": "inner_product", "search_space": space,
+            "size": int(index.ntotal), "params": index_params(index)}

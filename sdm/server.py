@@ -2,9 +2,9 @@
 
 Loaded once, at start (`Service`): the model, the item vectors, the faiss index (from RUN/export
 when `sdm export --index` wrote one for this run, else built), the raw ids and side values of
-every item, and popularity. Per request only the user's rows are read from DATA: lazy Parquet
-scans filtered on the user (or their session), which polars pushes into the reader so that it
-skips the row groups whose statistics exclude them (`user_queries`).
+every item, popularity, and `UserRows`: every user's latest session, long-term sets, profile and
+logged events as flat arrays indexed by dense user id. A request reads slices of its own user's
+rows there and nothing else: its work grows with that user's history, not with the tables.
 
 Requests (JSON):
     POST /recommend        {"user": "<raw id>", "items": ["<raw id>", ...], "k": 50,
@@ -44,10 +44,11 @@ from torch import Tensor
 from pipeline.cache import package_version, read_manifest
 from pipeline.errors import InputError
 from pipeline.long_term import long_term_column
-from sdm.data import Batch
+from sdm.data import Batch, Catalogue
+from sdm.export import tower_arguments, tower_input_names
 from sdm.retrieval import top_k
 
-SERVE_INDEXES = ("exact", "flat", "hnsw")
+SERVE_INDEXES = ("exact", "flat", "hnsw", "ivf")
 MAX_BODY_BYTES = 1 << 20  # a request of 1 MiB holds tens of thousands of ids: more is an error
 MAX_BATCH = 256  # requests in one /recommend/batch
 MAX_IDS = 10_000  # ids in one request's "items" or "exclude"
@@ -74,33 +75,105 @@ class Prepared:
 
 
 def long_term_sets(
-    events: pl.DataFrame, item_side: Tensor, features: list[str], reference_time: int, window_ms: int | None, max_long: int
+    items: np.ndarray, times: np.ndarray, item_side: np.ndarray, features: list[str], reference_time: int,
+    window_ms: int | None, max_long: int,
 ) -> dict[str, list[int]]:
     """The long-term sets of a session starting at `reference_time`, from one user's earlier
-    events (item, time, order), as `sdm preprocess` builds them (pipeline.long_term): per feature,
-    the distinct non-null values of the events at or after reference_time - window, most
-    recent first, at most max_long."""
+    events in log order (their items and times), as `sdm preprocess` builds them
+    (pipeline.long_term): per feature, the distinct non-null values of the events at or after
+    reference_time - window, most recent first, at most max_long."""
     if window_ms is not None:
-        events = events.filter(pl.col("time") >= reference_time - window_ms)
-    items = torch.from_numpy(events.sort("order", descending=True).get_column("item").to_numpy().astype(np.int64))
+        items = items[times >= reference_time - window_ms]
+    items = items[::-1].astype(np.int64)
     columns = {"item": items, **{f: item_side[items, j] for j, f in enumerate(features[1:])}}
     sets = {}
     for feature in features:
-        values = columns[feature].tolist()
-        sets[feature] = [value for value in dict.fromkeys(values) if value != 0][:max_long]
+        values = columns[feature]
+        _, first = np.unique(values, return_index=True)
+        distinct = values[np.sort(first)]  # in order of first occurrence: most recent first
+        sets[feature] = distinct[distinct != 0][:max_long].tolist()
     return sets
+
+
+@dataclass
+class Ragged:
+    """Variable-length rows by dense id: row i is values[offsets[i]:offsets[i + 1]]."""
+
+    offsets: np.ndarray  # int64 [n_rows + 1]
+    values: np.ndarray
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self.values[self.offsets[row]:self.offsets[row + 1]]
+
+    @classmethod
+    def of(cls, keys: pl.Series, values: pl.Series, n_rows: int, dtype: Any) -> Ragged:
+        """Rows from (key, value) pairs sorted by key; keys without pairs get empty rows."""
+        counts = np.bincount(keys.to_numpy(), minlength=n_rows)
+        return cls(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), values.to_numpy().astype(dtype))
+
+    @classmethod
+    def of_lists(cls, keys: pl.Series, lists: pl.Series, n_rows: int, dtype: Any) -> Ragged:
+        """Rows from a list column, one list per distinct key, sorted by key."""
+        pairs = pl.DataFrame({"key": keys, "value": lists}).explode("value").drop_nulls()  # empty lists explode to null
+        return cls.of(pairs.get_column("key"), pairs.get_column("value"), n_rows, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets.nbytes + self.values.nbytes
+
+
+class UserRows:
+    """What requests read of DATA, for every user at once, by dense user id: the latest session
+    (its id and items, as `sdm recommend` picks it), that session's long-term sets, the profile,
+    and the logged events in log order (item, time) for exclude_seen and for the long-term sets
+    of a session the request brings. Built at start with polars joins and numpy offsets (no loop
+    over users); item ids are int32, times int64, and every ragged field costs 8 bytes per user
+    in offsets (`nbytes` is in /info)."""
+
+    def __init__(self, data: Path, catalogue: Catalogue):
+        from sdm.serving import latest_sessions
+
+        n_users = catalogue.n_users
+        latest = latest_sessions(data)  # (user, session, items), sorted by user
+        self.has_session = np.zeros(n_users, dtype=bool)
+        self.has_session[latest.get_column("user").to_numpy()] = True
+        self.session = Ragged.of_lists(latest.get_column("user"), latest.get_column("items"), n_users, np.int32)
+        columns = [long_term_column(f) for f in catalogue.long_features]
+        long_term = (
+            pl.scan_parquet(data / "long_term" / "long_term.parquet").select("session", *columns)
+            .join(latest.lazy().select("session", "user"), on="session").sort("user").collect()
+        )
+        self.long_term = {
+            feature: Ragged.of_lists(long_term.get_column("user"), long_term.get_column(column), n_users, np.int32)
+            for feature, column in zip(catalogue.long_features, columns)
+        }
+        profiles = pl.read_parquet(data / "events" / "users.parquet", columns=["user", *catalogue.profile_fields])
+        self.profile = np.zeros((n_users, len(catalogue.profile_fields)), dtype=np.int64)
+        self.profile[profiles.get_column("user").to_numpy()] = profiles.select(catalogue.profile_fields).fill_null(0).to_numpy()
+        events = (
+            pl.scan_parquet(data / "sessions" / "events.parquet").select("user", "order", "item", "time")
+            .sort("user", "order").collect()
+        )
+        self.event_items = Ragged.of(events.get_column("user"), events.get_column("item"), n_users, np.int32)
+        self.event_times = Ragged.of(events.get_column("user"), events.get_column("time"), n_users, np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        ragged = [self.session, *self.long_term.values(), self.event_items, self.event_times]
+        return sum(r.nbytes for r in ragged) + self.profile.nbytes + self.has_session.nbytes
 
 
 class Service:
     """A trained run, loaded once, answering recommendation requests (thread-safe: requests only read)."""
 
     def __init__(self, run: Path, index: str = "exact"):
-        from sdm.export import run_fingerprint
+        from sdm.export import read_export_manifest, run_fingerprint
         from sdm.train import load_trained
 
         if index not in SERVE_INDEXES:
             raise InputError(f"--index {index!r}: expected one of {', '.join(SERVE_INDEXES)}")
         model, run_config, catalogue = load_trained(run)
+        model.eval()  # once: requests only read the model
         self.run, self.model, self.catalogue = run, model, catalogue
         self.model_name = run_config["train"]["model"]
         self.data = Path(run_config["train"]["data"])
@@ -129,20 +202,38 @@ class Service:
         self.long_window_ms = long_params.get("long_window_ms")
         self.max_long = int(long_params.get("max_long", 20))
         self.max_session = int(session_params.get("max_session_length", 50))
+        self.users = UserRows(self.data, catalogue)
+        self.item_side = catalogue.item_side.numpy()
+        exported = read_export_manifest(self.run / "export")
+        self.exported = exported if exported is not None and exported.get("fingerprint") == self.fingerprint else {}
+        self.tower, self.tower_source = self.load_tower()
         self.index_kind, self.index, self.index_source = index, None, None
         if index != "exact":
             self.index, self.index_source = self.load_index(index)
 
+    def load_tower(self) -> tuple[Any, str]:
+        """onnxruntime's session of the ONNX user tower `sdm export` wrote for this very run, else
+        None (PyTorch's model): on one row, onnxruntime took 0.3 ms where PyTorch's eager
+        modules took 1.4 ms (docs/benchmarks.md), equal within the export's checked tolerance."""
+        if (self.exported.get("tower") or {}).get("format") != "onnx":
+            return None, "pytorch"
+        try:
+            import onnxruntime
+        except ImportError:
+            return None, "pytorch (onnxruntime is not installed)"
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1  # as configure_threads, for the same reason
+        path = self.run / "export" / self.exported["tower"]["file"]
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), f"onnxruntime ({path})"
+
     def load_index(self, kind: str):
         """The index `sdm export --index KIND` wrote for this very run, or one built now."""
         from sdm.ann import build_index
-        from sdm.export import read_export_manifest
 
         import faiss
 
-        exported = read_export_manifest(self.run / "export")
-        entry = (exported or {}).get("index") or {}
-        if exported is not None and exported.get("fingerprint") == self.fingerprint and entry.get("kind") == kind:
+        entry = self.exported.get("index") or {}
+        if entry.get("kind") == kind:
             try:
                 index = faiss.read_index(str(self.run / "export" / str(entry.get("file"))))
             except RuntimeError:  # a damaged or missing file: built now, as for another run's index
@@ -150,27 +241,6 @@ class Service:
             if index is not None and index.ntotal == self.n_items:
                 return index, str(self.run / "export" / entry["file"])
         return build_index(self.item_vectors, kind), "built at start"
-
-    # --- per-request lookups: only the user's rows -------------------------------------------
-
-    def user_queries(self, user: int) -> dict[str, pl.LazyFrame]:
-        """Lazy scans of the user's rows: latest session, profile, logged events."""
-        return {
-            "session": pl.scan_parquet(self.data / "sessions" / "sessions.parquet")
-            .filter(pl.col("user") == user).select("session", "items").sort("session").tail(1),
-            "profile": pl.scan_parquet(self.data / "events" / "users.parquet")
-            .filter(pl.col("user") == user).select(self.catalogue.profile_fields),
-            "events": pl.scan_parquet(self.data / "sessions" / "events.parquet")
-            .filter(pl.col("user") == user).select("item", "time", "order"),
-        }
-
-    def long_term_query(self, session: int) -> pl.LazyFrame:
-        columns = [long_term_column(f) for f in self.catalogue.long_features]
-        return pl.scan_parquet(self.data / "long_term" / "long_term.parquet").filter(pl.col("session") == session).select(columns)
-
-    def profile_of(self, user: int) -> list[int]:
-        profile = self.user_queries(user)["profile"].collect()
-        return [int(value or 0) for value in profile.row(0)] if profile.height else [0] * len(self.catalogue.profile_fields)
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -203,18 +273,19 @@ class Service:
             row = self.row(session, 0, [0] * len(self.catalogue.profile_fields), {f: [] for f in features})
             return Prepared(row, excluded + (session if exclude_seen else []), user, False, "session-only", fallback)
 
-        queries = self.user_queries(user_id)
-        events = queries["events"].collect() if exclude_seen or session is not None else None
-        seen = events.get_column("item").unique().to_list() if exclude_seen else []
+        users = self.users
+        seen = np.unique(users.event_items[user_id]).tolist() if exclude_seen else []
+        profile = users.profile[user_id].tolist()
         if session is None:
-            latest = queries["session"].collect()
-            long_term = self.long_term_query(int(latest.get_column("session")[0])).collect()
-            sets = {f: long_term.get_column(long_term_column(f))[0].to_list() if long_term.height else [] for f in features}
-            row = self.row(latest.get_column("items")[0].to_list(), user_id, self.profile_of(user_id), sets)
+            if not users.has_session[user_id]:
+                return Prepared(None, excluded + seen, user, True, "popularity", f"user {user!r} has no logged session: the most popular items")
+            sets = {f: users.long_term[f][user_id].tolist() for f in features}
+            row = self.row(users.session[user_id].tolist(), user_id, profile, sets)
             return Prepared(row, excluded + seen, user, True, "latest-session", None)
-        reference = int(events.get_column("time").max())
-        sets = long_term_sets(events, self.catalogue.item_side, features, reference, self.long_window_ms, self.max_long)
-        row = self.row(session, user_id, self.profile_of(user_id), sets)
+        times = users.event_times[user_id]
+        reference = int(times.max()) if len(times) else 0
+        sets = long_term_sets(users.event_items[user_id], times, self.item_side, features, reference, self.long_window_ms, self.max_long)
+        row = self.row(session, user_id, profile, sets)
         return Prepared(row, excluded + seen + (session if exclude_seen else []), user, True, "request-session", None)
 
     def row(self, session: list[int], user: int, profile: list[int], sets: dict[str, list[int]]) -> Batch:
@@ -251,18 +322,23 @@ class Service:
 
     @torch.no_grad()
     def user_vectors(self, batch: Batch) -> Tensor:
-        self.model.eval()
+        if self.tower is not None:
+            feeds = dict(zip(tower_input_names(self.catalogue.long_features),
+                             (t.numpy() for t in tower_arguments(batch, self.catalogue.long_features))))
+            return torch.from_numpy(self.tower.run(None, feeds)[0])
         return self.model.user_vectors(batch).float()
 
     def rank(self, batch: Batch, k: int, excluded: list[list[int]]) -> tuple[Tensor, Tensor]:
         from sdm.ann import index_top_k
 
-        lengths = torch.tensor([0, *(len(set(e)) for e in excluded)])
-        exclude = (torch.cumsum(lengths, 0), torch.tensor([i for e in excluded for i in sorted(set(e))], dtype=torch.long))
+        exclude = None  # most requests exclude nothing: no exclusion pass then
+        if any(excluded):
+            lengths = torch.tensor([0, *(len(set(e)) for e in excluded)])
+            exclude = (torch.cumsum(lengths, 0), torch.tensor([i for e in excluded for i in sorted(set(e))], dtype=torch.long))
         vectors = self.user_vectors(batch)
         if self.index is None:
             return top_k(vectors, self.item_vectors, k, exclude=exclude)
-        return index_top_k(self.index, vectors, k, exclude)
+        return index_top_k(self.index, self.item_vectors, vectors, k, exclude)
 
     def most_popular(self, k: int, excluded: list[int]) -> tuple[np.ndarray, np.ndarray]:
         skip = set(excluded)
@@ -270,10 +346,12 @@ class Service:
         return self.item_counts[ids].astype(np.float64), np.array(ids, dtype=np.int64)
 
     def response(self, prepared: Prepared, scores: np.ndarray, ids: np.ndarray) -> dict[str, Any]:
+        # Gathered per column, then zipped: per-item lookups cost more than ranking at top-300.
+        features = self.catalogue.side_features
+        columns = zip(self.item_raw[ids].tolist(), scores.tolist(), *(self.side_values[f][ids].tolist() for f in features))
         items = [
-            {"rank": rank, "item": self.item_raw[item], "score": float(score),
-             **{f: self.side_values[f][item] for f in self.catalogue.side_features}}
-            for rank, (item, score) in enumerate(zip(ids.tolist(), scores.tolist()), start=1)
+            {"rank": rank, "item": raw, "score": score, **dict(zip(features, sides))}
+            for rank, (raw, score, *sides) in enumerate(columns, start=1)
         ]
         return {
             "user": prepared.user, "known_user": prepared.known_user, "source": prepared.source,
@@ -282,15 +360,17 @@ class Service:
         }
 
     def info(self) -> dict[str, Any]:
-        from sdm.ann import HNSW_EF_SEARCH
+        from sdm.ann import index_params
 
         return {
             "run": str(self.run), "model": self.model_name, "fingerprint": self.fingerprint, "data": str(self.data),
             "dim": int(self.item_vectors.shape[1]),
             "catalogue": {"items": self.n_items, "users": len(self.user_id), "side_features": self.catalogue.side_features,
                           "profile_fields": self.catalogue.profile_fields},
+            "tower": self.tower_source,
             "index": {"kind": self.index_kind, "source": self.index_source,
-                      **({"efSearch": HNSW_EF_SEARCH} if self.index_kind == "hnsw" else {})},
+                      **({"params": index_params(self.index)} if self.index is not None else {})},
+            "user_rows_bytes": self.users.nbytes,
             "limits": {"max_k": self.n_items, "max_batch": MAX_BATCH, "max_ids": MAX_IDS, "max_body_bytes": MAX_BODY_BYTES,
                        "max_session_items": self.max_session},
         }
@@ -464,7 +544,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound here so that a port in use is one line (and port 0 a free port)."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on connections whose socket
+        # says TCP, and without it every keep-alive answer (headers, then body) waited ~40 ms for
+        # the client's delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except (OSError, OverflowError) as error:

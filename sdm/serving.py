@@ -1,4 +1,8 @@
-"""Using a trained run: recommendations for a user now (exports are in sdm.export, the server in sdm.server)."""
+"""Using a trained run: recommendations for a user now (exports are in sdm.export, the server in sdm.server).
+
+`recommend` reads only what one user needs: every table is a lazy Parquet scan filtered on the
+user, their session or the ranked items, which polars pushes into the reader.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,12 @@ import polars as pl
 import torch
 
 from pipeline.errors import InputError
-from sdm.data import Catalogue, SessionData, input_tensors
+from pipeline.long_term import long_term_column
+from sdm.data import Batch, Catalogue, SessionData, pad_lists
 from sdm.evaluate import embed_cases
 from sdm.model import Recommender
 from sdm.retrieval import top_k
+from sdm.tensor_store import attach_context, context_arrays
 
 
 def latest_sessions(data: Path, user_ids: pl.Series | None = None) -> pl.DataFrame:
@@ -24,7 +30,7 @@ def latest_sessions(data: Path, user_ids: pl.Series | None = None) -> pl.DataFra
 
 
 def user_id_of(data: Path, raw_user: str) -> int:
-    match = pl.read_parquet(data / "events" / "vocab" / "user.parquet").filter(pl.col("raw") == raw_user)
+    match = pl.scan_parquet(data / "events" / "vocab" / "user.parquet").filter(pl.col("raw") == raw_user).select("id").collect()
     if match.height == 0:
         raise InputError(f"{data}: no user {raw_user!r} (unknown, or all their events were filtered out)")
     return int(match.get_column("id")[0])
@@ -36,7 +42,7 @@ def recommend(
     """Top-k items for one user after their latest session: rank, raw item id, score, side values."""
     user = user_id_of(data, raw_user)
     rows = latest_sessions(data, pl.Series([user], dtype=pl.UInt32))
-    vectors = embed_cases(model, SessionData(input_tensors(rows, data, catalogue)))  # [1, d]
+    vectors = embed_cases(model, SessionData(few_input_tensors(rows, data, catalogue)))  # [1, d]
     exclude = None
     if exclude_seen:
         seen = pl.scan_parquet(data / "sessions" / "events.parquet").filter(pl.col("user") == user)
@@ -50,12 +56,33 @@ def recommend(
     return with_raw_values(ranked, data, catalogue)
 
 
+def few_input_tensors(rows: pl.DataFrame, data: Path, catalogue: Catalogue) -> Batch:
+    """sdm.data.input_tensors for a few rows of (user, session, items): their long-term sets and
+    profiles come from scans filtered on their sessions and users, not from whole tables."""
+    long_columns = [long_term_column(f) for f in catalogue.long_features]
+    long_term = (
+        pl.scan_parquet(data / "long_term" / "long_term.parquet")
+        .filter(pl.col("session").is_in(rows.get_column("session").implode())).select("session", *long_columns).collect()
+    )
+    users = pl.scan_parquet(data / "events" / "users.parquet").filter(pl.col("user").is_in(rows.get_column("user").implode())).collect()
+    arrays = context_arrays(attach_context(rows, long_term, users), catalogue.profile_fields, dict.fromkeys(catalogue.long_features))
+    return {
+        "items": pad_lists(rows.get_column("items")),
+        "lengths": torch.from_numpy(rows.get_column("items").list.len().to_numpy().astype(np.int64)),
+        **{name: torch.from_numpy(array) for name, array in arrays.items()},
+    }
+
+
 def with_raw_values(ranked: pl.DataFrame, data: Path, catalogue: Catalogue) -> pl.DataFrame:
-    """Replace item ids by raw ids and add the raw side values of each item."""
+    """Replace item ids by raw ids and add the raw side values of each item (the rows of the ranked
+    items and of their side values only)."""
     vocab = data / "events" / "vocab"
-    items = pl.read_parquet(data / "events" / "items.parquet")
+    items = pl.scan_parquet(data / "events" / "items.parquet").filter(pl.col("item").is_in(ranked.get_column("item").implode())).collect()
     result = ranked.join(items, on="item", how="left")
     for feature in ("item", *catalogue.side_features):
-        raw = pl.read_parquet(vocab / f"{feature}.parquet").select(pl.col("id").alias(feature), pl.col("raw").alias(f"{feature}_raw"))
+        raw = (
+            pl.scan_parquet(vocab / f"{feature}.parquet").filter(pl.col("id").is_in(result.get_column(feature).drop_nulls().implode()))
+            .select(pl.col("id").alias(feature), pl.col("raw").alias(f"{feature}_raw")).collect()
+        )
         result = result.join(raw, on=feature, how="left").drop(feature).rename({f"{feature}_raw": feature})
     return result.sort("rank").select("rank", "item", "score", *catalogue.side_features)
