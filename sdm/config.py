@@ -25,7 +25,7 @@ class ModelConfig:
     heads: int = 4
     dropout: float = 0.2
     fusion: Literal["gated", "add", "concat", "multiply"] = "gated"
-    attention_query: Literal["profile", "profile+current"] = "profile"
+    attention_query: Literal["profile", "profile+current"] = "profile+current"
     use_long_term: bool = True
     use_short_term: bool = True
     use_side_info: bool = True
@@ -83,6 +83,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        # Checkpoints written before the option existed were trained with the paper's query.
+        values = {"attention_query": "profile", **values}
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:

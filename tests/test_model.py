@@ -77,7 +77,7 @@ ABLATIONS = [
     {"fusion": "add"},
     {"fusion": "concat"},
     {"fusion": "multiply"},
-    {"attention_query": "profile+current"},
+    {"attention_query": "profile"},
     {"use_long_term": False},
     {"use_short_term": False},
     {"use_side_info": False},
@@ -118,7 +118,7 @@ def test_extra_padding_changes_nothing(name, overrides):
     assert torch.isfinite(padded_out).all()
 
 
-@pytest.mark.parametrize("name, overrides", [("sdm", {}), ("sdm", {"attention_query": "profile+current"}), ("youtube-dnn", {})])
+@pytest.mark.parametrize("name, overrides", [("sdm", {}), ("sdm", {"attention_query": "profile"}), ("youtube-dnn", {})])
 def test_every_position_equals_the_truncated_session(name, overrides):
     # forward trains all prefixes at once; position t must be what evaluation sees for items 0..t.
     model = make_model(name, **overrides)
@@ -131,7 +131,7 @@ def test_every_position_equals_the_truncated_session(name, overrides):
             torch.testing.assert_close(model.user_vectors(truncated)[rows], out[rows, t], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, overrides", [("sdm", {}), ("sdm", {"attention_query": "profile+current"}), ("youtube-dnn", {})])
+@pytest.mark.parametrize("name, overrides", [("sdm", {}), ("sdm", {"attention_query": "profile"}), ("youtube-dnn", {})])
 def test_later_items_do_not_change_earlier_positions(name, overrides):
     model = make_model(name, **overrides)
     batch = make_batch(make_config())
@@ -374,6 +374,9 @@ def test_config_round_trips_through_json():
     assert make_config(use_side_info=False).long_features == ("item",)
     with pytest.raises(ValueError):
         ModelConfig.from_dict({**config.to_dict(), "hidden": 3})
+    # A checkpoint from before --attention-query was trained with the paper's e_u query.
+    older = {key: value for key, value in config.to_dict().items() if key != "attention_query"}
+    assert config.attention_query == "profile+current" and ModelConfig.from_dict(older).attention_query == "profile"
     with pytest.raises(ValueError):
         make_config(use_long_term=False, use_short_term=False)
 
