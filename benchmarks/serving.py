@@ -298,7 +298,7 @@ Command: `python benchmarks/serving.py --items {args.items} --clients {args.clie
 Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__};
 `uptime` at the start: {uptime}.
 The load generator (Python threads, one keep-alive connection each) runs on the same 2 cores as the server
-(one `sdm serve` process, one thread per request for torch and faiss). Runs trained one epoch on a synthetic log
+(one `sdm serve` process, one thread per request for onnxruntime, which runs the exported user tower, and faiss). Runs trained one epoch on a synthetic log
 ({EVENTS_PER_ITEM:g} events per item, uniform popularity inside a leaf, `--min-item-count 1`); every request is
 top-{args.k} for a random known user (their latest session and long-term sets, as `sdm recommend`).
 HNSW: the exported index, M {defaults.M}, efConstruction {defaults.efConstruction}, efSearch {defaults.efSearch}; IVF: built
