@@ -379,6 +379,7 @@ def test_requests_read_no_whole_table_and_load_nothing_again(service, users, mon
 # --- indexes, workers, stopping, bad options --------------------------------------------------------
 
 
+@pytest.mark.slow  # 18 s: the default suite was 4:56 of its 5 minutes; python -m pytest -m slow
 def test_a_server_uses_the_exported_onnx_tower_and_hnsw_index_and_stops_on_ctrl_c(sample_run, users, server, tmp_path):
     run = Path(shutil.copytree(sample_run.path, tmp_path / "run"))
     # In a process of its own: a second ONNX export in one process (tests/test_export.py exports
