@@ -28,7 +28,7 @@ from pipeline.buckets import Layout, bucket_of
 from pipeline.config import PreprocessConfig
 from pipeline.diagnostics import RATING_NAMES
 from pipeline.errors import InputError
-from pipeline.flags import with_flag_features, with_list_features
+from pipeline.flags import with_genre_features
 from pipeline.reading import (
     ALL_ROLES,
     EVENT_ROLES,
@@ -94,10 +94,8 @@ def read_events(config: PreprocessConfig, n_buckets: int, scratch: Path) -> tupl
     categorical role's dictionary, the number of rows read, and the log's rating column (a log
     with one and no session or behaviour column is a rating log; see pipeline/diagnostics.py)."""
     table = scan_table(config.logs, sep=config.sep, header=config.header, columns=config.columns)
-    # --flag-columns are read from the items file when there is one, else from the log.
-    table, flag_roles = with_flag_features(table, None if config.items else config.flag_columns)
-    if not flag_roles and not config.items:
-        table, flag_roles = with_list_features(table, config.column_map)
+    # Genres (--flag-columns or a list column) are read from the items file when there is one, else from the log.
+    table, flag_roles = (table, {}) if config.items else with_genre_features(table, config.flag_columns, config.column_map)
     roles = resolve_roles(table, config.column_map | flag_roles, ALL_ROLES)
     time_column = roles["time"]
     time = time_expression(time_column, config.time_format, time_kind(table, time_column))
@@ -152,9 +150,7 @@ def rating_column(columns: list[str], roles: dict[str, str]) -> str | None:
 
 def read_items_file(config: PreprocessConfig) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
     """Items file as codes: item -> side feature codes, with the side features' dictionaries."""
-    table, flag_roles = with_flag_features(scan_table(config.items), config.flag_columns)
-    if not flag_roles:
-        table, flag_roles = with_list_features(table, config.column_map)
+    table, flag_roles = with_genre_features(scan_table(config.items), config.flag_columns, config.column_map)
     key = key_column(table, config, "item")
     roles = {
         role: column for role in SIDE_FEATURES

@@ -107,6 +107,13 @@ def with_flag_features(table: Table, spec: str | None) -> tuple[Table, dict[str,
     return replace(table, frame=frame, columns=columns), dict(FLAG_ROLES)
 
 
+def with_genre_features(table: Table, flag_spec: str | None, explicit: Mapping[str, str]) -> tuple[Table, dict[str, str]]:
+    """The --flag-columns features when a spec is given, else those of a list column found by name."""
+    if flag_spec is not None:
+        return with_flag_features(table, flag_spec)
+    return with_list_features(table, explicit)
+
+
 def list_features(column: str) -> dict[str, pl.Expr]:
     """role -> expression for a list column: category = the first value, leaf = the whole list,
     with spaces around the separator removed; both null for an empty list."""
