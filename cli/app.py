@@ -8,6 +8,7 @@ import sys
 import time
 import typing
 from dataclasses import fields
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -253,25 +254,36 @@ def synth(
 
 
 def main(args: list[str] | None = None, prog_name: str | None = None) -> None:
+    args = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in args  # anywhere on the line, for any command: show the traceback of a bug
+    args = [arg for arg in args if arg != "--debug"]
+
+    def command() -> Any:
+        refuse_empty_paths(args)
+        # Not standalone: a usage error (an unknown option, a value of the wrong type) reaches
+        # `guarded`, to be one line like every other error instead of Typer's framed box.
+        try:
+            return app(args=args, prog_name=prog_name, standalone_mode=False)
+        except USAGE_ERROR as error:
+            if type(error).__name__ == "NoArgsIsHelpError":  # `sdm` or `sdm COMMAND` alone: the help, as before
+                app(args=[*args, "--help"], prog_name=prog_name, standalone_mode=False)
+                sys.exit(error.exit_code)
+            command = f" {error.ctx.command_path}" if getattr(error, "ctx", None) is not None else ""
+            raise InputError(f"{error.format_message().rstrip('.')}; see `{command.strip() or 'sdm'} --help`") from None
+
+    guarded(command, debug)
+
+
+def guarded(command: Callable[[], Any], debug: bool = False) -> None:
+    """Run `command` as the CLI runs every command: the user's errors as one line with exit code 2,
+    Ctrl-C as exit code 130 with a word on what was kept, a bug of ours as one line too."""
     # Idle OpenMP threads sleep instead of spinning: on a machine shared with other work, spinning
     # threads made training several times slower (set OMP_WAIT_POLICY=ACTIVE to override).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Under torchrun every rank checks the same inputs; the prefix says which one is talking.
     who = f"rank {rank_of_this_process()}: " if rank_of_this_process() else ""
-    args = list(sys.argv[1:] if args is None else args)
-    debug = "--debug" in args  # anywhere on the line, for any command: show the traceback of a bug
-    args = [arg for arg in args if arg != "--debug"]
     try:
-        refuse_empty_paths(args)
-        # Not standalone: a usage error (an unknown option, a value of the wrong type) reaches this
-        # function, to be one line like every other error instead of Typer's framed box.
-        code = app(args=args, prog_name=prog_name, standalone_mode=False)
-    except USAGE_ERROR as error:
-        if type(error).__name__ == "NoArgsIsHelpError":  # `sdm` or `sdm COMMAND` alone: the help, as before
-            app(args=[*args, "--help"], prog_name=prog_name, standalone_mode=False)
-            sys.exit(error.exit_code)
-        command = f" {error.ctx.command_path}" if getattr(error, "ctx", None) is not None else ""
-        say(f"{who}{error.format_message().rstrip('.')}; see `{command.strip() or 'sdm'} --help`")
+        code = command()
     except InputError as error:
         say(f"{who}{error}")
     except OSError as error:  # a full disk, a read-only or unwritable output: the user's to fix, not a bug
@@ -433,25 +445,6 @@ def rank_of_this_process() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def train_arguments(config, *, resume: bool, quiet: bool) -> list[str]:
-    """The `sdm train` options that give `config` (those that differ from the defaults)."""
-    from dataclasses import asdict
-
-    from sdm.train import TrainConfig
-
-    defaults = asdict(TrainConfig(data=config.data, out=config.out))
-    arguments = ["--data", config.data, "--out", config.out]
-    for name, value in asdict(config).items():
-        if name in ("data", "out", "ks") or value == defaults[name]:
-            continue  # ks follows from --select-metric
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            arguments.append(flag if value else f"--no-{flag[2:]}")
-        else:
-            arguments += [flag, str(value)]
-    return arguments + ["--resume"] * resume + ["--quiet"] * quiet
-
-
 def launch_ranks(config, nproc: int, *, resume: bool, quiet: bool) -> None:
     """`sdm train --nproc N`: check everything a rank would refuse first (one message, no
     processes started), build the training tensors once, then run N ranks under torchrun."""
@@ -473,11 +466,11 @@ def launch_ranks(config, nproc: int, *, resume: bool, quiet: bool) -> None:
     prepare_run(config, resume, world_size=nproc)
     load_training(Path(config.data), load_catalogue(Path(config.data)))
     threads = config.threads or max(1, (os.cpu_count() or 1) // nproc)
-    arguments = train_arguments(dataclasses.replace(config, threads=threads), resume=resume, quiet=quiet)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the ranks inherit it (torchrun would otherwise warn and pick 1)
-    # What `torchrun --standalone --nproc-per-node N -m sdm.train ...` does, in-process, so that a
-    # failed rank ends with its own one-line message instead of the launcher's report. (The
-    # launcher's modules set their own log levels, so each is quietened by name.)
+    # What `torchrun --standalone --nproc-per-node N -m sdm train ...` does, in-process, handing each
+    # rank the config itself, so that a failed rank ends with its own one-line message instead of
+    # the launcher's report. (The launcher's modules set their own log levels, so each is
+    # quietened by name.)
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -486,12 +479,17 @@ def launch_ranks(config, nproc: int, *, resume: bool, quiet: bool) -> None:
         rdzv_endpoint="localhost:0", max_restarts=0,
     )
     try:
-        elastic_launch(launch, entrypoint=sys.executable)("-m", "sdm.train", *arguments)
+        elastic_launch(launch, entrypoint=train_rank)(dataclasses.replace(config, threads=threads), resume, quiet)
     except ChildFailedError as failure:
         code = failure.get_first_failure()[1].exitcode  # the rank that failed first; torchrun stopped the others
         raise ReportedByRanks(code if code > 0 else 128 - code) from None  # killed by signal N: 128 + N, as a shell says
     except SignalException:  # Ctrl-C reached the ranks too
         raise ReportedByRanks(EXIT_INTERRUPTED) from None
+
+
+def train_rank(config, resume: bool, quiet: bool) -> None:
+    """One rank of `sdm train --nproc N`, in a process the launcher started."""
+    guarded(lambda: run_training(config, resume=resume, quiet=quiet or rank_of_this_process() != 0))
 
 
 class ReportedByRanks(SystemExit):

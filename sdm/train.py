@@ -11,7 +11,7 @@ every rank (a shared generator), so a step is the step one process takes on the 
 batch. Each rank evaluates a share of the validation cases and the metric sums are added up; rank
 0 alone writes the run directory.
 
-    torchrun --nproc-per-node 2 -m sdm.train --data DATA --out RUN [sdm train's options]
+    torchrun --nproc-per-node 2 -m sdm train --data DATA --out RUN [sdm train's options]
 """
 
 from __future__ import annotations
@@ -498,8 +498,3 @@ def load_trained(run: Path) -> tuple[Recommender, dict[str, Any], Catalogue]:
     model.eval()
     return model, run_config, catalogue
 
-
-if __name__ == "__main__":  # torchrun -m sdm.train: `sdm train` with the same options
-    from cli.app import main
-
-    main(["train", *sys.argv[1:]], prog_name="python -m sdm.train")

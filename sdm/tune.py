@@ -21,7 +21,8 @@ from filelock import FileLock, Timeout
 
 from pipeline.errors import InputError
 from pipeline.storage import ensure_output_dir, write_bytes_atomic
-from sdm.train import TrainConfig, train
+from sdm.data import load_catalogue
+from sdm.train import TrainConfig, data_fingerprint, train
 
 STUDY = "study.db"
 BEST = "best.toml"
@@ -67,6 +68,9 @@ def tune(
         raise InputError(f"--model {base.model} has nothing to tune (it trains no parameters)")
     if trials < 1:
         raise InputError("--trials must be at least 1")
+    # Data a trial would refuse is refused here, as one line, not as a failed trial Optuna logs.
+    data_fingerprint(Path(base.data))
+    load_catalogue(Path(base.data))
     ensure_output_dir(out)
     lock = FileLock(out / ".tune.lock", timeout=0)
     try:

@@ -50,8 +50,8 @@ TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 
 
 def torchrun_command(*options: str) -> list[str]:
-    """`torchrun --standalone --nproc-per-node 2 -m sdm.train OPTIONS`, as the README documents it."""
-    return [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "sdm.train", *options]
+    """`torchrun --standalone --nproc-per-node 2 -m sdm train OPTIONS`, as the README documents it."""
+    return [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "sdm", "train", *options]
 
 
 def two_node_commands(*options: str) -> list[list[str]]:
@@ -61,7 +61,7 @@ def two_node_commands(*options: str) -> list[list[str]]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     rendezvous = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}")
-    return [[*TORCHRUN, *rendezvous, "--rdzv-id", "test", "-m", "sdm.train", *options]] * 2
+    return [[*TORCHRUN, *rendezvous, "--rdzv-id", "test", "-m", "sdm", "train", *options]] * 2
 
 
 def start(command: list[str], cwd: Path) -> subprocess.Popen:
@@ -214,20 +214,27 @@ def test_rank_shares_cover_every_item_once_in_order(world_size):
         assert max(stop - start for start, stop in shares) - min(stop - start for start, stop in shares) <= 1
 
 
-def test_the_ranks_get_exactly_the_options_sdm_train_was_given(tiny_data, tmp_path):
-    # `sdm train --nproc N` rebuilds each rank's command line from its TrainConfig; parsed back by
-    # `sdm train`, it must give the same config (every kind of option, booleans both ways).
-    config = TrainConfig(
-        data=str(tiny_data), out=str(tmp_path / "run"), model="sdm", epochs=3, batch_size=32, lr=0.01, dim=24,
-        heads=3, lstm_layers=1, dropout=0.1, fusion="concat", long_term=True, short_term=True, side_info=False,
-        user_id=True, tie_output=False, loss="sampled", negatives="in-batch", num_negatives=77, patience=2,
-        select_metric="ndcg@25", seed=9, threads=1, device="cpu", bf16=True,
+def test_the_ranks_get_exactly_the_config_sdm_train_builds(tiny_data, tmp_path):
+    # `sdm train --nproc N` hands each rank its TrainConfig itself: every kind of option, booleans
+    # both ways, arrives as one process would have it, with --threads resolved to cores / N.
+    options = (
+        "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--epochs", "3", "--batch-size", "32", "--lr", "0.01",
+        "--dim", "24", "--heads", "3", "--lstm-layers", "1", "--dropout", "0.1", "--fusion", "concat", "--no-side-info",
+        "--user-id", "--no-tie-output", "--loss", "sampled", "--negatives", "in-batch", "--num-negatives", "77",
+        "--patience", "2", "--select-metric", "ndcg@25", "--seed", "9", "--device", "cpu", "--bf16", "--quiet",
     )
-    arguments = cli.app.train_arguments(config, resume=True, quiet=True)
-    parsed = {}
-    with mock.patch.object(cli.app, "run_training", lambda config, **flags: parsed.update(config=config, **flags)):
-        assert invoke("train", *arguments).exit_code == 0
-    assert parsed == {"config": config, "resume": True, "quiet": True}
+    one_process, launched = {}, {}
+    with mock.patch.object(cli.app, "run_training", lambda config, **flags: one_process.update(config=config, **flags)):
+        assert invoke("train", *options).exit_code == 0
+
+    def launcher(launch, entrypoint):
+        return lambda *arguments: launched.update(nproc=launch.nproc_per_node, entrypoint=entrypoint, arguments=arguments)
+
+    with mock.patch("torch.distributed.launcher.api.elastic_launch", launcher):
+        assert invoke("train", *options, "--nproc", "2").exit_code == 0
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert launched["nproc"] == 2 and launched["entrypoint"] is cli.app.train_rank
+    assert launched["arguments"] == (replace(one_process["config"], threads=threads), False, True)
 
 
 def test_nproc_inside_torchrun_is_refused(tiny_data, tmp_path, monkeypatch):
