@@ -96,7 +96,7 @@ def training_setup(n_items: int, batch_size: int, ranks: Ranks = Ranks()):
     generator = torch.Generator().manual_seed(0)
     item_side = item_side_table(n_items, generator)
     config = TrainConfig(data="", out="", dim=32, batch_size=batch_size, loss="sampled", num_negatives=255, tie_output=False)
-    model_config = ModelConfig(n_items=n_items, n_users=1000, side_vocab=SIDE_VOCAB, profile_vocab=[10] * PROFILE_FIELDS, dim=32)
+    model_config = ModelConfig.build(config, n_items=n_items, n_users=1000, side_vocab=SIDE_VOCAB, profile_vocab=[10] * PROFILE_FIELDS)
     torch.manual_seed(0)
     model = build_model("sdm", model_config, item_side, torch.ones(n_items, dtype=torch.long))
     objective = Objective(model, make_loss(config, torch.ones(n_items, dtype=torch.long), ranks))

@@ -355,6 +355,7 @@ def train_command(
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (after the warm-up; cosine decay to 0 by the last epoch).")] = 3e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW's decoupled weight decay.")] = 0.1,
     warmup: Annotated[float, typer.Option(help="Share of the planned steps with a linear learning-rate warm-up.")] = 0.05,
+    clip_norm: Annotated[float, typer.Option(help="Gradients are scaled down to this total norm at most.")] = 5.0,
     dim: Annotated[int, typer.Option(help="Hidden size d.")] = 64,
     lstm_layers: Annotated[int, typer.Option(help="Stacked LSTM layers (GRU layers for gru4rec).")] = 2,
     heads: Annotated[int, typer.Option(help="Self-attention heads.")] = 4,

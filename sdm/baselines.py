@@ -22,7 +22,7 @@ def masked_mean(vectors: Tensor, mask: Tensor) -> Tensor:
 class YouTubeDNN(TwoTowerRecommender):
     """Covington et al. 2016: mean-pooled watched items and the user profile through a ReLU tower.
 
-    Position t pools session items 0..t (cumulative mean) and, unless use_long_term is off, the
+    Position t pools session items 0..t (cumulative mean) and, unless long_term is off, the
     long-term item ids.
     """
 
@@ -31,7 +31,7 @@ class YouTubeDNN(TwoTowerRecommender):
         d = config.dim
         self.item_embedding = ItemEmbedding(config, item_side)
         self.user_embedding = UserEmbedding(config)
-        n_inputs = 3 if config.use_long_term else 2
+        n_inputs = 3 if config.long_term else 2
         # ReLU on the last layer too: the paper's user vector is the top ReLU layer's output.
         self.tower = nn.Sequential(nn.Linear(n_inputs * d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU())
 
@@ -43,7 +43,7 @@ class YouTubeDNN(TwoTowerRecommender):
         item_sums = (embedded * valid).cumsum(dim=1)  # [B, T, d]
         session = item_sums / valid.cumsum(dim=1).clamp(min=1)  # [B, T, d]: mean of items 0..t
         per_user = [self.user_embedding(batch)]  # [B, d]
-        if self.config.use_long_term:
+        if self.config.long_term:
             long_items = batch["long_item"]  # [B, L]
             per_user.append(masked_mean(self.item_embedding(long_items), long_items != 0))  # [B, d]
         broadcast = torch.cat(per_user, dim=-1).unsqueeze(1).expand(-1, items.shape[1], -1)  # [B, T, (1|2) d]

@@ -76,8 +76,8 @@ class UserEmbedding(nn.Module):
         self.profile_tables = nn.ModuleList(
             small_embedding(vocab, config.profile_width) for vocab in config.profile_vocab
         )
-        self.user_table = small_embedding(config.n_users, config.dim) if config.use_user_id else None
-        concat_width = len(config.profile_vocab) * config.profile_width + (config.dim if config.use_user_id else 0)
+        self.user_table = small_embedding(config.n_users, config.dim) if config.user_id else None
+        concat_width = len(config.profile_vocab) * config.profile_width + (config.dim if config.user_id else 0)
         if concat_width:
             self.project = nn.Linear(concat_width, config.dim)
             self.shared = None

@@ -78,7 +78,7 @@ class ItemCF(Recommender):
                 f"it supports catalogues up to {MAX_ITEMS:,} items"
             )
         self.n_items = config.n_items
-        self.use_long_term = config.use_long_term
+        self.use_long_term = config.long_term
         m = min(NEIGHBOURS, config.n_items)
         neighbours, similarity = torch.zeros(config.n_items, m, dtype=torch.long), torch.zeros(config.n_items, m)
         if training_sessions is not None:

@@ -69,11 +69,11 @@ class TwoTowerRecommender(Recommender):
 class SDM(TwoTowerRecommender):
     def __init__(self, config: ModelConfig, item_side: Tensor):
         super().__init__(config)
-        self.item_embedding = ItemEmbedding(config, item_side, project=config.use_short_term or config.tie_output)
+        self.item_embedding = ItemEmbedding(config, item_side, project=config.short_term or config.tie_output)
         self.user_embedding = UserEmbedding(config)
-        self.short_term = ShortTermEncoder(config) if config.use_short_term else None
-        self.long_term = LongTermEncoder(config) if config.use_long_term else None
-        both = config.use_short_term and config.use_long_term
+        self.short_term = ShortTermEncoder(config) if config.short_term else None
+        self.long_term = LongTermEncoder(config) if config.long_term else None
+        both = config.short_term and config.long_term
         self.fusion = build_fusion(config) if both else None
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:

@@ -48,7 +48,7 @@ from sdm.checkpoint import (
     save_checkpoint,
     write_run_json,
 )
-from sdm.config import ATTENTION_QUERIES, FUSIONS, ModelConfig
+from sdm.config import ModelConfig, ModelOptions
 from sdm.data import (
     Catalogue,
     SessionData,
@@ -75,11 +75,13 @@ FULL_SOFTMAX_MAX_ITEMS = 20_000  # --loss auto uses the exact softmax up to this
 LOSSES = ("auto", "sampled", "full")
 NEGATIVES = ("log-uniform", "in-batch")
 LONG_TERM_MODELS = ("sdm", "youtube-dnn", "item-cf")  # the models that read the long-term sets
-MAX_DIM, MAX_LAYERS, MAX_THREADS, MAX_NEGATIVES = 4096, 64, 1024, 10**7
+MAX_THREADS, MAX_NEGATIVES = 1024, 10**7
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(ModelOptions):
+    """`sdm train`'s options: the model's (ModelOptions) and the training's."""
+
     data: str
     out: str
     model: str = "sdm"
@@ -99,20 +101,9 @@ class TrainConfig:
     threads: int = 0  # per process; 0 = PyTorch's default (every core, or OMP_NUM_THREADS)
     device: str = "auto"  # auto = CUDA when PyTorch sees a GPU
     bf16: bool = False  # bfloat16 autocast of forward and loss
-    # model
-    dim: int = 64
-    lstm_layers: int = 2
-    heads: int = 4
-    dropout: float = 0.2
-    fusion: str = "gated"
-    attention_query: str = "profile+current"
-    long_term: bool = True
-    short_term: bool = True
-    side_info: bool = True
-    user_id: bool = False
-    tie_output: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checks = [
             (self.model in MODEL_NAMES, f"--model must be one of {', '.join(MODEL_NAMES)}"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
@@ -123,22 +114,15 @@ class TrainConfig:
             (0 <= self.warmup < 1, "--warmup must be a share of the steps in [0, 1)"),
             (self.num_negatives >= 1, "--num-negatives must be at least 1"),
             (self.patience >= 1, "--patience must be at least 1"),
-            (self.long_term or self.short_term, "--no-long-term and --no-short-term together leave nothing to model"),
-            (self.dim % max(self.heads, 1) == 0, f"--dim {self.dim} must be divisible by --heads {self.heads}"),
             (self.select_metric.partition("@")[0] in METRICS and self.select_metric.partition("@")[2].isdigit()
              and int(self.select_metric.partition("@")[2]) >= 1,
              f"--select-metric {self.select_metric!r}: expected one of {', '.join(METRICS)} at a K >= 1, e.g. recall@50"),
-            (self.dim >= 1 and self.heads >= 1 and self.lstm_layers >= 1, "--dim, --heads and --lstm-layers must be at least 1"),
-            # Beyond these a model does not fit in memory (or takes ages to build): a typo, refused before it is tried.
-            (self.dim <= MAX_DIM and self.lstm_layers <= MAX_LAYERS, f"--dim must be at most {MAX_DIM} and --lstm-layers at most {MAX_LAYERS}"),
+            # Beyond these a run does not fit in memory (or takes ages to start): a typo, refused before it is tried.
             (self.seed < 2**63 and self.threads <= MAX_THREADS and self.num_negatives <= MAX_NEGATIVES,
              f"--seed must be below 2^63, --threads at most {MAX_THREADS} and --num-negatives at most {MAX_NEGATIVES:,}"),
-            (0 <= self.dropout < 1, f"--dropout {self.dropout}: expected a probability in [0, 1)"),
-            (self.fusion in FUSIONS, f"--fusion {self.fusion!r}: expected one of {', '.join(FUSIONS)}"),
-            (self.attention_query in ATTENTION_QUERIES,
-             f"--attention-query {self.attention_query!r}: expected one of {', '.join(ATTENTION_QUERIES)}"),
             (self.seed >= 0 and self.threads >= 0, "--seed and --threads must not be negative"),
             (math.isfinite(self.lr) and math.isfinite(self.weight_decay), "--lr and --weight-decay must be finite numbers"),
+            (self.clip_norm > 0 and math.isfinite(self.clip_norm), f"--clip-norm {self.clip_norm}: expected a positive number"),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
             # Options a model would silently ignore: refusing them keeps an "ablation" from being a rerun.
             (self.fusion == "gated" or self.model == "sdm", f"--fusion applies to --model sdm only, not {self.model}"),
@@ -155,22 +139,9 @@ class TrainConfig:
             self.ks = sorted({*self.ks, int(self.select_metric.partition("@")[2])})
 
     def model_config(self, catalogue: Catalogue) -> ModelConfig:
-        return ModelConfig(
-            n_items=catalogue.n_items,
-            n_users=catalogue.n_users,
-            side_vocab=catalogue.side_vocab,
+        return ModelConfig.build(
+            self, n_items=catalogue.n_items, n_users=catalogue.n_users, side_vocab=catalogue.side_vocab,
             profile_vocab=catalogue.profile_vocab,
-            dim=self.dim,
-            lstm_layers=self.lstm_layers,
-            heads=self.heads,
-            dropout=self.dropout,
-            fusion=self.fusion,
-            attention_query=self.attention_query,
-            use_long_term=self.long_term,
-            use_short_term=self.short_term,
-            use_side_info=self.side_info,
-            use_user_id=self.user_id,
-            tie_output=self.tie_output,
         )
 
 
@@ -490,7 +461,7 @@ def load_trained(run: Path) -> tuple[Recommender, dict[str, Any], Catalogue]:
         model = build_model(
             run_config["train"]["model"], ModelConfig.from_dict(run_config["model"]), catalogue.item_side, catalogue.item_counts
         )
-    except (ValueError, TypeError, KeyError) as error:
+    except (InputError, ValueError, TypeError, KeyError) as error:
         raise InputError(f"{run / CONFIG}: its model does not build ({error}); restore the run's own file, or retrain") from None
     best = load_checkpoint(run / BEST)
     check_same_run(best, run / BEST, run_config)

@@ -109,7 +109,7 @@ def test_item_cf_scores_sum_the_similarities_from_the_input_items():
     batch = cf_batch([[1, 4], [2, 2]], [[3], [0]])
     with torch.no_grad():
         with_long = build_model("item-cf", cf_config(), torch.zeros(CF_ITEMS, 0), torch.ones(CF_ITEMS), SESSIONS)
-        session_only = ItemCF(cf_config(use_long_term=False), SESSIONS)
+        session_only = ItemCF(cf_config(long_term=False), SESSIONS)
         scores = with_long.user_vectors(batch) @ with_long.item_vectors().T  # [B, n_items]
         session_scores = session_only.user_vectors(batch) @ session_only.item_vectors().T
     # score(j) = sum over input items i of sim(i, j), self-similarity 0; item 2 repeated counts once.

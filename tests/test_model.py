@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from pipeline.errors import InputError
 from sdm.baselines import MODEL_NAMES, YouTubeDNN, build_model
 from sdm.config import ModelConfig
 from sdm.fusion import GatedFusion
@@ -78,11 +79,11 @@ ABLATIONS = [
     {"fusion": "concat"},
     {"fusion": "multiply"},
     {"attention_query": "profile"},
-    {"use_long_term": False},
-    {"use_short_term": False},
-    {"use_side_info": False},
-    {"use_user_id": True},
-    {"tie_output": True},
+    {"long_term": False},
+    {"short_term": False},
+    {"side_info": False},
+    {"user_id": True},
+    {"tie_output": False},
     {"profile_vocab": []},
     {"side_vocab": {"category": 4}},
     {"lstm_layers": 1, "heads": 1},
@@ -284,22 +285,22 @@ def test_ablations_change_the_parameter_set():
     assert side_tables <= full
     assert {"fusion.W1.weight", "long_term.combine.weight", "short_term.lstm.layers.1.weight_hh_l0"} <= full
 
-    no_side = parameter_names(make_model(use_side_info=False))
+    no_side = parameter_names(make_model(side_info=False))
     assert not side_tables & no_side
     assert not any(name.startswith("long_term.to_dim") for name in no_side)  # only the item set, already d wide
 
-    no_long = parameter_names(make_model(use_long_term=False))
+    no_long = parameter_names(make_model(long_term=False))
     assert not any(name.startswith(("long_term.", "fusion.")) for name in no_long)
     assert any(name.startswith("short_term.") for name in no_long)
 
-    no_short = parameter_names(make_model(use_short_term=False))
+    no_short = parameter_names(make_model(short_term=False, tie_output=False))
     assert not any(name.startswith(("short_term.", "fusion.", "item_embedding.project")) for name in no_short)
     assert side_tables <= no_short  # the long-term sets still use them
 
-    tied = parameter_names(make_model(tie_output=True))
-    assert "output_items.weight" in full and "output_items.weight" not in tied
+    untied = parameter_names(make_model(tie_output=False))
+    assert "output_items.weight" in untied and "output_items.weight" not in full
 
-    assert "user_embedding.user_table.weight" in parameter_names(make_model(use_user_id=True))
+    assert "user_embedding.user_table.weight" in parameter_names(make_model(user_id=True))
     assert parameter_names(make_model("popularity")) == set()
 
 
@@ -367,18 +368,18 @@ def test_youtube_dnn_pools_the_session_prefix():
 
 def test_config_round_trips_through_json():
     widths = {"item": 16, "leaf": 4, "category": 4, "shop": 8, "brand": 4}
-    config = make_config(fusion="concat", use_user_id=True, embedding_widths=widths)
+    config = make_config(fusion="concat", user_id=True, embedding_widths=widths)
     restored = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert restored == config
     assert restored.long_features == ("item", "leaf", "category", "shop", "brand")
-    assert make_config(use_side_info=False).long_features == ("item",)
+    assert make_config(side_info=False).long_features == ("item",)
     with pytest.raises(ValueError):
         ModelConfig.from_dict({**config.to_dict(), "hidden": 3})
     # A checkpoint from before --attention-query was trained with the paper's e_u query.
     older = {key: value for key, value in config.to_dict().items() if key != "attention_query"}
     assert config.attention_query == "profile+current" and ModelConfig.from_dict(older).attention_query == "profile"
-    with pytest.raises(ValueError):
-        make_config(use_long_term=False, use_short_term=False)
+    with pytest.raises(InputError, match="leave nothing to model"):
+        make_config(long_term=False, short_term=False)
 
 
 def test_sdm_overfits_eight_sessions():

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+import inspect
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 import polars as pl
@@ -17,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cli.app
 from sdm.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
 from sdm.data import BLOCK_ROWS, length_grouped_batches, load_cases, load_catalogue, load_training, pad_lists
 from sdm.evaluate import evaluate_split
@@ -431,3 +433,13 @@ def test_every_model_learns_from_a_bare_log_within_one_epoch(bare_sample_data, b
     history = train(TrainConfig(data=str(bare_sample_data), out=str(tmp_path / "run"), model=model, epochs=1, threads=TEST_THREADS))
     assert history[0]["loss"] < math.log(catalogue.n_items - 1) - 0.25, history[0]["loss"]
     assert history[0]["valid"]["hit_rate@50"] >= 0.9 * bare_popularity_hit_rate, (history[0]["valid"], bare_popularity_hit_rate)
+
+
+def test_sdm_train_declares_every_train_config_field_with_its_default():
+    # One source of the options: TrainConfig (ModelOptions included). The command declares each
+    # field with the dataclass's default, and nothing else but its own switches; ks follows from
+    # --select-metric.
+    declared = {name: parameter.default for name, parameter in inspect.signature(cli.app.train_command).parameters.items()
+                if name not in cli.app.NOT_SETTINGS}
+    defaults = {field.name: field.default for field in fields(TrainConfig) if field.default is not MISSING}
+    assert declared == defaults
