@@ -708,6 +708,7 @@ def demo(
 ) -> None:
     """Run the whole job on the shipped sample data: preprocess, train SDM and baselines, evaluate, recommend."""
     from pipeline.run import run_preprocess
+    from sdm.checkpoint import CONFIG, LAST
     from sdm.evaluate import evaluate_split
     from sdm.serving import recommend
     from sdm.train import TrainConfig, load_trained
@@ -725,7 +726,7 @@ def demo(
         console.rule(f"2. sdm train --model {name}")
         run = out / "runs" / f"{name}-seed{seed}"
         train_config = TrainConfig(data=str(data), out=str(run), model=name, epochs=epochs, seed=seed)
-        if (run / "config.json").is_file() and (run / "last.pt").is_file():
+        if (run / CONFIG).is_file() and (run / LAST).is_file():
             run_training(train_config, resume=True, quiet=False)
         else:
             run_training(train_config, resume=False, quiet=False)
@@ -751,4 +752,6 @@ def most_active_user(data: Path) -> str:
     """Raw id of the user with the most events (dense id 1)."""
     import polars as pl
 
-    return pl.read_parquet(data / "events" / "vocab" / "user.parquet").get_column("raw")[0]
+    from pipeline.contract import DataDir
+
+    return pl.read_parquet(DataDir(data).vocabulary("user")).get_column("raw")[0]

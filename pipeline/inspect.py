@@ -9,13 +9,13 @@ import polars as pl
 
 from pipeline.cache import require_stage
 from pipeline.errors import InputError
-from pipeline.long_term import LONG_TERM_FEATURES, long_term_column
+from pipeline.contract import ITEM_FEATURES, DataDir, long_term_column
 
 MS_PER_SECOND = 1000
 
 
 def vocabulary(out: Path, name: str) -> pl.DataFrame:
-    return pl.read_parquet(out / "events" / "vocab" / f"{name}.parquet")
+    return pl.read_parquet(DataDir(out).vocabulary(name))
 
 
 def to_raw(ids: pl.Expr, vocab: pl.DataFrame) -> pl.Expr:
@@ -32,11 +32,11 @@ def user_sessions(out: Path, raw_user: str) -> dict[str, Any]:
     if users.height == 0:
         raise InputError(f"{out}: no user {raw_user!r} (unknown, or all their events were filtered out)")
     user_id = users.get_column("id")[0]
-    long_term = pl.read_parquet(out / "long_term" / "long_term.parquet")
-    present = [f for f in LONG_TERM_FEATURES if long_term_column(f) in long_term.columns]
+    long_term = pl.read_parquet(DataDir(out).long_term)
+    present = [f for f in ITEM_FEATURES if long_term_column(f) in long_term.columns]
     item_vocab = vocabulary(out, "item")
     sessions = (
-        pl.scan_parquet(out / "sessions" / "sessions.parquet")
+        pl.scan_parquet(DataDir(out).sessions)
         .filter(pl.col("user") == user_id)
         .collect()
         .join(long_term, on="session", how="left")
@@ -53,7 +53,7 @@ def user_sessions(out: Path, raw_user: str) -> dict[str, Any]:
             {
                 "start": row["start"],
                 "items": row["items"],
-                "long_term": {f: row.get(f, []) for f in LONG_TERM_FEATURES},
+                "long_term": {f: row.get(f, []) for f in ITEM_FEATURES},
             }
             for row in sessions.iter_rows(named=True)
         ],

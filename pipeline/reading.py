@@ -16,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
+from pipeline.contract import SIDE_FEATURES
 from pipeline.errors import InputError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -42,7 +43,6 @@ EVENT_ROLES: dict[str, tuple[str, ...]] = {
     "brand": ("brand", "brandid", "brandname"),
 }
 REQUIRED_ROLES = ("user", "item", "time")
-SIDE_FEATURES = ("leaf", "category", "shop", "brand")
 OPTIONAL_EVENT_ROLES = ("session", "behavior", *SIDE_FEATURES)
 ALL_ROLES = (*REQUIRED_ROLES, *OPTIONAL_EVENT_ROLES)
 

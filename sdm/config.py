@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-# The preprocessing's side-feature order is also the column order of the model's `item_side` buffer.
+from pipeline.contract import SIDE_FEATURES
 from pipeline.errors import InputError
-from pipeline.reading import SIDE_FEATURES
 
 FUSIONS = ("gated", "add", "concat", "multiply")
 # Query of the short-term user attention: the paper's profile vector e_u alone, or e_u plus the

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from pipeline.cache import read_manifest, require_stage
 from pipeline.errors import InputError
-from pipeline.long_term import long_term_column
+from pipeline.contract import DataDir, long_term_column
 from sdm.tensor_store import attach_context, context_arrays, open_training_tensors, padded
 
 Batch = dict[str, Tensor]
@@ -57,10 +57,10 @@ def load_catalogue(data: Path) -> Catalogue:
     events_manifest = require_stage(data, "events")
     side_features = events_manifest["stats"]["side_features"]
     profile_fields = events_manifest["stats"]["profile_fields"]
-    vocab_dir = data / "events" / "vocab"
-    item_vocab = pl.read_parquet(vocab_dir / "item.parquet")
+    layout = DataDir(data)
+    item_vocab = pl.read_parquet(layout.vocabulary("item"))
     n_items = item_vocab.height + 1
-    items = pl.read_parquet(data / "events" / "items.parquet")
+    items = pl.read_parquet(layout.items)
     item_side = torch.zeros(n_items, len(side_features), dtype=torch.long)
     if side_features:
         ids = torch.from_numpy(items.get_column("item").to_numpy().astype(np.int64))
@@ -68,12 +68,12 @@ def load_catalogue(data: Path) -> Catalogue:
     require_stage(data, "splits")
     return Catalogue(
         n_items=n_items,
-        n_users=pl.scan_parquet(vocab_dir / "user.parquet").select(pl.len()).collect().item() + 1,
+        n_users=pl.scan_parquet(layout.vocabulary("user")).select(pl.len()).collect().item() + 1,
         side_features=side_features,
-        side_vocab={f: pl.scan_parquet(vocab_dir / f"{f}.parquet").select(pl.len()).collect().item() + 1 for f in side_features},
+        side_vocab={f: pl.scan_parquet(layout.vocabulary(f)).select(pl.len()).collect().item() + 1 for f in side_features},
         profile_fields=profile_fields,
         profile_vocab=[
-            pl.scan_parquet(vocab_dir / f"profile.{f}.parquet").select(pl.len()).collect().item() + 1 for f in profile_fields
+            pl.scan_parquet(layout.profile_vocabulary(f)).select(pl.len()).collect().item() + 1 for f in profile_fields
         ],
         item_side=item_side,
         item_counts=training_item_counts(data, n_items),
@@ -84,7 +84,7 @@ def load_catalogue(data: Path) -> Catalogue:
 def training_item_counts(data: Path, n_items: int) -> Tensor:
     """[n_items] occurrences of each item in the training sessions (a streaming aggregation)."""
     counts = (
-        pl.scan_parquet(data / "splits" / "train.parquet").select(pl.col("items").explode().alias("item"))
+        pl.scan_parquet(DataDir(data).split("train")).select(pl.col("items").explode().alias("item"))
         .drop_nulls().group_by("item").len()
         .collect(engine="streaming")
     )
@@ -139,8 +139,8 @@ def input_tensors(rows: pl.DataFrame, data: Path, catalogue: Catalogue) -> Batch
     """Model inputs for rows of (user, session, items): the items as the short-term input, the
     long-term sets of `session` and the user's profile."""
     long_columns = [long_term_column(f) for f in catalogue.long_features]
-    long_term = pl.read_parquet(data / "long_term" / "long_term.parquet", columns=["session", *long_columns])
-    frame = attach_context(rows, long_term, pl.read_parquet(data / "events" / "users.parquet"))
+    long_term = pl.read_parquet(DataDir(data).long_term, columns=["session", *long_columns])
+    frame = attach_context(rows, long_term, pl.read_parquet(DataDir(data).users))
     arrays = context_arrays(frame, catalogue.profile_fields, dict.fromkeys(catalogue.long_features))
     return {
         "items": pad_lists(rows.get_column("items")),
@@ -161,7 +161,7 @@ def load_training(data: Path, catalogue: Catalogue) -> SessionData:
 def load_cases(data: Path, catalogue: Catalogue, split: str) -> tuple[SessionData, pl.DataFrame]:
     """Evaluation cases of `split` as tensors, plus their (user, first_target_order) keys."""
     require_stage(data, "splits")
-    path = data / "splits" / f"{split}.parquet"
+    path = DataDir(data).split(split)
     if not path.exists():  # a file, or a directory of bucket parts
         raise InputError(f"{data}: no '{split}' split; expected one of train, valid, test")
     rows = pl.read_parquet(path)
@@ -173,7 +173,7 @@ def load_cases(data: Path, catalogue: Catalogue, split: str) -> tuple[SessionDat
 
 def seen_items(data: Path, keys: pl.DataFrame) -> tuple[Tensor, Tensor]:
     """CSR (indptr, indices) of the items each case's user interacted with before its first target."""
-    events = pl.scan_parquet(data / "sessions" / "events.parquet").select("user", "order", "item")
+    events = pl.scan_parquet(DataDir(data).session_events).select("user", "order", "item")
     pairs = (
         keys.lazy().with_row_index("case")
         .join(events, on="user")

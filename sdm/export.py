@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.cache import file_digest
+from pipeline.contract import DataDir
 from pipeline.errors import InputError
 from pipeline.storage import ensure_output_dir, publish_directory, write_json_atomic
 from sdm.ann import INDEX_KINDS, IndexParams, build_index, index_params
@@ -124,8 +125,8 @@ def export_run(
     check_target(out)
     data = Path(run_config["train"]["data"])
     model.eval()
-    item_vocab = pl.read_parquet(data / "events" / "vocab" / "item.parquet")
-    user_vocab = pl.read_parquet(data / "events" / "vocab" / "user.parquet")
+    item_vocab = pl.read_parquet(DataDir(data).vocabulary("item"))
+    user_vocab = pl.read_parquet(DataDir(data).vocabulary("user"))
     with torch.no_grad():
         all_items = model.item_vectors().detach().float()  # [n_items, d], row 0 = padding
     rows = latest_sessions(data)

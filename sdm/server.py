@@ -43,7 +43,7 @@ from torch import Tensor
 
 from pipeline.cache import package_version, read_manifest
 from pipeline.errors import InputError
-from pipeline.long_term import long_term_column
+from pipeline.contract import DataDir, long_term_column
 from sdm.data import Batch, Catalogue
 from sdm.export import tower_arguments, tower_input_names
 from sdm.retrieval import top_k
@@ -140,18 +140,18 @@ class UserRows:
         self.session = Ragged.of_lists(latest.get_column("user"), latest.get_column("items"), n_users, np.int32)
         columns = [long_term_column(f) for f in catalogue.long_features]
         long_term = (
-            pl.scan_parquet(data / "long_term" / "long_term.parquet").select("session", *columns)
+            pl.scan_parquet(DataDir(data).long_term).select("session", *columns)
             .join(latest.lazy().select("session", "user"), on="session").sort("user").collect()
         )
         self.long_term = {
             feature: Ragged.of_lists(long_term.get_column("user"), long_term.get_column(column), n_users, np.int32)
             for feature, column in zip(catalogue.long_features, columns)
         }
-        profiles = pl.read_parquet(data / "events" / "users.parquet", columns=["user", *catalogue.profile_fields])
+        profiles = pl.read_parquet(DataDir(data).users, columns=["user", *catalogue.profile_fields])
         self.profile = np.zeros((n_users, len(catalogue.profile_fields)), dtype=np.int64)
         self.profile[profiles.get_column("user").to_numpy()] = profiles.select(catalogue.profile_fields).fill_null(0).to_numpy()
         events = (
-            pl.scan_parquet(data / "sessions" / "events.parquet").select("user", "order", "item", "time")
+            pl.scan_parquet(DataDir(data).session_events).select("user", "order", "item", "time")
             .sort("user", "order").collect()
         )
         self.event_items = Ragged.of(events.get_column("user"), events.get_column("item"), n_users, np.int32)
@@ -181,15 +181,15 @@ class Service:
         with torch.no_grad():
             self.item_vectors = model.item_vectors().detach().float().contiguous()  # [n_items, d], row 0 = padding
         self.n_items = catalogue.n_items - 1
-        vocab = self.data / "events" / "vocab"
-        items = pl.read_parquet(vocab / "item.parquet", columns=["id", "raw"]).sort("id")
+        layout = DataDir(self.data)
+        items = pl.read_parquet(layout.vocabulary("item"), columns=["id", "raw"]).sort("id")
         self.item_raw = np.array([None, *items.get_column("raw").to_list()], dtype=object)  # dense id -> raw id
         self.item_id = dict(zip(items.get_column("raw").to_list(), items.get_column("id").to_list()))
-        users = pl.read_parquet(vocab / "user.parquet", columns=["id", "raw"])
+        users = pl.read_parquet(layout.vocabulary("user"), columns=["id", "raw"])
         self.user_id = dict(zip(users.get_column("raw").to_list(), users.get_column("id").to_list()))
         self.side_values = {}  # feature -> [n_items] raw side value of every item (None: none)
         for j, feature in enumerate(catalogue.side_features):
-            side = pl.read_parquet(vocab / f"{feature}.parquet", columns=["id", "raw"])
+            side = pl.read_parquet(layout.vocabulary(feature), columns=["id", "raw"])
             raw = np.full(catalogue.side_vocab[feature], None, dtype=object)
             raw[side.get_column("id").to_numpy()] = side.get_column("raw").to_list()
             self.side_values[feature] = raw[catalogue.item_side[:, j].numpy()]

@@ -13,7 +13,7 @@ import polars as pl
 import torch
 
 from pipeline.errors import InputError
-from pipeline.long_term import long_term_column
+from pipeline.contract import DataDir, long_term_column
 from sdm.data import Batch, Catalogue, SessionData, pad_lists
 from sdm.evaluate import embed_cases
 from sdm.model import Recommender
@@ -23,14 +23,14 @@ from sdm.tensor_store import attach_context, context_arrays
 
 def latest_sessions(data: Path, user_ids: pl.Series | None = None) -> pl.DataFrame:
     """(user, session, items): each user's most recent session, the input for "what next"."""
-    sessions = pl.scan_parquet(data / "sessions" / "sessions.parquet").select("user", "session", "items")
+    sessions = pl.scan_parquet(DataDir(data).sessions).select("user", "session", "items")
     if user_ids is not None:
         sessions = sessions.filter(pl.col("user").is_in(user_ids.implode()))
     return sessions.group_by("user").agg(pl.all().sort_by("session").last()).sort("user").collect()
 
 
 def user_id_of(data: Path, raw_user: str) -> int:
-    match = pl.scan_parquet(data / "events" / "vocab" / "user.parquet").filter(pl.col("raw") == raw_user).select("id").collect()
+    match = pl.scan_parquet(DataDir(data).vocabulary("user")).filter(pl.col("raw") == raw_user).select("id").collect()
     if match.height == 0:
         raise InputError(f"{data}: no user {raw_user!r} (unknown, or all their events were filtered out)")
     return int(match.get_column("id")[0])
@@ -45,7 +45,7 @@ def recommend(
     vectors = embed_cases(model, SessionData(few_input_tensors(rows, data, catalogue)))  # [1, d]
     exclude = None
     if exclude_seen:
-        seen = pl.scan_parquet(data / "sessions" / "events.parquet").filter(pl.col("user") == user)
+        seen = pl.scan_parquet(DataDir(data).session_events).filter(pl.col("user") == user)
         seen_ids = torch.from_numpy(seen.select(pl.col("item").unique().sort()).collect().to_series().to_numpy().astype(np.int64))
         exclude = (torch.tensor([0, len(seen_ids)]), seen_ids)
     scores, ids = top_k(vectors, model.item_vectors().detach(), k, exclude=exclude)
@@ -61,10 +61,10 @@ def few_input_tensors(rows: pl.DataFrame, data: Path, catalogue: Catalogue) -> B
     profiles come from scans filtered on their sessions and users, not from whole tables."""
     long_columns = [long_term_column(f) for f in catalogue.long_features]
     long_term = (
-        pl.scan_parquet(data / "long_term" / "long_term.parquet")
+        pl.scan_parquet(DataDir(data).long_term)
         .filter(pl.col("session").is_in(rows.get_column("session").implode())).select("session", *long_columns).collect()
     )
-    users = pl.scan_parquet(data / "events" / "users.parquet").filter(pl.col("user").is_in(rows.get_column("user").implode())).collect()
+    users = pl.scan_parquet(DataDir(data).users).filter(pl.col("user").is_in(rows.get_column("user").implode())).collect()
     arrays = context_arrays(attach_context(rows, long_term, users), catalogue.profile_fields, dict.fromkeys(catalogue.long_features))
     return {
         "items": pad_lists(rows.get_column("items")),
@@ -76,12 +76,11 @@ def few_input_tensors(rows: pl.DataFrame, data: Path, catalogue: Catalogue) -> B
 def with_raw_values(ranked: pl.DataFrame, data: Path, catalogue: Catalogue) -> pl.DataFrame:
     """Replace item ids by raw ids and add the raw side values of each item (the rows of the ranked
     items and of their side values only)."""
-    vocab = data / "events" / "vocab"
-    items = pl.scan_parquet(data / "events" / "items.parquet").filter(pl.col("item").is_in(ranked.get_column("item").implode())).collect()
+    items = pl.scan_parquet(DataDir(data).items).filter(pl.col("item").is_in(ranked.get_column("item").implode())).collect()
     result = ranked.join(items, on="item", how="left")
     for feature in ("item", *catalogue.side_features):
         raw = (
-            pl.scan_parquet(vocab / f"{feature}.parquet").filter(pl.col("id").is_in(result.get_column(feature).drop_nulls().implode()))
+            pl.scan_parquet(DataDir(data).vocabulary(feature)).filter(pl.col("id").is_in(result.get_column(feature).drop_nulls().implode()))
             .select(pl.col("id").alias(feature), pl.col("raw").alias(f"{feature}_raw")).collect()
         )
         result = result.join(raw, on=feature, how="left").drop(feature).rename({f"{feature}_raw": feature})

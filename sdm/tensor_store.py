@@ -33,9 +33,8 @@ from filelock import FileLock
 
 from pipeline.cache import MANIFEST, build_stage, is_current, manifest_digest, package_version, read_manifest
 from pipeline.errors import InputError
-from pipeline.long_term import long_term_column
+from pipeline.contract import DataDir, long_term_column
 
-TENSORS_DIR = "tensors"
 TRAIN = "train"
 FORMAT = 1  # bump when the files' layout changes, so that old caches are rebuilt
 DTYPE = np.int32
@@ -44,7 +43,7 @@ HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.fo
 
 def training_parts(data: Path) -> list[tuple[Path, Path]]:
     """(train part, long-term part) pairs holding the same users: one pair per user bucket."""
-    train, long_term = data / "splits" / "train.parquet", data / "long_term" / "long_term.parquet"
+    train, long_term = DataDir(data).split("train"), DataDir(data).long_term
     if not train.is_dir():
         return [(train, long_term)]
     return [(part, long_term / part.name) for part in sorted(train.glob("*.parquet"))]
@@ -114,7 +113,7 @@ def build_training_tensors(data: Path, profile_fields: list[str], long_features:
     """The stage builder: writes every array of the training split into `directory`, part by part."""
 
     def build(directory: Path) -> dict[str, Any]:
-        train_path, long_term_path = data / "splits" / "train.parquet", data / "long_term" / "long_term.parquet"
+        train_path, long_term_path = DataDir(data).split("train"), DataDir(data).long_term
         n_rows = pl.scan_parquet(train_path).select(pl.len()).collect().item()
         session_width = max_list_lengths(train_path, ["items"])["items"]
         long_columns = [long_term_column(f) for f in long_features]
@@ -126,7 +125,7 @@ def build_training_tensors(data: Path, profile_fields: list[str], long_features:
         }
         files = {name: np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=DTYPE, shape=shape)
                  for name, shape in shapes.items()}
-        users = pl.read_parquet(data / "events" / "users.parquet")
+        users = pl.read_parquet(DataDir(data).users)
         start, n_targets = 0, 0
         for train_part, long_term_part in training_parts(data):
             rows = pl.read_parquet(train_part)
@@ -151,7 +150,7 @@ def ensure_training_tensors(data: Path, profile_fields: list[str], long_features
                             vocab: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The checked arrays (see `checked_arrays`) and the manifest of DATA/tensors/train, built first
     if missing or stale, and rebuilt if damaged: the store is a cache of the Parquet splits."""
-    parent = data / TENSORS_DIR
+    parent = DataDir(data).tensors
     expected = fingerprint(data)
     damage = None
     if is_current(parent / TRAIN, expected):

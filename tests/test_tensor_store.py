@@ -12,7 +12,8 @@ import torch
 import sdm.tensor_store
 from pipeline.cache import MANIFEST
 from sdm.data import load_catalogue, load_training
-from sdm.tensor_store import TENSORS_DIR, TRAIN
+from pipeline.contract import DataDir
+from sdm.tensor_store import TRAIN
 from helpers.training import preprocess_tiny, read_split
 
 
@@ -30,7 +31,7 @@ def mapped_files() -> list[tuple[int, int, str]]:
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
 def test_training_tensors_are_mapped_from_their_files_not_copied(tiny_data):
     training = load_training(tiny_data, load_catalogue(tiny_data))
-    directory = (tiny_data / TENSORS_DIR / TRAIN).resolve()
+    directory = (DataDir(tiny_data).tensors / TRAIN).resolve()
     mappings = mapped_files()
     for name, tensor in training.tensors.items():
         address = tensor.data_ptr()
@@ -44,7 +45,7 @@ def test_training_tensors_are_mapped_from_their_files_not_copied(tiny_data):
 
 def test_tensors_are_built_once_and_rebuilt_when_the_splits_change(tiny_log, tmp_path):
     data = preprocess_tiny(tiny_log, tmp_path / "data")
-    manifest = data / TENSORS_DIR / TRAIN / MANIFEST
+    manifest = DataDir(data).tensors / TRAIN / MANIFEST
     first = load_training(data, load_catalogue(data))
     built = manifest.read_bytes(), manifest.stat().st_mtime_ns
     again = load_training(data, load_catalogue(data))
@@ -76,7 +77,7 @@ def test_bucketed_data_gives_the_same_training_rows(tiny_log, tiny_data, tmp_pat
 def test_a_failed_build_leaves_the_previous_tensors_and_no_temporary_files(tiny_log, tmp_path, monkeypatch):
     data = preprocess_tiny(tiny_log, tmp_path / "data")
     load_training(data, load_catalogue(data))
-    stage = data / TENSORS_DIR / TRAIN
+    stage = DataDir(data).tensors / TRAIN
     before = {path.name: path.read_bytes() for path in stage.iterdir()}
     preprocess_tiny(tiny_log, data, valid_days=3.0)
 
@@ -87,7 +88,7 @@ def test_a_failed_build_leaves_the_previous_tensors_and_no_temporary_files(tiny_
     with pytest.raises(OSError):
         load_training(data, load_catalogue(data))
     assert {path.name: path.read_bytes() for path in stage.iterdir()} == before
-    assert [path.name for path in (data / TENSORS_DIR).iterdir() if path.name != f".{TRAIN}.lock"] == [TRAIN]
+    assert [path.name for path in DataDir(data).tensors.iterdir() if path.name != f".{TRAIN}.lock"] == [TRAIN]
 
 
 def test_item_counts_are_the_training_occurrences(tiny_data):
