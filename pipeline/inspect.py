@@ -14,39 +14,39 @@ from pipeline.contract import ITEM_FEATURES, DataDir, long_term_column
 MS_PER_SECOND = 1000
 
 
-def vocabulary(out: Path, name: str) -> pl.DataFrame:
-    return pl.read_parquet(DataDir(out).vocabulary(name))
-
-
-def to_raw(ids: pl.Expr, vocab: pl.DataFrame) -> pl.Expr:
-    """Map a list column of ids to their raw strings."""
-    mapping = dict(zip(vocab.get_column("id"), vocab.get_column("raw"), strict=True))
-    return ids.list.eval(pl.element().replace_strict(mapping, return_dtype=pl.String))
+def as_raw(sessions: pl.LazyFrame, column: str, vocabulary: Path) -> pl.LazyFrame:
+    """(session, column): the list of ids in `column` as their raw values, in order. A session whose
+    list is empty has no row (explode drops it): the caller's left join fills it in."""
+    raw = pl.scan_parquet(vocabulary).select("id", "raw")
+    return (
+        sessions.select("session", column)
+        .explode(column)
+        .join(raw, left_on=column, right_on="id", how="left", maintain_order="left")
+        .group_by("session", maintain_order=True)
+        .agg(pl.col("raw").drop_nulls().alias(column))
+    )
 
 
 def user_sessions(out: Path, raw_user: str) -> dict[str, Any]:
-    """{"user", "sessions": [{"start", "items", "long_term": {feature: [...]}}]} for one raw user id."""
+    """{"user", "sessions": [{"start", "items", "long_term": {feature: [...]}}]} for one raw user id.
+    Only that user's rows are read (filtered scans)."""
     for stage in ("events", "sessions", "long_term"):
         require_stage(out, stage)
-    users = vocabulary(out, "user").filter(pl.col("raw") == raw_user)
+    layout = DataDir(out)
+    users = pl.scan_parquet(layout.vocabulary("user")).filter(pl.col("raw") == raw_user).collect()
     if users.height == 0:
         raise InputError(f"{out}: no user {raw_user!r} (unknown, or all their events were filtered out)")
-    user_id = users.get_column("id")[0]
-    long_term = pl.read_parquet(DataDir(out).long_term)
-    present = [f for f in ITEM_FEATURES if long_term_column(f) in long_term.columns]
-    item_vocab = vocabulary(out, "item")
-    sessions = (
-        pl.scan_parquet(DataDir(out).sessions)
-        .filter(pl.col("user") == user_id)
-        .collect()
-        .join(long_term, on="session", how="left")
-        .sort("session")
-        .select(
-            (pl.col("start") // MS_PER_SECOND).alias("start"),
-            to_raw(pl.col("items"), item_vocab).alias("items"),
-            *(to_raw(pl.col(long_term_column(f)), vocabulary(out, f)).alias(f) for f in present),
-        )
+    present = [f for f in ITEM_FEATURES if long_term_column(f) in pl.scan_parquet(layout.long_term).collect_schema()]
+    own = pl.scan_parquet(layout.sessions).filter(pl.col("user") == users.get_column("id")[0]).select("session", "start", "items")
+    own = own.join(pl.scan_parquet(layout.long_term), on="session", how="left").collect().lazy()
+    sessions = own.select("session", (pl.col("start") // MS_PER_SECOND).alias("start")).join(
+        as_raw(own, "items", layout.vocabulary("item")), on="session", how="left"
     )
+    for feature in present:
+        sessions = sessions.join(as_raw(own, long_term_column(feature), layout.vocabulary(feature)), on="session", how="left")
+    lists = ["items", *(long_term_column(f) for f in present)]
+    empty = pl.lit([], dtype=pl.List(pl.String))
+    sessions = sessions.with_columns(pl.col(lists).fill_null(empty)).sort("session").rename({long_term_column(f): f for f in present}).collect()
     return {
         "user": raw_user,
         "sessions": [
