@@ -95,7 +95,7 @@ def recalls(run: Path, k: int, n_users: int = 1000) -> dict[str, dict[int, tuple
     import polars as pl
     import torch
 
-    from sdm.ann import IndexParams, build_index, index_top_k, overlap_recall
+    from sdm.ann import build_index, index_top_k, overlap_recall
     from sdm.retrieval import top_k
     from sdm.train import load_trained
 

@@ -18,7 +18,7 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from pipeline.cache import read_manifest, require_stage
+from pipeline.cache import require_stage
 from pipeline.errors import InputError
 from pipeline.contract import DataDir, long_term_column
 from sdm.tensor_store import attach_context, context_arrays, open_training_tensors, padded

@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace

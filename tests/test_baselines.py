@@ -17,11 +17,11 @@ from sdm.evaluate import evaluate_cases
 from sdm.item_cf import ItemCF, cooccurrence_cosine, top_neighbours
 from sdm.sasrec import SASRec
 from helpers.cli import run_sdm, run_sdm_ok
+from helpers.models import N_ITEMS, make_batch, make_config, make_model
 from helpers.training import SMALL_MODEL_ARGS, assert_memorises, read_json, read_split, read_vocab
 
 NEW_MODELS = ("gru4rec", "sasrec", "item-cf")
 SEQUENCE_MODELS = ("gru4rec", "sasrec")
-N_ITEMS = 30
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest.single_thread
@@ -167,79 +167,9 @@ def test_item_cf_refuses_catalogues_too_large_for_its_dense_similarity(monkeypat
 # --- GRU4Rec and SASRec ---------------------------------------------------------------------------
 
 
-def sequence_config(**overrides) -> ModelConfig:
-    values = dict(n_items=N_ITEMS, n_users=10, side_vocab={"category": 5}, dim=16, heads=2, lstm_layers=2)
-    return ModelConfig(**(values | overrides))
-
-
-def sequence_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    config = sequence_config(**overrides)
-    torch.manual_seed(seed)
-    item_side = torch.randint(1, 5, (N_ITEMS, 1))
-    item_side[0] = 0
-    return build_model(name, config, item_side, torch.ones(N_ITEMS)).eval()
-
-
-def sequence_batch(B: int = 5, T: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded sessions of lengths 1..T (row 0 full)."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    lengths[0] = T
-    items = torch.randint(1, N_ITEMS, (B, T), generator=g) * (torch.arange(T) < lengths[:, None])
-    return {"items": items, "lengths": lengths, "profile": torch.zeros(B, 0, dtype=torch.long), "user": torch.ones(B, dtype=torch.long)}
-
-
-@pytest.mark.parametrize("name", SEQUENCE_MODELS)
-def test_sequence_model_shapes(name):
-    model = sequence_model(name)
-    batch = sequence_batch()
-    with torch.no_grad():
-        assert model(batch).shape == (5, 6, 16)
-        assert model.user_vectors(batch).shape == (5, 16)
-        assert model.item_vectors().shape == (N_ITEMS, 16)
-        assert torch.isfinite(model(batch)).all()
-
-
-@pytest.mark.parametrize("name", SEQUENCE_MODELS)
-def test_changing_a_later_item_leaves_earlier_positions_unchanged(name):
-    model = sequence_model(name)
-    batch = sequence_batch()
-    with torch.no_grad():
-        out = model(batch)
-        for t in range(5):
-            changed = dict(batch, items=batch["items"].clone())
-            changed["items"][0, t + 1] = changed["items"][0, t + 1] % (N_ITEMS - 1) + 1
-            changed_out = model(changed)
-            torch.testing.assert_close(changed_out[0, : t + 1], out[0, : t + 1], rtol=0, atol=0)
-            assert not torch.allclose(changed_out[0, t + 1], out[0, t + 1])
-
-
-@pytest.mark.parametrize("name", SEQUENCE_MODELS)
-def test_every_position_equals_the_truncated_session(name):
-    model = sequence_model(name)
-    batch = sequence_batch()
-    with torch.no_grad():
-        out = model(batch)
-        for t in range(6):
-            truncated = dict(batch, items=batch["items"][:, : t + 1], lengths=batch["lengths"].clamp(max=t + 1))
-            rows = batch["lengths"] > t
-            torch.testing.assert_close(model.user_vectors(truncated)[rows], out[rows, t], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", SEQUENCE_MODELS)
-def test_extra_right_padding_changes_nothing(name):
-    model = sequence_model(name)
-    batch = sequence_batch()
-    padded = dict(batch, items=torch.cat([batch["items"], torch.zeros(5, 4, dtype=torch.long)], dim=1))
-    valid = torch.arange(6) < batch["lengths"][:, None]
-    with torch.no_grad():
-        torch.testing.assert_close(model(padded)[:, :6][valid], model(batch)[valid], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(model.user_vectors(padded), model.user_vectors(batch), rtol=1e-5, atol=1e-6)
-
-
 def test_sasrec_positions_matter():
     # Self-attention alone is order-blind; the learned positions make the last vector depend on order.
-    model = sequence_model("sasrec")
+    model = make_model("sasrec")
     assert isinstance(model, SASRec)
     forward = {"items": torch.tensor([[3, 7, 11]]), "lengths": torch.tensor([3]), "profile": torch.zeros(1, 0, dtype=torch.long), "user": torch.ones(1, dtype=torch.long)}
     backward = dict(forward, items=torch.tensor([[7, 3, 11]]))
@@ -248,20 +178,9 @@ def test_sasrec_positions_matter():
 
 
 @pytest.mark.parametrize("name", SEQUENCE_MODELS)
-def test_same_seed_same_outputs_with_dropout(name):
-    batch = sequence_batch()
-    outputs = []
-    for _ in range(2):
-        model = sequence_model(name, seed=3).train()
-        torch.manual_seed(11)
-        outputs.append(model(batch))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("name", SEQUENCE_MODELS)
 def test_sequence_model_overfits_eight_sessions(name):
-    model = sequence_model(name, dim=32, dropout=0.0).train()
-    batch = sequence_batch(B=8, T=4, seed=1)
+    model = make_model(name, dim=32, dropout=0.0).train()
+    batch = make_batch(make_config(), B=8, T=4, seed=1)
     valid = torch.arange(4) < batch["lengths"][:, None]  # [B, T]
     # Distinct first items, so that no two sessions share a prefix and every target is learnable.
     batch["items"][:, 0] = torch.randperm(N_ITEMS - 1, generator=torch.Generator().manual_seed(0))[:8] + 1

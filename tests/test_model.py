@@ -5,157 +5,15 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from sdm.baselines import MODEL_NAMES, YouTubeDNN, build_model
+from sdm.baselines import YouTubeDNN, build_model
 from sdm.config import ModelConfig
 from sdm.fusion import GatedFusion
 from sdm.model import SDM
 from sdm.short_term import attention_mask, user_attention_weights
+from helpers.models import N_ITEMS, SIDE_VOCAB, make_batch, make_config, make_item_side, make_model, pad_right
 from helpers.training import assert_memorises
 
-N_ITEMS = 40
-SIDE_VOCAB = {"leaf": 9, "category": 4, "shop": 7, "brand": 6}
-PROFILE_VOCAB = [5, 3]
-
-
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see conftest.single_thread
-
-
-def make_config(**overrides) -> ModelConfig:
-    values = dict(n_items=N_ITEMS, n_users=20, side_vocab=SIDE_VOCAB, profile_vocab=PROFILE_VOCAB, dim=16, heads=4)
-    values.update(overrides)
-    return ModelConfig(**values)
-
-
-def make_item_side(config: ModelConfig, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    columns = [torch.randint(1, config.side_vocab[f], (config.n_items,), generator=g) for f in config.side_features]
-    item_side = torch.stack(columns, dim=1) if columns else torch.zeros(config.n_items, 0, dtype=torch.long)
-    item_side[0] = 0
-    return item_side
-
-
-def make_batch(config: ModelConfig, B: int = 6, T: int = 5, L: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded sessions of lengths 1..T and long-term sets of random sizes (row 0 empty)."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    lengths[0] = T
-    items = torch.randint(1, config.n_items, (B, T), generator=g) * (torch.arange(T) < lengths[:, None])
-    batch = {
-        "items": items,
-        "lengths": lengths,
-        "profile": torch.stack([torch.randint(0, v, (B,), generator=g) for v in config.profile_vocab], 1)
-        if config.profile_vocab
-        else torch.zeros(B, 0, dtype=torch.long),
-        "user": torch.randint(1, config.n_users, (B,), generator=g),
-    }
-    set_sizes = torch.randint(0, L + 1, (B,), generator=g)
-    set_sizes[0] = 0
-    for f in ("item", *SIDE_VOCAB):
-        vocab = config.n_items if f == "item" else SIDE_VOCAB[f]
-        batch[f"long_{f}"] = torch.randint(1, vocab, (B, L), generator=g) * (torch.arange(L) < set_sizes[:, None])
-    return batch
-
-
-def make_model(name: str = "sdm", seed: int = 0, **overrides) -> torch.nn.Module:
-    config = make_config(**overrides)
-    torch.manual_seed(seed)
-    counts = torch.arange(config.n_items, 0, -1)
-    model = build_model(name, config, make_item_side(config), counts)
-    return model.eval()
-
-
-def pad_right(batch: dict[str, torch.Tensor], extra: int) -> dict[str, torch.Tensor]:
-    """Append `extra` padding columns to the session and to every long-term set."""
-    padded = dict(batch)
-    for key, value in batch.items():
-        if key == "items" or key.startswith("long_"):
-            padded[key] = torch.cat([value, torch.zeros(value.shape[0], extra, dtype=value.dtype)], dim=1)
-    return padded
-
-
-ABLATIONS = [
-    {},
-    {"fusion": "add"},
-    {"fusion": "concat"},
-    {"fusion": "multiply"},
-    {"attention_query": "profile"},
-    {"long_term": False},
-    {"short_term": False},
-    {"side_info": False},
-    {"user_id": True},
-    {"tie_output": False},
-    {"profile_vocab": []},
-    {"side_vocab": {"category": 4}},
-    {"lstm_layers": 1, "heads": 1},
-]
-
-
-@pytest.mark.parametrize("overrides", ABLATIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-@pytest.mark.parametrize("name", MODEL_NAMES)
-def test_output_shapes(name, overrides):
-    model = make_model(name, **overrides)
-    config = make_config(**overrides)
-    batch = make_batch(config)
-    width = {"popularity": 1, "item-cf": N_ITEMS}.get(name, config.dim)  # item-cf scores through the catalogue
-    with torch.no_grad():
-        out = model(batch)
-        assert out.shape == (6, 5, width)
-        assert model.user_vectors(batch).shape == (6, width)
-        assert model.item_vectors().shape == (N_ITEMS, width)
-    assert torch.isfinite(out).all()
-
-
-@pytest.mark.parametrize("overrides", ABLATIONS[:7], ids=str)
-@pytest.mark.parametrize("name", ["sdm", "youtube-dnn"])
-def test_extra_padding_changes_nothing(name, overrides):
-    model = make_model(name, **overrides)
-    batch = make_batch(make_config(**overrides))
-    valid = torch.arange(5) < batch["lengths"][:, None]
-    with torch.no_grad():
-        out, padded_out = model(batch), model(pad_right(batch, 4))
-        torch.testing.assert_close(padded_out[:, :5][valid], out[valid], rtol=1e-5, atol=1e-6)
-        padded_users = model.user_vectors(pad_right(batch, 4))
-        torch.testing.assert_close(padded_users, model.user_vectors(batch), rtol=1e-5, atol=1e-6)
-    assert torch.isfinite(padded_out).all()
-
-
-@pytest.mark.parametrize("name, overrides", [("sdm", {}), ("sdm", {"attention_query": "profile"}), ("youtube-dnn", {})])
-def test_every_position_equals_the_truncated_session(name, overrides):
-    # forward trains all prefixes at once; position t must be what evaluation sees for items 0..t.
-    model = make_model(name, **overrides)
-    batch = make_batch(make_config())
-    with torch.no_grad():
-        out = model(batch)
-        for t in range(5):
-            truncated = dict(batch, items=batch["items"][:, : t + 1], lengths=batch["lengths"].clamp(max=t + 1))
-            rows = batch["lengths"] > t
-            torch.testing.assert_close(model.user_vectors(truncated)[rows], out[rows, t], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("name, overrides", [("sdm", {}), ("sdm", {"attention_query": "profile"}), ("youtube-dnn", {})])
-def test_later_items_do_not_change_earlier_positions(name, overrides):
-    model = make_model(name, **overrides)
-    batch = make_batch(make_config())
-    changed = dict(batch, items=batch["items"].clone())
-    changed["items"][:, 2:] = (changed["items"][:, 2:] + 7) % (N_ITEMS - 1) + 1
-    with torch.no_grad():
-        out, changed_out = model(batch), model(changed)
-    torch.testing.assert_close(changed_out[:, :2], out[:, :2], rtol=0, atol=0)
-    assert not torch.allclose(changed_out[0, 2:], out[0, 2:])
-
-
-@pytest.mark.parametrize("name", ["sdm", "youtube-dnn"])
-def test_empty_long_term_sets_give_finite_outputs_and_gradients(name):
-    model = make_model(name).train()
-    batch = make_batch(make_config())
-    for key in batch:
-        if key.startswith("long_"):
-            batch[key] = torch.zeros_like(batch[key])
-    out = model(batch)
-    assert torch.isfinite(out).all()
-    out.square().sum().backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_sdm_long_term_vector_of_an_empty_set_is_tanh_of_the_bias():
@@ -328,19 +186,6 @@ def test_recurrent_weights_start_orthogonal():
     for lstm in model.short_term.lstm.layers:
         for gate in lstm.weight_hh_l0.detach().chunk(4):
             torch.testing.assert_close(gate @ gate.T, torch.eye(gate.shape[0]), atol=1e-5, rtol=0)
-
-
-def test_same_seed_same_outputs_even_with_dropout():
-    batch = make_batch(make_config())
-    outputs = []
-    for _ in range(2):
-        model = make_model(seed=3).train()
-        torch.manual_seed(11)
-        outputs.append(model(batch))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
-    other = make_model(seed=4).train()
-    torch.manual_seed(11)
-    assert not torch.allclose(other(batch), outputs[0])
 
 
 def test_popularity_ranks_items_by_count():

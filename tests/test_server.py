@@ -25,7 +25,7 @@ import torch
 from sdm.export import run_fingerprint
 from sdm.server import MAX_BATCH, MAX_BODY_BYTES, Service, long_term_sets
 from sdm.train import load_trained
-from helpers.cli import child_env, run_sdm, run_sdm_ok
+from helpers.cli import child_env, run_sdm
 from helpers.processes import REPO, SDM
 from helpers.serving import items_seen_by, latest_session_inputs, raw_items, recommended
 from helpers.training import TEST_THREADS, read_json, read_vocab

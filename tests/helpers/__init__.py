@@ -3,6 +3,7 @@
     cli         run `sdm` in-process or as a child process (Outcome, invoke, run_sdm, sdm_process)
     logs        write tiny logs, preprocess them and read the output back in raw ids
     training    sample and tiny data, small training runs, checkpoint comparisons
+    models      small model configs, models and batches for the model tests
     processes   `sdm` as a real process that is killed or interrupted, and what it must leave
     reference   plain-Python references of the preprocessing rules and the ranking metrics
 
