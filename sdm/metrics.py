@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 METRICS = ("hit_rate", "recall", "precision", "f1", "ndcg", "mrr")
+KS = (10, 20, 50, 100)  # the cut-offs training validates at and `sdm evaluate` reports by default
 CSR = tuple[Tensor, Tensor]  # (indptr [N + 1], indices [nnz]), int64: row n owns indices[indptr[n]:indptr[n + 1]]
 
 

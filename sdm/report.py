@@ -32,13 +32,12 @@ from pipeline.cache import read_manifest
 from pipeline.errors import InputError
 from pipeline.storage import publish_directory, temporary_path, write_atomic
 from sdm.checkpoint import read_history, read_metrics, read_run_config
+from sdm.metrics import KS, METRICS
 
-KS = (10, 20, 50, 100)
-METRIC_NAMES = ("hit_rate", "recall", "precision", "f1", "ndcg", "mrr")
 SELECT_METRIC = "recall@50"  # the validation metric that picks the epoch and the configuration
 VALID_COLUMN = f"valid_{SELECT_METRIC}"
-TEST_COLUMNS = tuple(f"test_{name}@{k}" for name in METRIC_NAMES for k in KS)
-SEEN_EXCLUDED_COLUMNS = tuple(f"test_seen_excluded_{name}@{k}" for name in METRIC_NAMES for k in KS)
+TEST_COLUMNS = tuple(f"test_{name}@{k}" for name in METRICS for k in KS)
+SEEN_EXCLUDED_COLUMNS = tuple(f"test_seen_excluded_{name}@{k}" for name in METRICS for k in KS)
 KEY_COLUMNS = ("dataset", "protocol", "model", "variant", "params", "seed", "stage")
 RESULTS_SCHEMA = pl.Schema(
     {

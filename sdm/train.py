@@ -60,7 +60,7 @@ from sdm.data import (
 from sdm.distributed import DEVICES, Ranks, join, leave
 from sdm.evaluate import evaluate_shared
 from sdm.losses import LogUniformSampler, alone, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
-from sdm.metrics import METRICS
+from sdm.metrics import KS, METRICS
 from sdm.model import Recommender
 
 # Buffers (the item side table) never change: broadcasting them every step would only cost. Newer
@@ -95,7 +95,7 @@ class TrainConfig(ModelOptions):
     num_negatives: int = 1000
     patience: int = 5
     select_metric: str = "recall@50"
-    ks: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
+    ks: list[int] = field(default_factory=lambda: list(KS))
     seed: int = 0
     threads: int = 0  # per process; 0 = PyTorch's default (every core, or OMP_NUM_THREADS)
     device: str = "auto"  # auto = CUDA when PyTorch sees a GPU

@@ -443,3 +443,10 @@ def test_sdm_train_declares_every_train_config_field_with_its_default():
                 if name not in cli.app.NOT_SETTINGS}
     defaults = {field.name: field.default for field in fields(TrainConfig) if field.default is not MISSING}
     assert declared == defaults
+
+
+def test_sdm_evaluate_reports_the_cut_offs_training_validates_at():
+    from sdm.metrics import KS
+
+    default = inspect.signature(cli.app.evaluate).parameters["k"].default
+    assert cli.app.parse_ks(default) == list(KS) == TrainConfig(data="", out="").ks
