@@ -107,7 +107,7 @@ def preprocess(
     sep: Annotated[Optional[str], typer.Option(help="CSV delimiter of the event log. \\[default: detected]")] = None,
     header: Annotated[Optional[bool], typer.Option("--header/--no-header", help="Whether the first CSV line is a header. \\[default: header]")] = None,
     columns: Annotated[Optional[str], typer.Option(help="Column names for a headerless file, comma-separated.")] = None,
-    column: Annotated[Optional[list[str]], typer.Option(help="ROLE=NAME: which column plays a role (user, item, time, session, behavior, leaf, category, shop, brand). Repeatable.")] = None,
+    column: Annotated[Optional[list[str]], typer.Option(help="ROLE=NAME: which column plays a role (user, item, time, session, behavior, leaf, category, shop, brand), in the file that has it: the log, --items (item, side features, e.g. category=genres) or --users (user). Repeatable.")] = None,
     time_format: Annotated[Optional[str], typer.Option(help="strftime format of the time column, e.g. '%d.%m.%Y %H:%M' or '%m%d'. \\[default: unix s/ms or ISO-like, detected]")] = None,
     flag_columns: Annotated[Optional[str], typer.Option(help="One-hot flag columns (e.g. genres) as item features: a range FIRST..LAST and/or a comma list, e.g. unknown..Western. category = the first set flag, leaf = all set flags joined by '|'. Read from --items if given, else from the log.")] = None,
     min_item_count: Annotated[Optional[int], typer.Option(help="Drop items seen fewer times. \\[default: 5]")] = None,

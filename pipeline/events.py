@@ -96,7 +96,7 @@ def read_events(config: PreprocessConfig, n_buckets: int, scratch: Path) -> tupl
     table = scan_table(config.logs, sep=config.sep, header=config.header, columns=config.columns)
     # Genres (--flag-columns or a list column) are read from the items file when there is one, else from the log.
     table, flag_roles = (table, {}) if config.items else with_genre_features(table, config.flag_columns, config.column_map)
-    roles = resolve_roles(table, config.column_map | flag_roles, ALL_ROLES)
+    roles = resolve_roles(table, log_column_map(table, config) | flag_roles, ALL_ROLES)
     time_column = roles["time"]
     time = time_expression(time_column, config.time_format, time_kind(table, time_column))
     categorical = {role: column for role, column in roles.items() if role in CATEGORICAL_ROLES}
@@ -140,6 +140,25 @@ def read_events(config: PreprocessConfig, n_buckets: int, scratch: Path) -> tupl
     return parts, {
         role: checked(frame, table, column) for (role, column), frame in zip(categorical.items(), dictionaries, strict=True)
     }, rows_read, rating_column(table.columns, roles)
+
+
+def log_column_map(table: Table, config: PreprocessConfig) -> dict[str, str]:
+    """The --column mappings for the log. `--column ROLE=NAME` applies where the column is: one that
+    names a column of the items file (its item id or a side feature, e.g. category=genres) or of
+    the users file (its user id) and not of the log is that file's; one that names no column of
+    any file stays, for the log to refuse."""
+    roles_of = {config.items: ("item", *SIDE_FEATURES), config.users: ("user",)}
+    columns_of = {table.path: table.columns} | {path: scan_table(path).columns for path in roles_of if path is not None}
+    elsewhere = set()
+    for role, column in config.column_map.items():
+        if column in table.columns:
+            continue
+        if not any(column in columns for columns in columns_of.values()):
+            found = "; ".join(f"{path}: {', '.join(columns)}" for path, columns in columns_of.items())
+            raise InputError(f"--column {role}={column} names no column of any input file; columns found: {found}")
+        if any(role in roles and column in columns_of[path] for path, roles in roles_of.items() if path is not None):
+            elsewhere.add(role)
+    return {role: column for role, column in config.column_map.items() if role not in elsewhere}
 
 
 def rating_column(columns: list[str], roles: dict[str, str]) -> str | None:

@@ -408,3 +408,22 @@ def test_help_shows_defaults_and_config_sections(command, shown):
     text = re.sub(r"[\s│]+", " ", run_sdm(command, "--help").stdout)
     for phrase in shown:
         assert phrase in text
+
+
+def test_column_roles_apply_in_the_file_that_has_the_column(tmp_path):
+    # movies.csv names its category `title` and users.csv its user id `ref`: each --column applies
+    # where its column is, the log keeping its own userId and movieId.
+    events = [(u, m, 1_700_000_000 + 60 * (3 * u + m)) for u in (1, 2) for m in (10, 11, 12)]
+    log = write_log(tmp_path / "ratings.csv", events, header=("userId", "movieId", "timestamp"))
+    items = write_log(tmp_path / "movies.csv", [(10, "Heat", "Crime"), (11, "Up", "Animation"), (12, "Heat", "Drama")],
+                      header=("movieId", "title", "genres"))
+    users = write_log(tmp_path / "users.csv", [(1, 20), (2, 30)], header=("ref", "age"))
+    out = tmp_path / "data"
+    preprocess(log, out, *KEEP_ALL_ITEMS, "--items", items, "--users", users, "--column", "category=title", "--column", "user=ref")
+    assert stats(out)["side_features"] == ["category"] and stats(out)["profile_fields"] == ["age"]
+    categories = pl.read_parquet(out / "events" / "vocab" / "category.parquet").get_column("raw").to_list()
+    assert sorted(categories) == ["Heat", "Up"]
+    ages = pl.read_parquet(out / "events" / "vocab" / "profile.age.parquet").get_column("raw").to_list()
+    assert sorted(ages) == ["20", "30"]
+    refused = run_sdm("preprocess", log, "--out", tmp_path / "other", "--items", items, "--column", "category=nope")
+    assert refused.exit_code == 2 and "names no column of any input file" in refused.stderr and "movies.csv" in refused.stderr
