@@ -14,13 +14,12 @@ tower and output matrix; like the original, the model reads the item sequence al
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdm.config import ModelConfig
 from sdm.embedding import ItemEmbedding
 from sdm.model import TwoTowerRecommender
-from sdm.short_term import attention_mask
+from sdm.attention import MultiHeadSelfAttention, attention_mask
 
 BLOCKS = 2
 # SASRec's longest sequence on ML-1M; sessions are at most 50 items by default. Positions past it
@@ -28,26 +27,20 @@ BLOCKS = 2
 MAX_POSITIONS = 200
 
 
-class SelfAttentionBlock(nn.Module):
+class SelfAttentionBlock(MultiHeadSelfAttention):
     """x + Dropout(MultiHead(LN(x))), then the same around a ReLU feed-forward of width d."""
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
         d = config.dim
-        self.heads = config.heads
+        super().__init__(d, config.heads)
         self.attention_norm = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
         self.feed_forward_norm = nn.LayerNorm(d)
         self.feed_forward = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(d, d))
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
         """x [B, T, d], allowed [B, T, T] bool -> [B, T, d]."""
-        B, T, d = x.shape
-        q, k, v = self.qkv(self.attention_norm(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, d/H]
-        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1))  # [B, H, T, d/H]
-        x = x + self.dropout(self.out(heads.transpose(1, 2).reshape(B, T, d)))  # [B, T, d]
+        x = x + self.dropout(self.attend(self.attention_norm(x), allowed))  # [B, T, d]
         return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))  # [B, T, d]
 
 

@@ -7,9 +7,9 @@ so one forward pass trains on all prefixes of a session.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdm.attention import MultiHeadSelfAttention, attention_mask
 from sdm.config import ModelConfig
 
 
@@ -64,24 +64,17 @@ class ResidualLSTM(nn.Module):
         return h
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(MultiHeadSelfAttention):
     """X_hat = LayerNorm(X + W^O concat(head_1..head_h)), head_i = Attention(W_i^Q X, W_i^K X, W_i^V X)."""
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.heads = config.heads
-        self.qkv = nn.Linear(config.dim, 3 * config.dim)
-        self.out = nn.Linear(config.dim, config.dim)
+        super().__init__(config.dim, config.heads)
         self.dropout = nn.Dropout(config.dropout)
         self.norm = nn.LayerNorm(config.dim)
 
     def forward(self, h: Tensor, allowed: Tensor) -> Tensor:
         """h [B, T, d], allowed [B, T, T] bool -> [B, T, d]."""
-        B, T, d = h.shape
-        q, k, v = self.qkv(h).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, d/H]
-        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1))  # [B, H, T, d/H]
-        heads = heads.transpose(1, 2).reshape(B, T, d)  # [B, T, d]
-        return self.norm(h + self.dropout(self.out(heads)))
+        return self.norm(h + self.dropout(self.attend(h, allowed)))
 
 
 class ShortTermEncoder(nn.Module):
@@ -105,16 +98,3 @@ class ShortTermEncoder(nn.Module):
         query = e_u.unsqueeze(1) + h_hat if self.query_sees_current else e_u  # [B, T, d] or [B, d]
         alpha = user_attention_weights(query, h_hat, allowed)  # [B, T, T]: s_t = sum_{k<=t} alpha_{t,k} h_k
         return alpha @ h_hat  # [B, T, d]
-
-
-def attention_mask(lengths: Tensor, T: int) -> Tensor:
-    """allowed[b, t, k]: position t may attend to k. Causal (k <= t) and k not padding.
-
-    For valid t the causal mask alone already excludes the right padding; the padding mask keeps
-    padded positions from mixing padding in, and k == t stays allowed so that no row is empty
-    (a fully padded row would otherwise make the attention softmax 0/0).
-    """
-    positions = torch.arange(T, device=lengths.device)
-    causal = positions[None, :] <= positions[:, None]  # [T, T]
-    valid = positions[None, :] < lengths[:, None]  # [B, T]
-    return causal & (valid[:, None, :] | torch.eye(T, dtype=torch.bool, device=lengths.device))  # [B, T, T]

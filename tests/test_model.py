@@ -9,7 +9,8 @@ from sdm.baselines import YouTubeDNN, build_model
 from sdm.config import ModelConfig
 from sdm.fusion import GatedFusion
 from sdm.model import SDM
-from sdm.short_term import attention_mask, user_attention_weights
+from sdm.attention import attention_mask
+from sdm.short_term import user_attention_weights
 from helpers.models import N_ITEMS, SIDE_VOCAB, make_batch, make_config, make_item_side, make_model, pad_right
 from helpers.training import assert_memorises
 
