@@ -48,7 +48,7 @@ OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output directory (
 
 
 def parse_column_map(pairs: list[str], option: str = "--column") -> dict[str, str]:
-    from pipeline.reading import ALL_ROLES
+    from pipeline.roles import ALL_ROLES
 
     mapping = {}
     for pair in pairs:

@@ -26,22 +26,13 @@ import polars as pl
 
 from pipeline.buckets import Layout, bucket_of
 from pipeline.config import PreprocessConfig
+from pipeline.contract import SIDE_FEATURES
 from pipeline.diagnostics import RATING_NAMES
 from pipeline.errors import InputError
 from pipeline.flags import with_genre_features
-from pipeline.reading import (
-    ALL_ROLES,
-    EVENT_ROLES,
-    SIDE_FEATURES,
-    Table,
-    find_column,
-    normalise_name,
-    resolve_roles,
-    scan_table,
-    time_expression,
-    time_kind,
-    unparsed_time_error,
-)
+from pipeline.reading import Table, scan_table
+from pipeline.roles import ALL_ROLES, EVENT_ROLES, find_column, normalise_name, resolve_roles
+from pipeline.times import time_expression, time_kind, unparsed_time_error
 
 ID = pl.UInt32
 EVENT_SCHEMA = {"user": ID, "item": ID, "time": pl.Int64, "session_key": pl.UInt64, "behavior": ID, "order": pl.UInt32}

@@ -29,7 +29,8 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.errors import InputError
-from pipeline.reading import Table, normalise_name
+from pipeline.reading import Table
+from pipeline.roles import normalise_name
 
 SET_VALUES = ("1", "1.0", "true", "yes")
 UNSET_VALUES = ("0", "0.0", "false", "no", "")

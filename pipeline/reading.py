@@ -1,4 +1,5 @@
-"""Reading raw logs: file formats, delimiters, column roles and timestamps.
+"""Reading raw logs: files, formats and delimiters, as a `Table` of string columns (column roles are
+in pipeline/roles.py, timestamps in pipeline/times.py).
 
 Every column is read as a string so that raw ids keep their exact spelling ("007" stays "007");
 only the time column is converted, to Int64 milliseconds since the Unix epoch (UTC).
@@ -10,64 +11,18 @@ import glob
 import gzip
 import io
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-from pipeline.contract import SIDE_FEATURES
 from pipeline.errors import InputError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 DELIMITERS = (",", "\t", "|", ";")
 SNIFF_BYTES = 1 << 16
 READ_CHUNK = 1 << 22
-
-# Column roles and the names they are commonly given, compared after lower-casing and
-# dropping everything but letters and digits ("User ID" == "user_id" == "userid").
-EVENT_ROLES: dict[str, tuple[str, ...]] = {
-    "user": ("userid", "user", "uid", "visitorid", "customerid", "memberid", "buyerid"),
-    "item": ("itemid", "item", "iid", "productid", "product", "sku", "skuid", "movieid",
-             "articleid", "goodsid", "contentid"),
-    "time": ("timestamp", "time", "ts", "eventtime", "actiontime", "datetime", "date",
-             "timestamps", "createdat", "eventtimestamp", "clicktime"),
-    "session": ("sessionid", "session", "usersession", "sid"),
-    "behavior": ("behavior", "behaviour", "behaviortype", "eventtype", "actiontype", "action",
-                 "event", "type", "btag"),
-    "leaf": ("leafcategory", "leafcategoryid", "leafcate", "leafcateid", "leaf", "leafid",
-             "categoryid", "subcategory", "subcategoryid"),
-    "category": ("category", "cate", "cateid", "catid", "categorylevel1", "firstcategory",
-                 "topcategory", "genre"),
-    "shop": ("shop", "shopid", "sellerid", "seller", "storeid", "store", "merchantid", "merchant"),
-    "brand": ("brand", "brandid", "brandname"),
-}
-REQUIRED_ROLES = ("user", "item", "time")
-OPTIONAL_EVENT_ROLES = ("session", "behavior", *SIDE_FEATURES)
-ALL_ROLES = (*REQUIRED_ROLES, *OPTIONAL_EVENT_ROLES)
-
-# Datetime spellings tried in order when no --time-format is given. A trailing "UTC", "GMT"
-# or "Z" is removed first; naive times are taken as UTC.
-NAIVE_FORMATS = (
-    "%Y-%m-%d %H:%M:%S%.f",
-    "%Y-%m-%dT%H:%M:%S%.f",
-    "%Y-%m-%d %H:%M",
-    "%Y-%m-%dT%H:%M",
-    "%Y/%m/%d %H:%M:%S",
-    "%Y/%m/%d %H:%M",
-    "%Y%m%d %H:%M:%S",
-)
-ZONED_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z")
-DATE_FORMATS = ("%Y-%m-%d", "%Y/%m/%d", "%Y%m%d")
-INTEGER_PATTERN = r"^\s*-?\d+\s*$"
-# Unix times above these are milliseconds / microseconds (1e11 s is the year 5138).
-MILLISECONDS_FROM = 10**11
-MICROSECONDS_FROM = 10**14
-
-
-def normalise_name(name: str) -> str:
-    return re.sub(r"[^0-9a-z]", "", name.lower())
-
 
 def _read_head(path: Path) -> bytes:
     opener = gzip.open if path.name.endswith(".gz") else open
@@ -283,107 +238,3 @@ def count_rows(table: Table, header: bool) -> int:
 
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-def find_column(
-    columns: Sequence[str], role: str, explicit: Mapping[str, str], candidates: Sequence[str]
-) -> str | None:
-    """The column playing `role`: the one the user named, else the first common name present."""
-    if role in explicit:
-        return explicit[role] if explicit[role] in columns else None
-    by_normalised = {normalise_name(name): name for name in columns}
-    return next((by_normalised[name] for name in candidates if name in by_normalised), None)
-
-
-def resolve_roles(table: Table, explicit: Mapping[str, str], roles: Sequence[str]) -> dict[str, str]:
-    """Map each role in `roles` to a column of the table; required roles must be found."""
-    path, columns = table.path, table.columns
-    found: dict[str, str] = {}
-    for role in roles:
-        column = find_column(columns, role, explicit, EVENT_ROLES[role])
-        if column is None and role in explicit:
-            raise InputError(
-                f"{path}: --column {role}={explicit[role]} names no column; "
-                f"columns found: {', '.join(columns)}"
-            )
-        if column is not None and column not in found.values():
-            found[role] = column
-    missing = [role for role in REQUIRED_ROLES if role in roles and role not in found]
-    if missing:
-        hint = "set it with --column ROLE=NAME"
-        if not any(normalise_name(c) in EVENT_ROLES["user"] + EVENT_ROLES["item"] for c in columns):
-            hint += " (if the file has no header, pass --no-header --columns a,b,c)"
-        raise InputError(
-            f"{path}: missing required column{'s' if len(missing) > 1 else ''} "
-            f"{', '.join(missing)}; columns found: {', '.join(columns)}; {hint}"
-        )
-    return found
-
-
-def _naive_ms(text: pl.Expr, fmt: str) -> pl.Expr:
-    return text.str.strptime(pl.Datetime("ms"), fmt, strict=False).dt.epoch("ms")
-
-
-def _zoned_ms(text: pl.Expr, fmt: str) -> pl.Expr:
-    return (
-        text.str.strptime(pl.Datetime("ms", "UTC"), fmt, strict=False).dt.epoch("ms")
-    )
-
-
-def _date_ms(text: pl.Expr, fmt: str) -> pl.Expr:
-    return text.str.strptime(pl.Date, fmt, strict=False).cast(pl.Datetime("ms")).dt.epoch("ms")
-
-
-def _pad_compact_numeric(text: pl.Expr, fmt: str) -> tuple[pl.Expr, str]:
-    """'%m%d' with values like '829' (Aug 29, leading zero dropped): zero-pad to full width,
-    and give year-less formats a leap year so that Feb 29 parses."""
-    tokens = re.fullmatch(r"(%[YymdHMS])+", fmt)
-    if not tokens:
-        return text, fmt
-    width = sum(4 if token == "%Y" else 2 for token in re.findall(r"%[YymdHMS]", fmt))
-    padded = text.str.zfill(width)
-    if "%Y" not in fmt and "%y" not in fmt:
-        return pl.lit("2000") + padded, "%Y" + fmt
-    return padded, fmt
-
-
-def time_expression(column: str, time_format: str | None, kind: str) -> pl.Expr:
-    """Int64 milliseconds since the epoch for the string column, given the detected kind."""
-    text = pl.col(column).str.strip_chars()
-    if time_format is not None:
-        text, fmt = _pad_compact_numeric(text, time_format)
-        if "%z" in fmt or "%Z" in fmt:
-            return _zoned_ms(text, fmt)
-        if not re.search(r"%[HMST]", fmt):
-            return _date_ms(text, fmt)
-        return _naive_ms(text, fmt)
-    if kind == "integer":
-        value = text.cast(pl.Int64, strict=False)
-        return (
-            pl.when(value.abs() >= MICROSECONDS_FROM).then(value // 1000)
-            .when(value.abs() >= MILLISECONDS_FROM).then(value)
-            .otherwise(value * 1000)
-        )
-    naive = text.str.replace(r"\s*(UTC|GMT|Z)$", "")
-    return pl.coalesce(
-        *(_naive_ms(naive, fmt) for fmt in NAIVE_FORMATS),
-        *(_zoned_ms(text, fmt) for fmt in ZONED_FORMATS),
-        *(_date_ms(naive, fmt) for fmt in DATE_FORMATS),
-    )
-
-
-def time_kind(table: Table, column: str) -> str:
-    """'integer' (unix s/ms/us) when the first non-null values are all integers, else 'datetime'."""
-    sample = table.collect([table.frame.select(pl.col(column)).drop_nulls().head(1000)])[0].to_series()
-    return "integer" if sample.len() > 0 and bool(sample.str.contains(INTEGER_PATTERN).all()) else "datetime"
-
-
-def unparsed_time_error(table: Table, column: str, expression: pl.Expr, n_failed: int, time_format: str | None) -> InputError:
-    """The error for timestamps that did not parse, with three examples."""
-    failed = pl.col(column).is_not_null() & expression.is_null()
-    examples = table.collect([table.frame.filter(failed).select(pl.col(column)).unique(maintain_order=True).head(3)])[0]
-    shown = ", ".join(repr(value) for value in examples.to_series())
-    hint = f"--time-format {time_format!r} does not match them" if time_format else (
-        "pass --time-format (strftime codes, e.g. '%d.%m.%Y %H:%M')"
-    )
-    return InputError(f"{table.path}: column '{column}': {n_failed} timestamps do not parse, e.g. {shown}; {hint}")

@@ -1,0 +1,75 @@
+"""Column roles: which column of a file is the user, the item, the time, the session, ...
+
+A column plays a role because the user said so (`--column ROLE=NAME`) or because its name is one
+the role is commonly given.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from pipeline.contract import SIDE_FEATURES
+from pipeline.errors import InputError
+from pipeline.reading import Table
+
+# Column roles and the names they are commonly given, compared after lower-casing and
+# dropping everything but letters and digits ("User ID" == "user_id" == "userid").
+EVENT_ROLES: dict[str, tuple[str, ...]] = {
+    "user": ("userid", "user", "uid", "visitorid", "customerid", "memberid", "buyerid"),
+    "item": ("itemid", "item", "iid", "productid", "product", "sku", "skuid", "movieid",
+             "articleid", "goodsid", "contentid"),
+    "time": ("timestamp", "time", "ts", "eventtime", "actiontime", "datetime", "date",
+             "timestamps", "createdat", "eventtimestamp", "clicktime"),
+    "session": ("sessionid", "session", "usersession", "sid"),
+    "behavior": ("behavior", "behaviour", "behaviortype", "eventtype", "actiontype", "action",
+                 "event", "type", "btag"),
+    "leaf": ("leafcategory", "leafcategoryid", "leafcate", "leafcateid", "leaf", "leafid",
+             "categoryid", "subcategory", "subcategoryid"),
+    "category": ("category", "cate", "cateid", "catid", "categorylevel1", "firstcategory",
+                 "topcategory", "genre"),
+    "shop": ("shop", "shopid", "sellerid", "seller", "storeid", "store", "merchantid", "merchant"),
+    "brand": ("brand", "brandid", "brandname"),
+}
+REQUIRED_ROLES = ("user", "item", "time")
+OPTIONAL_EVENT_ROLES = ("session", "behavior", *SIDE_FEATURES)
+ALL_ROLES = (*REQUIRED_ROLES, *OPTIONAL_EVENT_ROLES)
+
+
+def normalise_name(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def find_column(
+    columns: Sequence[str], role: str, explicit: Mapping[str, str], candidates: Sequence[str]
+) -> str | None:
+    """The column playing `role`: the one the user named, else the first common name present."""
+    if role in explicit:
+        return explicit[role] if explicit[role] in columns else None
+    by_normalised = {normalise_name(name): name for name in columns}
+    return next((by_normalised[name] for name in candidates if name in by_normalised), None)
+
+
+def resolve_roles(table: Table, explicit: Mapping[str, str], roles: Sequence[str]) -> dict[str, str]:
+    """Map each role in `roles` to a column of the table; required roles must be found."""
+    path, columns = table.path, table.columns
+    found: dict[str, str] = {}
+    for role in roles:
+        column = find_column(columns, role, explicit, EVENT_ROLES[role])
+        if column is None and role in explicit:
+            raise InputError(
+                f"{path}: --column {role}={explicit[role]} names no column; "
+                f"columns found: {', '.join(columns)}"
+            )
+        if column is not None and column not in found.values():
+            found[role] = column
+    missing = [role for role in REQUIRED_ROLES if role in roles and role not in found]
+    if missing:
+        hint = "set it with --column ROLE=NAME"
+        if not any(normalise_name(c) in EVENT_ROLES["user"] + EVENT_ROLES["item"] for c in columns):
+            hint += " (if the file has no header, pass --no-header --columns a,b,c)"
+        raise InputError(
+            f"{path}: missing required column{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)}; columns found: {', '.join(columns)}; {hint}"
+        )
+    return found
