@@ -11,7 +11,7 @@ For each dataset x protocol (data preprocessed once into WORK/data, cached):
 2. the configuration with the best validation recall@50 is trained with seeds 0..N-1 (seed 0 is
    the search run itself) and evaluated on test, stage "test": without and, for leave-last-out,
    with the user's seen items excluded. Popularity and item-cf have nothing to train or tune.
-3. SDM's ablations (`ABLATIONS` in sdm/report.py) reuse SDM's chosen configuration.
+3. SDM's ablations (`ABLATIONS` in sdm/evaluation/report.py) reuse SDM's chosen configuration.
 Test metrics never feed back into any choice.
 
 Every run is keyed by (dataset, protocol, model, variant, params, seed, stage): keys already in
@@ -42,8 +42,8 @@ import polars as pl  # noqa: E402
 from pipeline.config import PreprocessConfig  # noqa: E402
 from pipeline.run import load_summary, run_preprocess  # noqa: E402
 from pipeline.storage import write_json_atomic  # noqa: E402
-from sdm.checkpoint import CONFIG  # noqa: E402
-from sdm.report import (  # noqa: E402
+from sdm.training.checkpoint import CONFIG  # noqa: E402
+from sdm.evaluation.report import (  # noqa: E402
     ABLATIONS,
     FULL,
     KEY_COLUMNS,
@@ -178,8 +178,8 @@ def preprocess_dataset(dataset: str, protocol: str, work: Path) -> Path | None:
 def train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
     """Train (resuming whatever the run directory holds); for stage "test", evaluate best.pt on
     the test split over the full catalogue, and also with seen items excluded for leave-last-out."""
-    from sdm.evaluate import evaluate_split
-    from sdm.train import TrainConfig, load_trained, train
+    from sdm.evaluation.evaluate import evaluate_split
+    from sdm.training.train import TrainConfig, load_trained, train
 
     config = TrainConfig(data=str(spec.data), out=str(spec.run_dir), model=spec.model, seed=spec.seed, **spec.params)
     history = train(config, resume=(spec.run_dir / CONFIG).is_file())

@@ -2,7 +2,7 @@
 
     python benchmarks/retrieval.py [--items 1000000] [--cases 2048] [--write-docs]
 
-Top-100 over random items (d = 64) in cases per second: `sdm.retrieval.top_k` (chunked, running
+Top-100 over random items (d = 64) in cases per second: `sdm.evaluation.retrieval.top_k` (chunked, running
 top-K, bounded memory) next to the floor measured in the same run, one bare `torch.mm` +
 `torch.topk` per chunk of 1,024 cases over the same matrices; then faiss flat, IVF and HNSW
 (`sdm evaluate --index ...`) with their build time, search speed and recall@100 against exact.
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from docs_section import replace_section  # noqa: E402
 
-from sdm.ann import INDEX_KINDS, build_index, index_top_k, overlap_recall  # noqa: E402
-from sdm.retrieval import top_k  # noqa: E402
+from sdm.serving.ann import INDEX_KINDS, build_index, index_top_k, overlap_recall  # noqa: E402
+from sdm.evaluation.retrieval import top_k  # noqa: E402
 
 K, DIM = 100, 64
 TARGET_RATIO = 1.5  # exact top-K within 1.5x of the floor's time
@@ -101,7 +101,7 @@ Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}
 
 | method | cases / s | recall@{K} vs exact | build |
 |---|---|---|---|
-| `sdm.retrieval.top_k` (exact) | {result['exact_cases_per_second']:,.0f} | 1 | |
+| `sdm.evaluation.retrieval.top_k` (exact) | {result['exact_cases_per_second']:,.0f} | 1 | |
 | floor: bare `torch.mm` + `torch.topk` per 1,024 cases | {result['floor_cases_per_second']:,.0f} | 1 | |
 {rows}
 

@@ -52,7 +52,7 @@ def build_run(work: Path, n_items: int) -> Path:
     from pipeline.config import PreprocessConfig
     from pipeline.run import run_preprocess
     from pipeline.synth import SynthConfig, write_synth
-    from sdm.train import TrainConfig, train
+    from sdm.training.train import TrainConfig, train
 
     run = work / f"run-{n_items}"
     if (run / "best.pt").is_file():
@@ -70,7 +70,7 @@ def build_run(work: Path, n_items: int) -> Path:
 
 def export(run: Path) -> tuple[dict, float]:
     """`sdm export --index hnsw` (ONNX tower) at the default parameters, unless RUN/export is that already; (manifest, seconds)."""
-    from sdm.ann import IndexParams
+    from sdm.serving.ann import IndexParams
 
     manifest_path, timing = run / "export" / "manifest.json", run / "benchmark-export.json"
     defaults = IndexParams()
@@ -95,9 +95,9 @@ def recalls(run: Path, k: int, n_users: int = 1000) -> dict[str, dict[int, tuple
     import polars as pl
     import torch
 
-    from sdm.ann import build_index, index_top_k, overlap_recall
-    from sdm.retrieval import top_k
-    from sdm.train import load_trained
+    from sdm.serving.ann import build_index, index_top_k, overlap_recall
+    from sdm.evaluation.retrieval import top_k
+    from sdm.training.train import load_trained
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -262,7 +262,7 @@ def data_sizes(run: Path) -> dict[str, int]:
 def write_docs(args, rows: list[dict], sizes: list[dict], uptime: str) -> None:
     import torch
 
-    from sdm.ann import IndexParams
+    from sdm.serving.ann import IndexParams
 
     table = ["| items | index | clients | seconds | requests | errors or unanswered | p50 ms | p95 ms | p99 ms | req/s | load before / after |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -3,7 +3,7 @@
     python benchmarks/train.py [--rows 40000] [--cases 4096] [--sections training,processes,memory,evaluation]
                                [--write-docs]
 
-training     target items per second of `sdm.train.train_epoch` (the real loop: length-grouped
+training     target items per second of `sdm.training.train.train_epoch` (the real loop: length-grouped
              batches gathered from padded tensors, forward, sampled softmax, backward, clipping,
              Adam) at the size of the public TensorFlow SDM (dim 32, 2 LSTM layers, 4 heads, 255
              log-uniform negatives, batch 512, sessions of 5 items, long-term sets of 50 per
@@ -11,7 +11,7 @@ training     target items per second of `sdm.train.train_epoch` (the real loop: 
 processes    the same at 3,706 items and a global batch of 512, as 1 process x 1 thread,
              1 process x 2 threads and 2 DDP processes x 1 thread (torchrun, gloo, 256 each).
 memory       private memory (RssAnon) and page-cache pages mapped (RssFile) of a trainer whose
-             training tensors are memory-mapped (sdm.tensor_store), for 0.25M, 1M and 4M
+             training tensors are memory-mapped (sdm.data.tensor_store), for 0.25M, 1M and 4M
              training sessions, during 300 training steps.
 evaluation   cases per second for top-100 over a 1M-item catalogue (user tower + exact chunked
              retrieval), next to a bare `torch.mm` + `torch.topk` over the same matrices.
@@ -40,14 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from docs_section import replace_section  # noqa: E402
 
-from sdm.baselines import build_model  # noqa: E402
-from sdm.config import ModelConfig  # noqa: E402
-from sdm.data import SessionData  # noqa: E402
-from sdm.distributed import Ranks, join, leave  # noqa: E402
-from sdm.evaluate import embed_cases  # noqa: E402
-from sdm.retrieval import top_k  # noqa: E402
-from sdm.tensor_store import map_tensors  # noqa: E402
-from sdm.train import NO_BUFFER_SYNC, Objective, TrainConfig, make_loss, train_epoch  # noqa: E402
+from sdm.models import build_model  # noqa: E402
+from sdm.models.config import ModelConfig  # noqa: E402
+from sdm.data.sessions import SessionData  # noqa: E402
+from sdm.training.distributed import Ranks, join, leave  # noqa: E402
+from sdm.evaluation.evaluate import embed_cases  # noqa: E402
+from sdm.evaluation.retrieval import top_k  # noqa: E402
+from sdm.data.tensor_store import map_tensors  # noqa: E402
+from sdm.training.train import NO_BUFFER_SYNC, Objective, TrainConfig, make_loss, train_epoch  # noqa: E402
 
 SIDE_VOCAB = {"leaf": 2_000, "category": 100, "shop": 20_000, "brand": 5_000}
 SESSION, LONG, PROFILE_FIELDS = 5, 50, 3
@@ -152,7 +152,7 @@ def process_scaling(n_rows: int) -> list[dict]:
 
 
 def write_store(directory: Path, n_rows: int) -> None:
-    """Training tensors of n_rows synthetic sessions in the layout of sdm.tensor_store, chunk by chunk."""
+    """Training tensors of n_rows synthetic sessions in the layout of sdm.data.tensor_store, chunk by chunk."""
     generator = torch.Generator().manual_seed(2)
     first = synthetic_tensors(1, MEMORY_ITEMS, generator)
     files = {
@@ -287,7 +287,7 @@ def evaluation_throughput(n_items: int, n_cases: int, k: int) -> dict[str, float
 
 def index_throughput(queries: torch.Tensor, items: torch.Tensor, k: int) -> dict[str, float]:
     """`sdm evaluate --index ivf`: faiss IVF build time, search cases/s and recall@k against exact."""
-    from sdm.ann import build_index, index_top_k, overlap_recall
+    from sdm.serving.ann import build_index, index_top_k, overlap_recall
 
     _, exact = top_k(queries, items, k)
     started = time.perf_counter()
@@ -359,7 +359,7 @@ def memory_text(memory: list[dict], load_before: str, load_after: str) -> str:
     rows_read_mb = MEMORY_STEPS * 512 * advised[-1]["store_mb"] / advised[-1]["rows"]
     cold = "each run started with an empty page cache" if all(m["cold_cache"] for m in memory) else (
         "the page cache could not be emptied (not root), so the reads are a lower bound")
-    return f"""**Memory of a trainer** whose training tensors are memory-mapped (sdm.tensor_store: int32 .npy
+    return f"""**Memory of a trainer** whose training tensors are memory-mapped (sdm.data.tensor_store: int32 .npy
 files), during {MEMORY_STEPS} steps of the model above (batch 512) over a {MEMORY_ITEMS:,}-item catalogue, sessions
 of 5 items, long-term sets of 50 per feature; {cold}. RssAnon is the process's private memory;
 RssFile counts the pages of the mapped files in its page tables: they live in the page cache,

@@ -384,7 +384,7 @@ def train_command(
     config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options under \\[train] (e.g. the best.toml of `sdm tune`); options given on the command line win.")] = None,
 ) -> None:
     """Train SDM (or a baseline) on preprocessed data; checkpoints and history go to --out."""
-    from sdm.train import TrainConfig
+    from sdm.training.train import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)} - {"ks"}
     values = {name: value for name, value in ctx.params.items() if name in names}
@@ -421,8 +421,8 @@ def tune(
         import optuna
     except ImportError:
         raise InputError("sdm tune needs Optuna: pip install 'sdm[tune]'") from None
-    from sdm.train import TrainConfig
-    from sdm.tune import BEST, SEARCH_SPACE, tune as run_tune
+    from sdm.training.train import TrainConfig
+    from sdm.training.tune import BEST, SEARCH_SPACE, tune as run_tune
 
     base = TrainConfig(data=str(data), out=str(out), model=model, epochs=epochs, seed=seed, threads=threads)
     metric = base.select_metric
@@ -460,9 +460,9 @@ def launch_ranks(config, nproc: int, *, resume: bool, quiet: bool) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from sdm.data import load_catalogue, load_training
-    from sdm.distributed import resolve_device
-    from sdm.train import prepare_run
+    from sdm.data.sessions import load_catalogue, load_training
+    from sdm.training.distributed import resolve_device
+    from sdm.training.train import prepare_run
 
     if resolve_device(config.device).type == "cuda" and nproc > torch.cuda.device_count():
         raise InputError(f"--nproc {nproc}: more processes than the {torch.cuda.device_count()} GPU(s) here")
@@ -502,7 +502,7 @@ class ReportedByRanks(SystemExit):
 def run_training(config, *, resume: bool, quiet: bool) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from sdm.train import train
+    from sdm.training.train import train
 
     progress = Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
@@ -574,13 +574,13 @@ def evaluate(
 ) -> None:
     """Full-catalogue retrieval metrics of a trained run; written to RUN/metrics-<split>.json."""
     from pipeline.storage import write_json_atomic
-    from sdm.evaluate import evaluate_split
-    from sdm.metrics import METRICS
-    from sdm.train import load_trained
+    from sdm.evaluation.evaluate import evaluate_split
+    from sdm.evaluation.metrics import METRICS
+    from sdm.training.train import load_trained
 
     if split not in ("test", "valid"):
         raise InputError(f"--split {split!r}: expected test or valid")
-    from sdm.ann import INDEX_KINDS
+    from sdm.serving.ann import INDEX_KINDS
 
     if index not in ("exact", *INDEX_KINDS):
         raise InputError(f"--index {index!r}: expected exact or one of {', '.join(INDEX_KINDS)}")
@@ -616,8 +616,8 @@ def recommend_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
 ) -> None:
     """The user's top items after their latest session, with raw ids, scores and side information."""
-    from sdm.serving import recommend
-    from sdm.train import load_trained
+    from sdm.serving.recommend import recommend
+    from sdm.training.train import load_trained
 
     if k < 1:
         raise InputError("-k must be at least 1")
@@ -652,9 +652,9 @@ def export_command(
     nprobe: Annotated[int, typer.Option(help="IVF clusters searched; 0 = nlist / 16.")] = 0,
 ) -> None:
     """Write item vectors, users' current vectors (Parquet), the user tower, optionally a faiss index, and a manifest."""
-    from sdm.ann import IndexParams
-    from sdm.export import export_run
-    from sdm.train import load_trained
+    from sdm.serving.ann import IndexParams
+    from sdm.serving.export import export_run
+    from sdm.training.train import load_trained
 
     params = IndexParams(M=hnsw_m, efConstruction=ef_construction, efSearch=ef_search, nlist=nlist, nprobe=nprobe)
     model, run_config, catalogue = load_trained(run)
@@ -685,7 +685,7 @@ def serve_command(
         raise InputError(f'sdm serve needs {" and ".join(missing)}: pip install "sdm[serve]"')
     if index != "exact" and importlib.util.find_spec("faiss") is None:
         raise InputError(f'--index {index} needs faiss-cpu: pip install "sdm[serve]"')
-    from sdm.server import serve
+    from sdm.serving.server import serve
 
     serve(run, host, port, index, workers, announce=lambda line: console.print(line, highlight=False, soft_wrap=True))
 
@@ -696,7 +696,7 @@ def report_command(
     out: OutOption,
 ) -> None:
     """Markdown tables (mean ± std over seeds, best in bold) and PNG plots (training curves, HR@K, ablations)."""
-    from sdm.report import write_report
+    from sdm.evaluation.report import write_report
 
     written = write_report(inputs, out)
     console.print(f"wrote {out / 'report.md'} and {sum(path.suffix == '.png' for path in written)} plots")
@@ -710,10 +710,10 @@ def demo(
 ) -> None:
     """Run the whole job on the shipped sample data: preprocess, train SDM and baselines, evaluate, recommend."""
     from pipeline.run import run_preprocess
-    from sdm.checkpoint import CONFIG, LAST
-    from sdm.evaluate import evaluate_split
-    from sdm.serving import recommend
-    from sdm.train import TrainConfig, load_trained
+    from sdm.training.checkpoint import CONFIG, LAST
+    from sdm.evaluation.evaluate import evaluate_split
+    from sdm.serving.recommend import recommend
+    from sdm.training.train import TrainConfig, load_trained
 
     ensure_output_dir(out, create=False)
     data = out / "data"

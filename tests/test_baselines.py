@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from sdm.baselines import build_model
-from sdm.config import ModelConfig
-from sdm.data import SessionData
-from sdm.evaluate import evaluate_cases
-from sdm.item_cf import ItemCF, cooccurrence_cosine, top_neighbours
-from sdm.sasrec import SASRec
+from sdm.models import build_model
+from sdm.models.config import ModelConfig
+from sdm.data.sessions import SessionData
+from sdm.evaluation.evaluate import evaluate_cases
+from sdm.models.item_cf import ItemCF, cooccurrence_cosine, top_neighbours
+from sdm.models.sasrec import SASRec
 from helpers.cli import run_sdm, run_sdm_ok
 from helpers.models import N_ITEMS, make_batch, make_config, make_model
 from helpers.training import SMALL_MODEL_ARGS, assert_memorises, read_json, read_split, read_vocab
@@ -159,7 +159,7 @@ def test_item_cf_keeps_the_top_m_neighbours_ties_to_the_smaller_id():
 
 
 def test_item_cf_refuses_catalogues_too_large_for_its_dense_similarity(monkeypatch):
-    monkeypatch.setattr("sdm.item_cf.MAX_ITEMS", CF_ITEMS - 1)
+    monkeypatch.setattr("sdm.models.item_cf.MAX_ITEMS", CF_ITEMS - 1)
     with pytest.raises(InputError, match="item-cf"):
         ItemCF(cf_config(), SESSIONS)
 

@@ -107,7 +107,7 @@ def test_more_buckets_than_users(tmp_path: Path) -> None:
 
 
 def test_readers_of_the_model_see_one_table(in_memory: Path, tmp_path: Path) -> None:
-    from sdm.data import load_cases, load_catalogue, load_training
+    from sdm.data.sessions import load_cases, load_catalogue, load_training
 
     out = tmp_path / "out"
     run_preprocess(sample_config(out, buckets=3))

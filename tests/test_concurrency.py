@@ -32,7 +32,7 @@ from helpers.processes import (
     train_args,
     TrainReference,
 )
-from sdm.checkpoint import LAST
+from sdm.training.checkpoint import LAST
 
 HOLD_LOCK = "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)"
 

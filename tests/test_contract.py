@@ -43,6 +43,6 @@ def test_every_table_preprocess_writes_holds_the_contract_columns(tiny_data):
 
 def test_the_model_does_not_import_the_log_reader():
     # The model and its config need the contract's names, not the CSV reading of preprocessing.
-    probe = "import sys, sdm.model; print(sorted(m for m in sys.modules if m.startswith('pipeline.')))"
+    probe = "import sys, sdm.models.sdm; print(sorted(m for m in sys.modules if m.startswith('pipeline.')))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert "pipeline.contract" in loaded and "pipeline.reading" not in loaded and "pipeline.events" not in loaded, loaded

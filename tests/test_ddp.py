@@ -25,10 +25,10 @@ import torch
 import cli.app
 from helpers.cli import child_env, invoke, run_sdm
 from helpers.training import SMALL_MODEL, SMALL_MODEL_ARGS, read_json
-from sdm.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
-from sdm.distributed import Ranks
-from sdm.evaluate import evaluate_split
-from sdm.train import TrainConfig, load_trained, train
+from sdm.training.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
+from sdm.training.distributed import Ranks
+from sdm.evaluation.evaluate import evaluate_split
+from sdm.training.train import TrainConfig, load_trained, train
 
 BATCH = 64  # per rank
 LOSSES = {

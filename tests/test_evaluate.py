@@ -12,10 +12,10 @@ import polars as pl
 import pytest
 import torch
 
-from sdm.checkpoint import BEST, LAST
-from sdm.data import load_cases, seen_items
-from sdm.evaluate import embed_cases, retrieve
-from sdm.train import load_trained
+from sdm.training.checkpoint import BEST, LAST
+from sdm.data.sessions import load_cases, seen_items
+from sdm.evaluation.evaluate import embed_cases, retrieve
+from sdm.training.train import load_trained
 from helpers.cli import run_sdm, run_sdm_ok
 from helpers.training import SMALL_MODEL_ARGS, TEST_THREADS, read_json, read_split
 

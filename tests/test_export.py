@@ -12,10 +12,10 @@ import polars as pl
 import pytest
 import torch
 
-from sdm.data import SessionData
-from sdm.export import run_fingerprint, tower_arguments, tower_input_names
-from sdm.retrieval import top_k
-from sdm.train import load_trained
+from sdm.data.sessions import SessionData
+from sdm.serving.export import run_fingerprint, tower_arguments, tower_input_names
+from sdm.evaluation.retrieval import top_k
+from sdm.training.train import load_trained
 from helpers.cli import run_sdm, run_sdm_ok
 from helpers.serving import latest_session_inputs
 from helpers.training import TEST_THREADS, read_json, read_vocab
@@ -139,7 +139,7 @@ def index_and_ids(directory: Path):
 
 
 def test_flat_index_finds_the_exact_top_k_and_its_id_map_names_the_items(exported_torchscript, sample_run, trained, everyone):
-    from sdm.ann import index_top_k
+    from sdm.serving.ann import index_top_k
 
     model, _, _ = trained
     entry, index, ids = index_and_ids(exported_torchscript)
@@ -158,7 +158,7 @@ def test_flat_index_finds_the_exact_top_k_and_its_id_map_names_the_items(exporte
 
 
 def test_hnsw_index_finds_nearly_all_of_the_exact_top_k(exported, trained, everyone):
-    from sdm.ann import IndexParams, index_top_k, overlap_recall
+    from sdm.serving.ann import IndexParams, index_top_k, overlap_recall
 
     model, _, _ = trained
     entry, index, _ = index_and_ids(exported)
@@ -185,7 +185,7 @@ def test_hnsw_index_finds_nearly_all_of_the_exact_top_k(exported, trained, every
     ],
 )
 def test_index_options_are_built_into_the_index_and_recorded(sample_run, trained, everyone, tmp_path, kind, options, params):
-    from sdm.ann import index_params, index_top_k, overlap_recall
+    from sdm.serving.ann import index_params, index_top_k, overlap_recall
 
     model, _, _ = trained
     out = tmp_path / "out"
@@ -238,7 +238,7 @@ def test_a_new_export_replaces_the_old_one_whole(sample_run, tmp_path):
 
 
 def test_a_failed_export_leaves_the_previous_one(sample_run, tmp_path, monkeypatch):
-    import sdm.export
+    import sdm.serving.export
 
     out = tmp_path / "export"
     run_sdm_ok("export", "--run", sample_run.path, "--out", out, "--format", "torchscript")
@@ -247,7 +247,7 @@ def test_a_failed_export_leaves_the_previous_one(sample_run, tmp_path, monkeypat
     def broken_index(*args, **kwargs):
         raise RuntimeError("the disk went away")
 
-    monkeypatch.setattr(sdm.export, "write_index", broken_index)
+    monkeypatch.setattr(sdm.serving.export, "write_index", broken_index)
     outcome = run_sdm("export", "--run", sample_run.path, "--out", out, "--format", "torchscript", "--index", "flat")
     assert outcome.exit_code != 0
     assert {name: (out / name).read_bytes() for name in visible(out)} == before

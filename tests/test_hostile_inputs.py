@@ -371,7 +371,7 @@ def test_a_huge_number_of_days_is_refused_not_overflowed(tmp_path):
 
 def test_every_config_setting_of_the_wrong_type_is_one_line_naming_it(tmp_path):
     from cli.app import preprocess, setting_kinds, train_command
-    from sdm.train import TrainConfig
+    from sdm.training.train import TrainConfig
 
     commands = {
         "preprocess": (setting_kinds(preprocess), ["preprocess", REGRESSION_DIR / "bom.csv", "--out", tmp_path / "out"]),
@@ -449,7 +449,7 @@ def damage_the_digest_cannot_see(store: Path, name: str, array: np.ndarray) -> N
 @pytest.fixture
 def stored_data(tiny_data: Path, tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     """A copy of the tiny data with its training store built, and the store's arrays."""
-    from sdm.data import load_catalogue, load_training
+    from sdm.data.sessions import load_catalogue, load_training
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("tensors"))
@@ -481,7 +481,7 @@ def negative(array: np.ndarray) -> np.ndarray:
      ("user", last_row_cut), ("items", lambda array: array[:, :-1])],
 )
 def test_a_damaged_store_is_rebuilt_not_used(stored_data, name, damage):
-    from sdm.data import load_catalogue, load_training
+    from sdm.data.sessions import load_catalogue, load_training
 
     data, built = stored_data
     store = data / "tensors" / "train"
@@ -495,7 +495,7 @@ def test_a_damaged_store_is_rebuilt_not_used(stored_data, name, damage):
 @pytest.mark.parametrize("damage", ["truncated", "header", "swapped"])
 def test_a_store_file_cut_short_or_not_npy_or_from_another_data_is_rebuilt(stored_data, tiny_log, tmp_path, damage):
     """Not even re-recorded in the manifest: caught by the digest, or by the size and header checks."""
-    from sdm.data import load_catalogue, load_training
+    from sdm.data.sessions import load_catalogue, load_training
     from helpers.training import preprocess_tiny
 
     data, built = stored_data
@@ -513,8 +513,8 @@ def test_a_store_file_cut_short_or_not_npy_or_from_another_data_is_rebuilt(store
 
 
 def test_each_kind_of_damage_is_named_by_the_check(stored_data):
-    from sdm.data import load_catalogue
-    from sdm.tensor_store import DamagedStore, checked_arrays
+    from sdm.data.sessions import load_catalogue
+    from sdm.data.tensor_store import DamagedStore, checked_arrays
 
     data, built = stored_data
     store = data / "tensors" / "train"
@@ -537,7 +537,7 @@ def test_each_kind_of_damage_is_named_by_the_check(stored_data):
 
 
 def test_a_damaged_store_that_cannot_be_rebuilt_is_one_line(stored_data, tmp_path, monkeypatch):
-    import sdm.tensor_store
+    import sdm.data.tensor_store
 
     data, built = stored_data
     damage_the_digest_cannot_see(data / "tensors" / "train", "targets", beyond_the_vocabulary(built["targets"]))
@@ -549,7 +549,7 @@ def test_a_damaged_store_that_cannot_be_rebuilt_is_one_line(stored_data, tmp_pat
         def acquire(self):
             raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(sdm.tensor_store, "FileLock", ReadOnly)
+    monkeypatch.setattr(sdm.data.tensor_store, "FileLock", ReadOnly)
     outcome = run_sdm("train", "--data", data, "--out", tmp_path / "run", "--epochs", "1", "--dim", "8", "--heads", "2", "--quiet")
     assert_config_refused(outcome, "targets.npy", "outside the ids", "write access")
     assert not (tmp_path / "run").exists()
@@ -559,8 +559,8 @@ def test_a_store_still_wrong_after_its_rebuild_is_one_line(stored_data):
     """Ids beyond the vocabulary in the rebuilt store mean the splits disagree with the events
     stage: the fix is to rebuild the data (here the vocabulary is made too small instead)."""
     from pipeline.errors import InputError
-    from sdm.data import load_catalogue
-    from sdm.tensor_store import ensure_training_tensors
+    from sdm.data.sessions import load_catalogue
+    from sdm.data.tensor_store import ensure_training_tensors
 
     data, _ = stored_data
     catalogue = load_catalogue(data)
@@ -649,7 +649,7 @@ def test_a_damaged_exported_index_is_built_again_by_serve(tiny_runs, tmp_path):
     """RUN/export/index.faiss is a cache of the item vectors: garbage there is rebuilt at start."""
     pytest.importorskip("faiss")
     pytest.importorskip("fastapi")
-    from sdm.server import Service
+    from sdm.serving.server import Service
 
     run = tmp_path / "run"
     shutil.copytree(tiny_runs["sdm"], run)

@@ -39,7 +39,7 @@ from helpers.processes import (
     TrainReference,
     visible_files,
 )
-from sdm.checkpoint import HISTORY, LAST, load_checkpoint
+from sdm.training.checkpoint import HISTORY, LAST, load_checkpoint
 
 
 QUICK_KILLS, FULL_KILLS = 3, 20

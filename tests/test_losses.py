@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from sdm.losses import LogUniformSampler, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
+from sdm.training.losses import LogUniformSampler, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
 
 
 class FixedSampler(LogUniformSampler):

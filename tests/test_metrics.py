@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers.reference import metrics_reference
-from sdm.metrics import ranking_metrics
+from sdm.evaluation.metrics import ranking_metrics
 
 
 def to_csr(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from sdm.baselines import YouTubeDNN, build_model
-from sdm.config import ModelConfig
-from sdm.fusion import GatedFusion
-from sdm.model import SDM
-from sdm.attention import attention_mask
-from sdm.short_term import user_attention_weights
+from sdm.models import build_model
+from sdm.models.youtube_dnn import YouTubeDNN
+from sdm.models.config import ModelConfig
+from sdm.models.fusion import GatedFusion
+from sdm.models.sdm import SDM
+from sdm.models.attention import attention_mask
+from sdm.models.short_term import user_attention_weights
 from helpers.models import N_ITEMS, SIDE_VOCAB, make_batch, make_config, make_item_side, make_model, pad_right
 from helpers.training import assert_memorises
 

@@ -26,7 +26,7 @@ from pipeline.errors import InputError
 from pipeline.run import run_preprocess
 from helpers import reference
 from helpers.reference import Case, Event, TrainRow
-from sdm.metrics import ranking_metrics
+from sdm.evaluation.metrics import ranking_metrics
 
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS

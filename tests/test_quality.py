@@ -7,7 +7,7 @@ split of the shipped sample data, the full SDM must rank above `popularity`, abo
 and above SDM without its long-term or its short-term encoder.
 
 Each claim is checked under the protocol that exposes it. Measured recall@50 on test, seed 0, with
-the window-planned batches of sdm.data.length_grouped_batches (the numbers before that change, for
+the window-planned batches of sdm.data.sessions.length_grouped_batches (the numbers before that change, for
 seeds 0 / 1, in brackets), including where a claim does not hold:
 - temporal (the demo's split: the first quarter of each test session is the input, ~1.7 items,
   the rest are targets): the long-term encoder matters. SDM 0.438 (0.456 / 0.453), no-long-term
@@ -29,8 +29,8 @@ import pytest
 from cli.app import DEMO_TEST_DAYS, DEMO_VALID_DAYS, SAMPLE_DIR
 from pipeline.config import PreprocessConfig
 from pipeline.run import run_preprocess
-from sdm.evaluate import evaluate_split
-from sdm.train import TrainConfig, load_trained, train
+from sdm.evaluation.evaluate import evaluate_split
+from sdm.training.train import TrainConfig, load_trained, train
 
 EPOCHS = 25
 METRIC = "recall@50"

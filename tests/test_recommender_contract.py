@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdm.baselines import MODEL_NAMES
+from sdm.models import MODEL_NAMES
 from helpers.models import ABLATIONS, N_ITEMS, make_batch, make_config, make_model, pad_right
 
 TRAINED_MODELS = ("sdm", "youtube-dnn", "gru4rec", "sasrec")  # the models with parameters

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from helpers.cli import run_sdm
 
-from sdm.report import (
+from sdm.evaluation.report import (
     RESULTS_SCHEMA,
     TEST_COLUMNS,
     VALID_COLUMN,

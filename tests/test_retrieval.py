@@ -8,7 +8,7 @@ integers also produce many exactly tied scores, which exercises the tie rule.
 import pytest
 import torch
 
-from sdm.retrieval import top_k
+from sdm.evaluation.retrieval import top_k
 
 NEG_INF = float("-inf")
 

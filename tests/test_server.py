@@ -22,9 +22,9 @@ import polars as pl
 import pytest
 import torch
 
-from sdm.export import run_fingerprint
-from sdm.server import MAX_BATCH, MAX_BODY_BYTES, Service, long_term_sets
-from sdm.train import load_trained
+from sdm.serving.export import run_fingerprint
+from sdm.serving.server import MAX_BATCH, MAX_BODY_BYTES, Service, long_term_sets
+from sdm.training.train import load_trained
 from helpers.cli import child_env, run_sdm
 from helpers.processes import REPO, SDM
 from helpers.serving import items_seen_by, latest_session_inputs, raw_items, recommended
@@ -357,9 +357,9 @@ def test_requests_read_no_whole_table_and_load_nothing_again(service, users, mon
     model load during requests would fail here."""
     from fastapi.testclient import TestClient
 
-    import sdm.ann
-    import sdm.train
-    from sdm.server import create_app
+    import sdm.serving.ann
+    import sdm.training.train
+    from sdm.serving.server import create_app
 
     def forbidden(*args, **kwargs):
         raise AssertionError("called while answering a request")
@@ -367,8 +367,8 @@ def test_requests_read_no_whole_table_and_load_nothing_again(service, users, mon
     client = TestClient(create_app(service))
     for name in ("read_parquet", "scan_parquet", "read_csv", "read_ipc"):
         monkeypatch.setattr(pl, name, forbidden)
-    monkeypatch.setattr(sdm.train, "load_trained", forbidden)
-    monkeypatch.setattr(sdm.ann, "build_index", forbidden)
+    monkeypatch.setattr(sdm.training.train, "load_trained", forbidden)
+    monkeypatch.setattr(sdm.serving.ann, "build_index", forbidden)
     raw_user = users.get_column("raw")[11]
     assert client.post("/recommend", json={"user": raw_user, "k": 5, "exclude_seen": True}).status_code == 200
     session = [entry["item"] for entry in client.post("/recommend", json={"user": "x", "k": 2}).json()["items"]]
@@ -445,7 +445,7 @@ def test_connections_to_the_server_socket_send_without_delay():
     with it on, each keep-alive answer waited for the client's delayed ACK (~40 ms)."""
     import asyncio
 
-    from sdm.server import listening_socket
+    from sdm.serving.server import listening_socket
 
     async def accepted_nodelay() -> int:
         settings: list[int] = []

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 import torch
 
-from sdm.train import load_trained
+from sdm.training.train import load_trained
 from helpers.cli import run_sdm, run_sdm_ok
 from helpers.serving import brute_force_top, items_seen_by, latest_session_inputs, raw_items, recommended
 from helpers.training import SAMPLE_FILES, TEST_THREADS, read_vocab

@@ -1,4 +1,4 @@
-"""The training tensors on disk (sdm.tensor_store): memory-mapped, built once, rebuilt when the
+"""The training tensors on disk (sdm.data.tensor_store): memory-mapped, built once, rebuilt when the
 data changes, the same for every bucket count, and never left half-written."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import sdm.tensor_store
+import sdm.data.tensor_store
 from pipeline.cache import MANIFEST
-from sdm.data import load_catalogue, load_training
+from sdm.data.sessions import load_catalogue, load_training
 from pipeline.contract import DataDir
-from sdm.tensor_store import TRAIN
+from sdm.data.tensor_store import TRAIN
 from helpers.training import preprocess_tiny, read_split
 
 
@@ -84,7 +84,7 @@ def test_a_failed_build_leaves_the_previous_tensors_and_no_temporary_files(tiny_
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sdm.tensor_store, "training_arrays", fail)
+    monkeypatch.setattr(sdm.data.tensor_store, "training_arrays", fail)
     with pytest.raises(OSError):
         load_training(data, load_catalogue(data))
     assert {path.name: path.read_bytes() for path in stage.iterdir()} == before

@@ -19,10 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cli.app
-from sdm.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
-from sdm.data import BLOCK_ROWS, length_grouped_batches, load_cases, load_catalogue, load_training, pad_lists
-from sdm.evaluate import evaluate_split
-from sdm.train import TrainConfig, load_trained, train
+from sdm.training.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
+from sdm.data.sessions import BLOCK_ROWS, length_grouped_batches, load_cases, load_catalogue, load_training, pad_lists
+from sdm.evaluation.evaluate import evaluate_split
+from sdm.training.train import TrainConfig, load_trained, train
 from helpers.cli import run_sdm, run_sdm_ok
 from helpers.logs import DAY_MS
 from helpers.training import (
@@ -446,7 +446,7 @@ def test_sdm_train_declares_every_train_config_field_with_its_default():
 
 
 def test_sdm_evaluate_reports_the_cut_offs_training_validates_at():
-    from sdm.metrics import KS
+    from sdm.evaluation.metrics import KS
 
     default = inspect.signature(cli.app.evaluate).parameters["k"].default
     assert cli.app.parse_ks(default) == list(KS) == TrainConfig(data="", out="").ks

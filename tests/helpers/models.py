@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from sdm.baselines import build_model
-from sdm.config import ModelConfig
+from sdm.models import build_model
+from sdm.models.config import ModelConfig
 
 N_ITEMS = 40
 SIDE_VOCAB = {"leaf": 9, "category": 4, "shop": 7, "brand": 6}

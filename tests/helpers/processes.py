@@ -20,8 +20,8 @@ import polars as pl
 from pipeline.cache import MANIFEST
 from pipeline.config import PreprocessConfig
 from pipeline.run import run_preprocess
-from sdm.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
-from sdm.train import TrainConfig
+from sdm.training.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
+from sdm.training.train import TrainConfig
 from helpers.cli import child_env
 from helpers.training import TEST_THREADS, TrainedRun, states_equal, train_recording, without_timing
 

@@ -2,8 +2,8 @@
 
 Obviously correct and slow: one event, session or case at a time, written from the rules in the
 issues (and the module docstrings of pipeline/sessions.py, long_term.py, splits.py and
-sdm/metrics.py), never from the vectorised code. The tests compare `sdm preprocess` and
-`sdm.metrics` against them on many logs and rankings.
+sdm/evaluation/metrics.py), never from the vectorised code. The tests compare `sdm preprocess` and
+`sdm.evaluation.metrics` against them on many logs and rankings.
 
 Everything here speaks raw ids (the strings of the input log) and per-user indices, so that the
 references do not depend on the dense ids or the global session numbers the pipeline assigns.
@@ -219,7 +219,7 @@ def leave_last_out_split(user_sessions: dict[str, list[list[Event]]]) -> dict[st
 
 
 def metrics_reference(topk_lists: list[list[int]], targets: list[list[int]], ks: Sequence[int]) -> dict:
-    """The definitions of sdm.metrics.ranking_metrics, one case at a time."""
+    """The definitions of sdm.evaluation.metrics.ranking_metrics, one case at a time."""
     result = {}
     for k in ks:
         totals = dict.fromkeys(METRIC_NAMES, 0.0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from sdm.data import SessionData, input_tensors
+from sdm.data.sessions import SessionData, input_tensors
 from helpers.cli import run_sdm_ok
 from helpers.training import read_vocab
 

@@ -18,8 +18,8 @@ import torch
 from pipeline.config import PreprocessConfig
 from pipeline.run import run_preprocess
 from pipeline.synth import SynthConfig, write_synth
-from sdm.checkpoint import HISTORY, LAST, load_checkpoint
-from sdm.train import EpochReport, TrainConfig, train
+from sdm.training.checkpoint import HISTORY, LAST, load_checkpoint
+from sdm.training.train import EpochReport, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_DIR = REPO / "sample_data"
@@ -134,7 +134,7 @@ def states_equal(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
 def assert_memorises(model: torch.nn.Module, batch: dict[str, torch.Tensor], valid: torch.Tensor, targets: torch.Tensor, steps: int) -> None:
     """Adam (lr 0.01) on the exact softmax for `steps` steps, then every valid position's top item
     must be its target: the model can fit a tiny dataset."""
-    from sdm.losses import full_softmax_loss
+    from sdm.training.losses import full_softmax_loss
 
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(steps):

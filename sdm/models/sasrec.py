@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sdm.config import ModelConfig
-from sdm.embedding import ItemEmbedding
-from sdm.model import TwoTowerRecommender
-from sdm.attention import MultiHeadSelfAttention, attention_mask
+from sdm.models.config import ModelConfig
+from sdm.models.embedding import ItemEmbedding
+from sdm.models.base import TwoTowerRecommender
+from sdm.models.attention import MultiHeadSelfAttention, attention_mask
 
 BLOCKS = 2
 # SASRec's longest sequence on ML-1M; sessions are at most 50 items by default. Positions past it

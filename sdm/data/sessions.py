@@ -3,7 +3,7 @@
 A batch is a dict of LongTensors (0 = padding everywhere):
     items [B, T], lengths [B], long_<feature> [B, L], profile [B, P], user [B]
 and, for training, targets [B, T]: the item each position predicts (0 = nothing to predict).
-The training split is memory-mapped from files written once (sdm.tensor_store); evaluation
+The training split is memory-mapped from files written once (sdm.data.tensor_store); evaluation
 cases, a small fraction of the data, are read into memory.
 """
 
@@ -21,7 +21,7 @@ from torch import Tensor
 from pipeline.cache import require_stage
 from pipeline.errors import InputError
 from pipeline.contract import DataDir, long_term_column
-from sdm.tensor_store import attach_context, context_arrays, open_training_tensors, padded
+from sdm.data.tensor_store import attach_context, context_arrays, open_training_tensors, padded
 
 Batch = dict[str, Tensor]
 

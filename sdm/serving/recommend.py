@@ -1,4 +1,4 @@
-"""Using a trained run: recommendations for a user now (exports are in sdm.export, the server in sdm.server).
+"""Using a trained run: recommendations for a user now (exports are in sdm.serving.export, the server in sdm.serving.server).
 
 `recommend` reads only what one user needs: every table is a lazy Parquet scan filtered on the
 user, their session or the ranked items, which polars pushes into the reader.
@@ -14,11 +14,11 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.contract import DataDir, long_term_column
-from sdm.data import Batch, Catalogue, SessionData, pad_lists
-from sdm.evaluate import embed_cases
-from sdm.model import Recommender
-from sdm.retrieval import top_k
-from sdm.tensor_store import attach_context, context_arrays
+from sdm.data.sessions import Batch, Catalogue, SessionData, pad_lists
+from sdm.evaluation.evaluate import embed_cases
+from sdm.models.base import Recommender
+from sdm.evaluation.retrieval import top_k
+from sdm.data.tensor_store import attach_context, context_arrays
 
 
 def latest_sessions(data: Path, user_ids: pl.Series | None = None) -> pl.DataFrame:
@@ -57,7 +57,7 @@ def recommend(
 
 
 def few_input_tensors(rows: pl.DataFrame, data: Path, catalogue: Catalogue) -> Batch:
-    """sdm.data.input_tensors for a few rows of (user, session, items): their long-term sets and
+    """sdm.data.sessions.input_tensors for a few rows of (user, session, items): their long-term sets and
     profiles come from scans filtered on their sessions and users, not from whole tables."""
     long_columns = [long_term_column(f) for f in catalogue.long_features]
     long_term = (

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from sdm.config import ModelConfig
-from sdm.embedding import ItemEmbedding
-from sdm.model import TwoTowerRecommender
+from sdm.models.config import ModelConfig
+from sdm.models.embedding import ItemEmbedding
+from sdm.models.base import TwoTowerRecommender
 
 
 class GRU4Rec(TwoTowerRecommender):

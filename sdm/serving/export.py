@@ -4,7 +4,7 @@
     users.parquet        id (raw user id), vector [d]: every user's vector after their latest session
     user_tower.onnx      the user tower (inputs below -> user_vector [B, d]); with --format
                          torchscript, user_tower.pt instead
-    index.faiss          with --index flat|hnsw|ivf: a faiss index over the items (sdm.ann: flat
+    index.faiss          with --index flat|hnsw|ivf: a faiss index over the items (sdm.serving.ann: flat
                          searches the inner product, hnsw and ivf an equivalent Euclidean space;
                          the parameters, IndexParams, are in the manifest and the file),
     index_ids.parquet    and its id map: position -> item (dense id, raw id)
@@ -45,12 +45,12 @@ from pipeline.cache import file_digest
 from pipeline.contract import DataDir
 from pipeline.errors import InputError
 from pipeline.storage import ensure_output_dir, publish_directory, write_json_atomic
-from sdm.ann import INDEX_KINDS, IndexParams, build_index, index_params
-from sdm.checkpoint import BEST
-from sdm.data import Batch, Catalogue, SessionData, input_tensors
-from sdm.evaluate import embed_cases
-from sdm.model import Recommender
-from sdm.serving import latest_sessions
+from sdm.serving.ann import INDEX_KINDS, IndexParams, build_index, index_params
+from sdm.training.checkpoint import BEST
+from sdm.data.sessions import Batch, Catalogue, SessionData, input_tensors
+from sdm.evaluation.evaluate import embed_cases
+from sdm.models.base import Recommender
+from sdm.serving.recommend import latest_sessions
 
 FORMATS = ("onnx", "torchscript")
 TOWER_FILES = {"onnx": "user_tower.onnx", "torchscript": "user_tower.pt"}
@@ -291,6 +291,6 @@ def write_index(all_items: Tensor, kind: str, params: IndexParams, item_vocab: p
     positions = np.arange(index.ntotal, dtype=np.int64)
     raw_of = item_vocab.sort("id").get_column("raw")
     pl.DataFrame({"position": positions, "item": positions + 1, "raw": raw_of}).write_parquet(directory / INDEX_IDS)
-    space = "inner_product" if kind == "flat" else "euclidean, items with sqrt(R^2 - |x|^2) appended, queries with 0 (sdm.ann)"
+    space = "inner_product" if kind == "flat" else "euclidean, items with sqrt(R^2 - |x|^2) appended, queries with 0 (sdm.serving.ann)"
     return {"kind": kind, "file": INDEX_FILE, "ids": INDEX_IDS, "metric": "inner_product", "search_space": space,
             "size": int(index.ntotal), "params": index_params(index)}

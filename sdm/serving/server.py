@@ -44,9 +44,9 @@ from torch import Tensor
 from pipeline.cache import package_version, read_manifest
 from pipeline.errors import InputError
 from pipeline.contract import DataDir, long_term_column
-from sdm.data import Batch, Catalogue
-from sdm.export import tower_arguments, tower_input_names
-from sdm.retrieval import top_k
+from sdm.data.sessions import Batch, Catalogue
+from sdm.serving.export import tower_arguments, tower_input_names
+from sdm.evaluation.retrieval import top_k
 
 SERVE_INDEXES = ("exact", "flat", "hnsw", "ivf")
 MAX_BODY_BYTES = 1 << 20  # a request of 1 MiB holds tens of thousands of ids: more is an error
@@ -55,7 +55,7 @@ MAX_IDS = 10_000  # ids in one request's "items" or "exclude"
 DEFAULT_K = 50
 RUN_ENV, INDEX_ENV = "SDM_SERVE_RUN", "SDM_SERVE_INDEX"  # how `--workers N` hands the options to its processes
 
-log = logging.getLogger("sdm.server")
+log = logging.getLogger("sdm.serving.server")
 
 
 class BadRequest(Exception):
@@ -131,7 +131,7 @@ class UserRows:
     in offsets (`nbytes` is in /info)."""
 
     def __init__(self, data: Path, catalogue: Catalogue):
-        from sdm.serving import latest_sessions
+        from sdm.serving.recommend import latest_sessions
 
         n_users = catalogue.n_users
         latest = latest_sessions(data)  # (user, session, items), sorted by user
@@ -167,8 +167,8 @@ class Service:
     """A trained run, loaded once, answering recommendation requests (thread-safe: requests only read)."""
 
     def __init__(self, run: Path, index: str = "exact"):
-        from sdm.export import read_export_manifest, run_fingerprint
-        from sdm.train import load_trained
+        from sdm.serving.export import read_export_manifest, run_fingerprint
+        from sdm.training.train import load_trained
 
         if index not in SERVE_INDEXES:
             raise InputError(f"--index {index!r}: expected one of {', '.join(SERVE_INDEXES)}")
@@ -228,7 +228,7 @@ class Service:
 
     def load_index(self, kind: str):
         """The index `sdm export --index KIND` wrote for this very run, or one built now."""
-        from sdm.ann import build_index
+        from sdm.serving.ann import build_index
 
         import faiss
 
@@ -329,7 +329,7 @@ class Service:
         return self.model.user_vectors(batch).float()
 
     def rank(self, batch: Batch, k: int, excluded: list[list[int]]) -> tuple[Tensor, Tensor]:
-        from sdm.ann import index_top_k
+        from sdm.serving.ann import index_top_k
 
         exclude = None  # most requests exclude nothing: no exclusion pass then
         if any(excluded):
@@ -360,7 +360,7 @@ class Service:
         }
 
     def info(self) -> dict[str, Any]:
-        from sdm.ann import index_params
+        from sdm.serving.ann import index_params
 
         return {
             "run": str(self.run), "model": self.model_name, "fingerprint": self.fingerprint, "data": str(self.data),
@@ -574,14 +574,14 @@ def serve(run: Path, host: str, port: int, index: str, workers: int, announce: A
     else:
         from uvicorn.supervisors import Multiprocess
 
-        from sdm.checkpoint import BEST, read_run_config
+        from sdm.training.checkpoint import BEST, read_run_config
 
         read_run_config(run)  # each worker loads the run; a bad one fails here, once, in one line
         if not (run / BEST).is_file():
             raise InputError(f"{run}: no {BEST}; train the run first")
         sock = listening_socket(host, port)
         os.environ[RUN_ENV], os.environ[INDEX_ENV] = str(run), index
-        config = uvicorn.Config("sdm.server:app_from_environment", factory=True, workers=workers, **quiet)
+        config = uvicorn.Config("sdm.serving.server:app_from_environment", factory=True, workers=workers, **quiet)
         announce(f"serving {run} with {workers} processes (index {index}) on http://{host}:{sock.getsockname()[1]}")
         Multiprocess(config, sockets=[sock]).run()
     announce("stopped")

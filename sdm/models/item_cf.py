@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import InputError
-from sdm.config import ModelConfig
-from sdm.model import Recommender
+from sdm.models.config import ModelConfig
+from sdm.models.base import Recommender
 
 NEIGHBOURS = 200  # M: similar items kept per item
 MAX_ITEMS = 30_000  # dense similarity of 30,000 items: 3.6 GB in float32

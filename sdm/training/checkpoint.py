@@ -56,7 +56,7 @@ def run_lock(run: Path) -> Iterator[None]:
             shutil.rmtree(run, ignore_errors=True)
 
 
-# What each checkpoint file holds (sdm/train.py: save_epoch), and the type of each entry; a file
+# What each checkpoint file holds (sdm/training/train.py: save_epoch), and the type of each entry; a file
 # without these is not ours. (last.pt records the run's config since issue 17; older ones do not.)
 CHECKPOINT_KEYS = {
     LAST: {"model", "optimizer", "epoch", "history", "best_value", "bad_epochs"},

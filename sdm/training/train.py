@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.cache import manifest_digest, require_stage
 from pipeline.errors import InputError
 from pipeline.storage import ensure_output_dir
-from sdm.baselines import MODEL_NAMES, build_model
-from sdm.checkpoint import (
+from sdm.models import MODEL_NAMES, build_model
+from sdm.training.checkpoint import (
     BEST,
     CONFIG,
     HISTORY,
@@ -47,8 +47,8 @@ from sdm.checkpoint import (
     save_checkpoint,
     write_run_json,
 )
-from sdm.config import ModelConfig, ModelOptions
-from sdm.data import (
+from sdm.models.config import ModelConfig, ModelOptions
+from sdm.data.sessions import (
     Catalogue,
     SessionData,
     length_grouped_batches,
@@ -57,11 +57,11 @@ from sdm.data import (
     load_training,
     to_device,
 )
-from sdm.distributed import DEVICES, Ranks, join, leave
-from sdm.evaluate import evaluate_shared
-from sdm.losses import LogUniformSampler, alone, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
-from sdm.metrics import KS, METRICS
-from sdm.model import Recommender
+from sdm.training.distributed import DEVICES, Ranks, join, leave
+from sdm.evaluation.evaluate import evaluate_shared
+from sdm.training.losses import LogUniformSampler, alone, full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
+from sdm.evaluation.metrics import KS, METRICS
+from sdm.models.base import Recommender
 
 # Buffers (the item side table) never change: broadcasting them every step would only cost. Newer
 # PyTorch renamed the option (and deprecated the old name).
@@ -325,7 +325,7 @@ def train(
 ) -> list[dict[str, Any]]:
     """Train, checkpointing every epoch under config.out; return the per-epoch history.
     `progress(total_targets)` may return a per-batch callback (targets done, batch loss).
-    Under torchrun this process is one rank of several (sdm.distributed); rank 0 locks the run
+    Under torchrun this process is one rank of several (sdm.training.distributed); rank 0 locks the run
     directory (a second `sdm train` on it stops with a message) and alone writes to it."""
     ranks = join(config.device)
     try:

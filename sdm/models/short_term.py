@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sdm.attention import MultiHeadSelfAttention, attention_mask
-from sdm.config import ModelConfig
+from sdm.models.attention import MultiHeadSelfAttention, attention_mask
+from sdm.models.config import ModelConfig
 
 
 def user_attention_weights(e_u: Tensor, keys: Tensor, allowed: Tensor, key_projection: Tensor | None = None) -> Tensor:

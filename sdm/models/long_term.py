@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sdm.config import ModelConfig
-from sdm.embedding import ItemEmbedding
-from sdm.short_term import user_attention_weights
+from sdm.models.config import ModelConfig
+from sdm.models.embedding import ItemEmbedding
+from sdm.models.short_term import user_attention_weights
 
 
 class LongTermEncoder(nn.Module):

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from sdm.ann import faiss_top_k, overlap_recall
-from sdm.data import SessionData, load_cases, seen_items, to_device
-from sdm.distributed import Ranks
-from sdm.metrics import METRICS, per_case_metrics, ranking_metrics
-from sdm.model import Recommender
-from sdm.retrieval import top_k
+from sdm.serving.ann import faiss_top_k, overlap_recall
+from sdm.data.sessions import SessionData, load_cases, seen_items, to_device
+from sdm.training.distributed import Ranks
+from sdm.evaluation.metrics import METRICS, per_case_metrics, ranking_metrics
+from sdm.models.base import Recommender
+from sdm.evaluation.retrieval import top_k
 
 EMBED_BATCH = 2048
 
@@ -64,7 +64,7 @@ def evaluate_cases(
     exclude: tuple[Tensor, Tensor] | None = None,
     index: str = "exact",
 ) -> dict[str, float]:
-    """Ranking metrics of exact top-K, or of a faiss index (`index` in sdm.ann.INDEX_KINDS), in
+    """Ranking metrics of exact top-K, or of a faiss index (`index` in sdm.serving.ann.INDEX_KINDS), in
     which case `index_recall@K` says how much of the exact top-K the index found."""
     if index == "exact":
         _, ids = retrieve(model, cases, max(ks), exclude)

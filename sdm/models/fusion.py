@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sdm.config import ModelConfig
+from sdm.models.config import ModelConfig
 
 
 class GatedFusion(nn.Module):

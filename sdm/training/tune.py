@@ -21,8 +21,8 @@ from filelock import FileLock, Timeout
 
 from pipeline.errors import InputError
 from pipeline.storage import ensure_output_dir, write_bytes_atomic
-from sdm.data import load_catalogue
-from sdm.train import TrainConfig, data_fingerprint, train
+from sdm.data.sessions import load_catalogue
+from sdm.training.train import TrainConfig, data_fingerprint, train
 
 STUDY = "study.db"
 BEST = "best.toml"

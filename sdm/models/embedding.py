@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sdm.config import ModelConfig
+from sdm.models.config import ModelConfig
 
 # nn.Embedding's N(0, 1) rows give projected item vectors of norm ~5 and initial logits far
 # wider than ln(n_items): on a small log Adam's ~lr-sized steps never undo that in the few hundred

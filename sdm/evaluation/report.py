@@ -31,8 +31,8 @@ import polars as pl
 from pipeline.cache import read_manifest
 from pipeline.errors import InputError
 from pipeline.storage import publish_directory, temporary_path, write_atomic
-from sdm.checkpoint import read_history, read_metrics, read_run_config
-from sdm.metrics import KS, METRICS
+from sdm.training.checkpoint import read_history, read_metrics, read_run_config
+from sdm.evaluation.metrics import KS, METRICS
 
 SELECT_METRIC = "recall@50"  # the validation metric that picks the epoch and the configuration
 VALID_COLUMN = f"valid_{SELECT_METRIC}"

@@ -10,7 +10,7 @@ from pipeline.errors import InputError
 
 FUSIONS = ("gated", "add", "concat", "multiply")
 # Query of the short-term user attention: the paper's profile vector e_u alone, or e_u plus the
-# current position's ĥ_t (see sdm/short_term.py for why).
+# current position's ĥ_t (see sdm/models/short_term.py for why).
 ATTENTION_QUERIES = ("profile", "profile+current")
 
 

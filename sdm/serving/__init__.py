@@ -1,0 +1,1 @@
+"""Serving: `sdm recommend`, `sdm export` (user tower + item index), faiss indexes and `sdm serve`."""
