@@ -6,26 +6,32 @@ does that exactly, with bounded memory, for any catalogue size:
 
     for each query chunk Q (the chunks shared out among torch's threads):
         best = K slots of (score -inf, id -1) per query
-        for each item chunk C, in item tiles T:
+        for each item chunk C, tile by tile:
             S[:, T] = queries[Q] @ items[T].T                 # one matrix product per tile
-            set S[:, T] to -inf for the padding item and the excluded (case, item) pairs
-            block maxima of S[:, T]                          # while the tile is in cache
-        keep the entries of S that can still enter `best` (block-maximum filter)
-        now and then: best = top K of (best ∪ kept entries)
+            set S[:, T] to -inf for the padding item
+            maxima of groups of 8 scores of S[:, T]          # while the tile is in cache
+        maxima of groups of 8 of those, and so on up (levels of maxima)
+        from the top level down, keep the groups whose maximum can still enter `best`
+        now and then: best = top K of (best ∪ kept entries that are not excluded)
 
-Nearly all the time is the matrix products (2 · cases · items · d flops). Everything else is
+Nearly all the time should be the matrix products (2 · cases · items · d flops); the rest is
 made to cost little next to them:
-- A tile's scores (about TILE_SCORES floats) fit in a core's L2 cache, so reducing them to block
-  maxima right after the product reads them from cache, not from memory.
-- A block is `block` items spaced evenly through the tile (lanes p, p + T/block, ...), so its
-  maximum is an elementwise max over rows of the tile, which vectorises; blocks of adjacent
-  items would need a horizontal reduction, twice as slow.
-- Only blocks whose maximum can still enter `best` are gathered and filtered entry by entry:
-  once the first chunk has set the bar, a handful per query. These steps are a dozen small
-  operations, paid once per chunk (CHUNK_SCORES floats) rather than per tile.
+- A tile's scores (about TILE_SCORES floats) fit in a core's L2 cache, so the first reduction
+  reads them from cache, not from memory.
+- A group is FANOUT entries spaced evenly through its tile (entries g, g + n, g + 2n, ...), so
+  its maximum is an elementwise max over rows of the tile, which vectorises; groups of adjacent
+  entries need a horizontal reduction (twice as slow here for groups of 64).
+- Descending the levels looks at FANOUT entries per level for each score that may enter `best`
+  (a few hundred per query over 1M items once the first chunk has set the bar), instead of a
+  whole block of 64. These steps are a dozen small operations, paid once per chunk
+  (CHUNK_SCORES floats) rather than per tile.
+- Excluded (case, item) pairs are not masked in the scores (an operation per tile): they are
+  dropped from the candidates when merging. An excluded item may thus be a group's maximum,
+  which only costs a look into that group, and the bound of the first chunk (see _candidates)
+  allows for one spoilt group per excluded pair.
 - Query chunks are independent, so each of torch's threads takes whole chunks and runs them
   single-threaded: the small steps of one chunk overlap the matrix products of another instead
-  of leaving a core idle.
+  of leaving a core idle, as they did when every operation was split between the threads.
 
 Ordering is (score descending, item id ascending): ties go to the smaller id. Merging sorts the
 candidates by (case, item) and then stably sorts `best` followed by them by score: every
@@ -115,7 +121,7 @@ def top_k(
 
     def one_chunk(start: int) -> tuple[Tensor, Tensor]:
         stop = min(start + query_chunk, n_cases)
-        excluded = _excluded_pairs(exclude, start, stop, plan, n_items) if exclude is not None else None
+        excluded = _excluded_keys(exclude, start, stop, n_items) if exclude is not None else None
         return _top_k_for_query_chunk(queries[start:stop], items, k, excluded, plan, skip_padding)
 
     results = _map_single_threaded(one_chunk, starts)
@@ -154,11 +160,12 @@ def _top_k_for_query_chunk(
     queries: Tensor,
     items: Tensor,
     k: int,
-    excluded: tuple[Tensor, Tensor, list[int]] | None,
+    excluded: tuple[Tensor, Tensor] | None,
     plan: _Plan,
     skip_padding: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Running top-k of one query chunk over all item chunks: ([Q, k] scores, [Q, k] ids)."""
+    """Running top-k of one query chunk over all item chunks: ([Q, k] scores, [Q, k] ids).
+    excluded: (keys [E], item ids [E]) of the excluded pairs, key = case * n_items + item, sorted."""
     n_queries, n_items = queries.shape[0], items.shape[0]
     best_scores = torch.full((n_queries, k), float("-inf"), dtype=queries.dtype)  # [Q, k]
     best_ids = torch.full((n_queries, k), -1, dtype=torch.int64)  # [Q, k]
@@ -181,32 +188,36 @@ def _top_k_for_query_chunk(
             n_tile_items = min(plan.tile, n_items - tile_start, chunk_start + plan.chunk - tile_start)
             tile_scores = levels[0][tile]  # [Q, width]
             torch.mm(queries, items[tile_start : tile_start + n_tile_items].T, out=tile_scores[:, :n_tile_items])
-            tile_scores[:, n_tile_items:] = float("-inf")  # columns past the tile's last item
+            if n_tile_items < width:
+                tile_scores[:, n_tile_items:] = float("-inf")  # columns past the tile's last item
             if skip_padding and tile_start == 0:
                 tile_scores[:, 0] = float("-inf")
-            if excluded is not None:
-                excluded_cases, excluded_columns, tile_bounds = excluded
-                global_tile = chunk_start // plan.chunk * tiles_per_chunk + tile
-                lo, hi = tile_bounds[global_tile], tile_bounds[global_tile + 1]
-                if hi > lo:
-                    scores[excluded_cases[lo:hi], excluded_columns[lo:hi]] = float("-inf")
             if plan.levels:  # the first level while the tile's scores are in cache
                 torch.amax(tile_scores.view(n_queries, FANOUT, -1), dim=1, out=levels[1][tile])
         for level in range(2, plan.levels + 1):
             below = levels[level - 1][:n_tiles]
             torch.amax(below.view(n_tiles, n_queries, FANOUT, -1), dim=2, out=levels[level][:n_tiles])
 
-        case, item, score = _candidates([level[:n_tiles] for level in levels], best_scores[:, -1], k, plan.tile)
+        threshold = best_scores[:, -1]
+        spoilt = None  # no bound from the chunk itself while the running top-k is full
+        if not bool(torch.isfinite(threshold).all()):
+            spoilt = 0 if excluded is None else _most_excluded(excluded, chunk_start, chunk_start + plan.chunk, n_items)
+        case, item, score = _candidates([level[:n_tiles] for level in levels], threshold, k, spoilt, plan.tile)
         pooled.append((case, item + chunk_start, score))
         n_pooled += case.numel()
         if n_pooled >= n_queries * k or chunk_start + plan.chunk >= n_items:
             case, item, score = (torch.cat(parts) for parts in zip(*pooled))
+            if excluded is not None:
+                kept = ~torch.isin(case * n_items + item, excluded[0])
+                case, item, score = case[kept], item[kept], score[kept]
             best_scores, best_ids = _merge(best_scores, best_ids, case, item, score, k, n_items)
             pooled, n_pooled = [], 0
     return best_scores, best_ids
 
 
-def _candidates(levels: list[Tensor], threshold: Tensor, k: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:
+def _candidates(
+    levels: list[Tensor], threshold: Tensor, k: int, spoilt: int | None, tile: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Entries of one chunk that may enter the running top-k, as (case [P], item [P], score [P]),
     item counted from the chunk's first. levels[0] [tiles, Q, width] holds the chunk's scores by
     tile; entry g of levels[l] [tiles, Q, n_l] is the maximum of entries g, g + n_l, ...,
@@ -215,17 +226,21 @@ def _candidates(levels: list[Tensor], threshold: Tensor, k: int, tile: int) -> t
     An entry qualifies if score > threshold[case], the running k-th best: an equal score
     loses the tie to the running items, whose ids are smaller. Starting from every group of the
     top level, each step keeps the groups whose maximum qualifies and looks into their FANOUT
-    members one level down. While the running top-k is not full (the first chunk), entries must
-    also be >= the case's k-th largest maximum of the finest level holding k groups: the chunk
-    holds k entries at least that large, and an equal one may still win on id.
+    members one level down. While the running top-k is not full (the first chunk; spoilt is
+    then not None), entries must also be >= the case's (k + spoilt)-th largest maximum of the
+    finest level holding that many groups, where spoilt bounds any case's excluded pairs in the
+    chunk (each the maximum of at most one group): the chunk holds k eligible entries at least
+    that large, and an equal one may still win on id. Excluded entries are among the
+    candidates returned.
     """
     n_queries = threshold.shape[0]
     floor = torch.nextafter(threshold, threshold.new_tensor(float("inf")))  # [Q]; score > threshold <=> score >= floor
-    if not bool(torch.isfinite(threshold).all()):
-        bounding = next((level for level in levels[1:] + levels[:1] if level.shape[0] * level.shape[2] >= k), None)
+    if spoilt is not None:
+        rank = k + spoilt
+        bounding = next((level for level in levels[1:] + levels[:1] if level.shape[0] * level.shape[2] >= rank), None)
         if bounding is not None:
             per_case = bounding.transpose(0, 1).reshape(n_queries, -1)  # [Q, tiles * n_l]
-            floor = torch.maximum(floor, per_case.topk(k, dim=1, sorted=False).values.amin(dim=1))
+            floor = torch.maximum(floor, per_case.topk(rank, dim=1, sorted=False).values.amin(dim=1))
 
     tile_of, case, group = (levels[-1] >= floor[:, None]).nonzero(as_tuple=True)  # [G] each: the groups to look into
     for level in range(len(levels) - 1, 0, -1):
@@ -264,20 +279,22 @@ def _merge(
     return top_scores[:, :k], all_ids.gather(1, order[:, :k])
 
 
-def _excluded_pairs(exclude: CSR, start: int, stop: int, plan: _Plan, n_items: int) -> tuple[Tensor, Tensor, list[int]]:
-    """The (case, item) pairs of cases [start, stop), case relative to start, as (cases [E],
-    score-buffer columns [E], tile_bounds): the pairs are grouped by tile, counted over the whole
-    catalogue, and tile t owns pairs tile_bounds[t]:tile_bounds[t + 1]."""
+def _excluded_keys(exclude: CSR, start: int, stop: int, n_items: int) -> tuple[Tensor, Tensor]:
+    """The excluded pairs of cases [start, stop) as (keys [E], sorted, with key = case * n_items
+    + item and case relative to start; the same pairs' items [E], in key order)."""
     indptr, indices = exclude
     items = indices[int(indptr[start]) : int(indptr[stop])]  # [E]
     per_case = indptr[start + 1 : stop + 1] - indptr[start:stop]  # [Q]
     cases = torch.repeat_interleave(torch.arange(stop - start), per_case)  # [E]
-    chunk, in_chunk = items // plan.chunk, items % plan.chunk  # [E] each
-    tile, in_tile = in_chunk // plan.tile, in_chunk % plan.tile  # [E] each
-    global_tile, order = (chunk * plan.tiles_per_chunk + tile).sort(stable=True)
-    n_tiles = -(-n_items // plan.chunk) * plan.tiles_per_chunk
-    tile_bounds = torch.searchsorted(global_tile, torch.arange(n_tiles + 1)).tolist()
-    return cases[order], (tile * plan.width + in_tile)[order], tile_bounds
+    keys, order = (cases * n_items + items).sort()
+    return keys, items[order]
+
+
+def _most_excluded(excluded: tuple[Tensor, Tensor], start: int, stop: int, n_items: int) -> int:
+    """The most excluded pairs any one case has with items in [start, stop)."""
+    keys, items = excluded
+    cases = keys[(items >= start) & (items < stop)] // n_items
+    return int(torch.bincount(cases).max()) if cases.numel() else 0
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -126,6 +126,18 @@ def test_excluded_items_are_skipped():
     assert scores.tolist() == [[7.0, 6.0, 5.0], [9.0, 8.0, 7.0]]
 
 
+def test_excluded_items_at_the_top_of_the_first_chunk_do_not_raise_its_bound():
+    # Excluded items are not masked in the scores, so they can be the largest maxima of the
+    # first chunk; the bound taken from that chunk must allow for them.
+    queries = torch.ones(2, 1)
+    items = torch.randperm(1_000, generator=torch.Generator().manual_seed(9)).float().unsqueeze(1)
+    first_chunk_best = torch.argsort(items[:400, 0], descending=True)
+    exclude = (torch.tensor([0, 60, 60]), first_chunk_best[:60].sort().values)  # case 0 has seen the chunk's best 60
+    scores, ids = top_k(queries, items, 10, exclude=exclude, item_chunk=400, item_tile=64)
+    expected_scores, expected_ids = brute_force_top_k(queries, items, 10, exclude)
+    assert torch.equal(ids, expected_ids) and torch.equal(scores, expected_scores)
+
+
 def test_ties_go_to_the_smaller_item_id():
     queries = torch.ones(3, 2)
     items = torch.ones(200, 2)  # every item scores 2
