@@ -56,7 +56,7 @@ def best_seconds(run: Callable[[], object], rounds: int) -> float:
 
 
 def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def distinct_per_row(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,20 +79,22 @@ def evaluation_setup(n_items: int, n_cases: int):
     return model, cases, distinct_per_row(zipf_ids(n_items, (n_cases, SEEN_PER_CASE), generator))
 
 
+def blocked_products(queries: torch.Tensor, items: torch.Tensor, n_queries: int, n_items: int) -> None:
+    """queries x items.T in [n_queries, n_items] blocks into one reused buffer (whole item blocks only)."""
+    out = torch.empty(n_queries, n_items)
+    for start in range(0, queries.shape[0], n_queries):
+        block = queries[start : start + n_queries]
+        for item_start in range(0, items.shape[0] - n_items + 1, n_items):
+            torch.mm(block, items[item_start : item_start + n_items].T, out=out[: block.shape[0]])
+
+
 def gemm_rate(queries: torch.Tensor, items: torch.Tensor, rounds: int) -> tuple[float, tuple[int, int]]:
     """Best GFLOP/s of torch.mm over the whole queries x items product, and the block shape."""
     rates = {}
     for n_queries, n_items in GEMM_SHAPES:
-        out = torch.empty(n_queries, n_items)
-
-        def products() -> None:
-            for start in range(0, queries.shape[0], n_queries):
-                block = queries[start : start + n_queries]
-                for item_start in range(0, items.shape[0] - n_items + 1, n_items):
-                    torch.mm(block, items[item_start : item_start + n_items].T, out=out[: block.shape[0]])
-
         flops = 2 * queries.shape[0] * (items.shape[0] // n_items * n_items) * queries.shape[1]
-        rates[(n_queries, n_items)] = flops / best_seconds(products, rounds) / 1e9
+        seconds = best_seconds(lambda shape=(n_queries, n_items): blocked_products(queries, items, *shape), rounds)
+        rates[(n_queries, n_items)] = flops / seconds / 1e9
     shape = max(rates, key=rates.get)
     return rates[shape], shape
 
