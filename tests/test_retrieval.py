@@ -5,9 +5,12 @@ float32 whatever order the matrix product sums in, and scores compare bit for bi
 integers also produce many exactly tied scores, which exercises the tie rule.
 """
 
+import math
+
 import pytest
 import torch
 
+from sdm.evaluation.metrics import ranking_metrics
 from sdm.evaluation.retrieval import top_k
 
 NEG_INF = float("-inf")
@@ -123,6 +126,18 @@ def test_excluded_items_are_skipped():
     assert scores.tolist() == [[7.0, 6.0, 5.0], [9.0, 8.0, 7.0]]
 
 
+def test_excluded_items_at_the_top_of_the_first_chunk_do_not_raise_its_bound():
+    # Excluded items are not masked in the scores, so they can be the largest maxima of the
+    # first chunk; the bound taken from that chunk must allow for them.
+    queries = torch.ones(2, 1)
+    items = torch.randperm(1_000, generator=torch.Generator().manual_seed(9)).float().unsqueeze(1)
+    first_chunk_best = torch.argsort(items[:400, 0], descending=True)
+    exclude = (torch.tensor([0, 60, 60]), first_chunk_best[:60].sort().values)  # case 0 has seen the chunk's best 60
+    scores, ids = top_k(queries, items, 10, exclude=exclude, item_chunk=400, item_tile=64)
+    expected_scores, expected_ids = brute_force_top_k(queries, items, 10, exclude)
+    assert torch.equal(ids, expected_ids) and torch.equal(scores, expected_scores)
+
+
 def test_ties_go_to_the_smaller_item_id():
     queries = torch.ones(3, 2)
     items = torch.ones(200, 2)  # every item scores 2
@@ -158,3 +173,70 @@ def test_rejects_bad_inputs():
         top_k(queries, items, 2, exclude=(torch.tensor([0, 1]), torch.tensor([1])))  # indptr too short
     with pytest.raises(ValueError):
         top_k(queries, items, 2, exclude=(torch.tensor([0, 1, 1, 1]), torch.tensor([10])))  # item out of range
+
+
+def reference_metrics(ids, targets, k):
+    """hit_rate@k, recall@k and ndcg@k of ranked id lists, from Python sets."""
+    hit_rate = recall = ndcg = 0.0
+    for ranking, wanted in zip(ids.tolist(), targets):
+        hits = [rank for rank, item in enumerate(ranking[:k]) if item in wanted]
+        hit_rate += bool(hits)
+        recall += len(hits) / len(wanted)
+        ideal = sum(1 / math.log2(rank + 2) for rank in range(min(k, len(wanted))))
+        ndcg += sum(1 / math.log2(rank + 2) for rank in hits) / ideal
+    n = len(targets)
+    return {f"hit_rate@{k}": hit_rate / n, f"recall@{k}": recall / n, f"ndcg@{k}": ndcg / n}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_tiles_and_chunks_match_brute_force_ids_scores_and_metrics(threads):
+    # Several query chunks (shared among threads), chunks that are no whole number of tiles
+    # and a catalogue that is no whole number of either, small-integer scores (many ties) and
+    # exclusions: the fast path must give the brute-force ids, scores and metrics.
+    torch.manual_seed(6)
+    n_cases, n_items, k = 70, 9_001, 50
+    queries, items = integer_embeddings(n_cases, 6), integer_embeddings(n_items, 6)
+    exclude = random_exclusions(n_cases, n_items, 400)
+    targets = [set(torch.randint(1, n_items, (int(torch.randint(1, 6, ())),)).tolist()) for _ in range(n_cases)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        scores, ids = top_k(queries, items, k, exclude=exclude, item_chunk=2_500, item_tile=600, query_chunk=16)
+    finally:
+        torch.set_num_threads(previous)
+    expected_scores, expected_ids = brute_force_top_k(queries, items, k, exclude)
+    assert torch.equal(scores, expected_scores)
+    assert torch.equal(ids, expected_ids)
+    indptr = torch.tensor([0] + [len(t) for t in targets]).cumsum(0)
+    flat = torch.tensor([item for wanted in targets for item in sorted(wanted)])
+    metrics = ranking_metrics(ids, (indptr, flat), [k])
+    for name, value in reference_metrics(expected_ids, targets, k).items():
+        assert metrics[name] == pytest.approx(value, abs=1e-12), name
+
+
+def test_the_default_sizes_match_brute_force_over_several_tiles():
+    # Enough queries for the default tiles (2,048 items for 256 queries) and levels of maxima,
+    # over a catalogue that is no whole number of tiles.
+    torch.manual_seed(7)
+    queries, items = integer_embeddings(300, 4), integer_embeddings(5_003, 4)
+    exclude = random_exclusions(300, 5_003, 30)
+    scores, ids = top_k(queries, items, 100, exclude=exclude)
+    expected_scores, expected_ids = brute_force_top_k(queries, items, 100, exclude)
+    assert torch.equal(scores, expected_scores)
+    assert torch.equal(ids, expected_ids)
+
+
+def test_threads_give_the_same_result_and_the_setting_is_restored():
+    # The worker threads must also run without autograd (item vectors straight from a model require grad).
+    torch.manual_seed(8)
+    queries, items = torch.randn(90, 16), torch.randn(4_000, 16)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = top_k(queries, items, 30, query_chunk=16)
+        torch.set_num_threads(2)
+        two = top_k(queries, items.requires_grad_(), 30, query_chunk=16)  # as model.item_vectors() are
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
