@@ -370,9 +370,33 @@ class Plan:
 def _run_stages(config: PreprocessConfig, force: bool, on_stage_start: StageCallback | None) -> list[StageReport]:
     inputs = input_fingerprints(config)
     plan = Plan(config, choose_layout(config, config.out, inputs), inputs)
-    reports = plan.global_step(force, on_stage_start)
-    for stage in PER_USER_STAGES:
-        reports.append(plan.build_if_stale(config.out, stage, plan.stage_fingerprint(stage), plan.stage_build(stage, force), force, on_stage_start))
+    return plan.global_step(force, on_stage_start) + publish_stages(plan, force, on_stage_start)
+
+
+def publish_stages(
+    plan: Plan, force: bool, on_stage_start: StageCallback | None, *, parts_built: bool = False
+) -> list[StageReport]:
+    """The per-user stages, each from its buckets' parts (built here where missing or forced,
+    unless `parts_built`: an engine's tasks have just built or forced them all)."""
+    return [
+        plan.build_if_stale(plan.out, stage, plan.stage_fingerprint(stage), plan.stage_build(stage, force and not parts_built), force, on_stage_start)
+        for stage in PER_USER_STAGES
+    ]
+
+
+def build_bucket(plan: Plan, bucket: int, force: bool, on_stage_start: StageCallback | None = None) -> list[StageReport]:
+    """The parts of user bucket `bucket` of every per-user stage, each built unless cached (or
+    forced), under the bucket's lock: a second builder of the same bucket waits, then reuses."""
+    reports = []
+    with bucket_lock(plan.out, bucket):
+        for stage in PER_USER_STAGES:
+            name = f"{stage} {bucket}/{plan.layout.n_buckets}"
+            cached = not force and is_current(part_dir(plan.out, stage, bucket), plan.part_fingerprint(stage, bucket))
+            if not cached and on_stage_start is not None:
+                on_stage_start(name)
+            started = time.perf_counter()
+            manifest = plan.part(stage, bucket, force)
+            reports.append(StageReport(name, cached, 0.0 if cached else time.perf_counter() - started, manifest["stats"]))
     return reports
 
 
@@ -386,16 +410,7 @@ def _run_bucket(
     plan = Plan(config, Layout(n_buckets), inputs)
     with FileLock(config.out / LOCK_NAME):
         reports = plan.global_step(False, on_stage_start)
-    with bucket_lock(config.out, bucket):
-        for stage in PER_USER_STAGES:
-            name = f"{stage} {bucket}/{n_buckets}"
-            cached = not force and is_current(part_dir(config.out, stage, bucket), plan.part_fingerprint(stage, bucket))
-            if not cached and on_stage_start is not None:
-                on_stage_start(name)
-            started = time.perf_counter()
-            manifest = plan.part(stage, bucket, force)
-            reports.append(StageReport(name, cached, 0.0 if cached else time.perf_counter() - started, manifest["stats"]))
-    return reports
+    return reports + build_bucket(plan, bucket, force, on_stage_start)
 
 
 def load_summary(out: Path) -> dict[str, dict[str, Any]]:
