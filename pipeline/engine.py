@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -128,9 +129,12 @@ def dask_client(options: EngineOptions) -> Iterator[Client]:
             yield client
         return
     workers = options.workers or os.cpu_count() or 1
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with Client(cluster) as client:
-            yield client
+    with warnings.catch_warnings():
+        # its scheduler's HTTP server (health, metrics) takes another port when 8787 is busy, and says so
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, Client(cluster) as client:
+        yield client
 
 
 def submit(client: Client, task: Callable[..., Result], *args: Any) -> Future:
