@@ -65,12 +65,17 @@ def check_engine(options: EngineOptions, config: PreprocessConfig, bucket: tuple
         raise InputError("--engine runs user buckets as tasks: use --buckets 2 or more, or leave out --engine for the in-memory path")
     if options.address is not None and options.workers is not None:
         raise InputError("--workers sizes a local cluster; the cluster at --address has its own workers")
-    if options.workers is not None and options.workers < 1:
-        raise InputError("--workers must be at least 1")
+    if options.workers is not None and not 1 <= options.workers <= local_cores():
+        # each worker is a process whose Polars already uses every core: more would only share them
+        raise InputError(f"--workers must be from 1 to the {local_cores()} cores of this machine")
     try:
         import distributed  # noqa: F401
     except ImportError:
         raise InputError(f"--engine dask needs Dask distributed, which is not installed: {INSTALL_HINT}") from None
+
+
+def local_cores() -> int:
+    return os.cpu_count() or 1
 
 
 def run_on_engine(
@@ -123,12 +128,12 @@ def dask_client(options: EngineOptions) -> Iterator[Client]:
     if options.address is not None:
         try:
             client = Client(options.address, timeout=CONNECT_TIMEOUT)
-        except OSError as error:
-            raise InputError(f"--address {options.address}: no Dask scheduler answers there ({error})") from None
+        except (OSError, ValueError) as error:  # nothing listening there; not an address at all
+            raise InputError(f"--address {options.address!r}: no Dask scheduler answers there ({error})") from None
         with client:
             yield client
         return
-    workers = options.workers or os.cpu_count() or 1
+    workers = options.workers or local_cores()
     with warnings.catch_warnings():
         # its scheduler's HTTP server (health, metrics) takes another port when 8787 is busy, and says so
         warnings.filterwarnings("ignore", message="Port .* is already in use")

@@ -147,7 +147,8 @@ def test_without_the_extra_engine_dask_is_one_line(monkeypatch: pytest.MonkeyPat
         (("--engine", "dask", "--buckets", "1"), "use --buckets 2 or more"),
         (("--engine", "dask", "--bucket", "1/3"), "use one of them"),
         (("--engine", "dask", "--address", "tcp://127.0.0.1:8786", "--workers", "2"), "has its own workers"),
-        (("--engine", "dask", "--workers", "0"), "--workers must be at least 1"),
+        (("--engine", "dask", "--workers", "0"), "--workers must be from 1 to the"),
+        (("--engine", "dask", "--workers", "100000"), "--workers must be from 1 to the"),
         (("--address", "tcp://127.0.0.1:8786"), "add --engine dask"),
     ],
 )
@@ -155,4 +156,12 @@ def test_options_that_cannot_run_are_one_line(options: tuple[str, ...], message:
     outcome = run_sdm("preprocess", *sample_options("--out", tmp_path / "out", *options))
     assert outcome.exit_code == 2
     assert outcome.stderr.count("\n") == 1 and message in outcome.stderr, outcome.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_address_without_a_scheduler_is_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    outcome = run_sdm("preprocess", *sample_options("--out", tmp_path / "out", "--engine", "dask", "--address", "nonsense"))
+    assert outcome.exit_code == 2
+    assert outcome.stderr.count("\n") == 1 and "--address 'nonsense': no Dask scheduler answers there" in outcome.stderr, outcome.stderr
     assert not (tmp_path / "out").exists()
