@@ -2,7 +2,7 @@
 local cluster of two worker processes the output is the in-memory path's; a worker killed in the
 middle of a bucket is replaced, its task retried, and no half-written part is left; without the
 extra, `--engine dask` is one line and exit code 2. One cluster serves the module (`--address`);
-one test starts its own, as `sdm preprocess --engine dask` does by default."""
+a slow test lets the command start its own, as `sdm preprocess --engine dask` does by default."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ from helpers.engine import ATTEMPTS, MARKER, build_bucket_dying_once, build_buck
 from helpers.logs import STAGES, snapshot, write_log
 from helpers.training import SAMPLE_FILES
 
+import pipeline.run
 from pipeline.cache import damaged_file, read_manifest
 from pipeline.config import PreprocessConfig
-from pipeline.engine import EngineOptions
+from pipeline.engine import EngineOptions, engine_layout
 from pipeline.errors import InputError
-from pipeline.run import PER_USER_STAGES, STAGE_TABLES, run_preprocess
+from pipeline.run import PER_USER_STAGES, STAGE_TABLES, choose_layout, input_fingerprints, run_preprocess
 
 N_BUCKETS = 4
 STAGE_FILES = {"events": ("events", "items", "users"), **STAGE_TABLES}
@@ -120,6 +121,17 @@ def test_bad_input_in_a_bucket_is_not_retried(cluster: str, tmp_path: Path) -> N
     with pytest.raises(InputError, match="bucket 0: bad input"):
         run_preprocess(sample_config(tmp_path / "out", buckets=N_BUCKETS), engine=options)
     assert len((tmp_path / ATTEMPTS).read_text().splitlines()) == 1  # would be 1 + RETRIES if retried
+
+
+def test_buckets_are_sized_for_the_tasks_that_run_at_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = PreprocessConfig(logs=SAMPLE_FILES["events"], out=tmp_path / "out", memory_limit=2 * 10**9)
+    inputs = input_fingerprints(config)
+    assert engine_layout(config, inputs, slots=1).n_buckets == 2  # a small log: two buckets at least, not the in-memory path
+    assert engine_layout(config, inputs, slots=3).n_buckets == 3  # and one per slot
+    monkeypatch.setattr(pipeline.run, "count_rows", lambda *_: 10**8)  # 10^8 rows x 192 bytes: 10 buckets of 2 GB
+    assert choose_layout(config, config.out, inputs).n_buckets == 10
+    assert engine_layout(config, inputs, slots=2).n_buckets == 20  # two at once share the 2 GB
+    assert engine_layout(PreprocessConfig(logs=config.logs, out=config.out, buckets=7), inputs, slots=2).n_buckets == 7
 
 
 @pytest.mark.slow  # 7 s: a cluster of its own, started and stopped by the command
