@@ -134,7 +134,7 @@ def test_buckets_are_sized_for_the_tasks_that_run_at_once(monkeypatch: pytest.Mo
     assert engine_layout(PreprocessConfig(logs=config.logs, out=config.out, buckets=7), inputs, slots=2).n_buckets == 7
 
 
-@pytest.mark.slow  # 7 s: a cluster of its own, started and stopped by the command
+@pytest.mark.slow  # 3 s on a quiet machine (7 s under load): a cluster of its own, started and stopped by the command
 def test_the_command_starts_a_local_cluster_by_default(in_memory: Path, sequential: Path, tmp_path: Path) -> None:
     pytest.importorskip("distributed")
     out = tmp_path / "out"
