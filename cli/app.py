@@ -66,7 +66,8 @@ KIND_OF_TYPE = {int: INTEGER, float: NUMBER, str: TEXT, bool: BOOLEAN}
 SPECIAL_KINDS = {"session_gap": DURATION, "long_window": DURATION_OR_NONE, "memory_limit": SIZE, "columns": NAMES, "column": ROLE_TABLE}
 # Not settings of a config file: where the input and output are (a config file must not redirect
 # them), the config file itself, and what one invocation does (--force, --bucket, --resume, ...).
-NOT_SETTINGS = {"logs", "out", "items", "users", "data", "config_file", "force", "bucket", "resume", "quiet", "nproc", "ctx"}
+NOT_SETTINGS = {"logs", "out", "items", "users", "data", "config_file", "force", "bucket", "resume", "quiet", "nproc", "ctx",
+                "engine", "address", "workers"}
 
 
 def option_types(command: Any) -> dict[str, type]:
@@ -126,10 +127,14 @@ def preprocess(
     memory_limit: Annotated[Optional[str], typer.Option(help="Memory to stay within, e.g. 4GB: picks how many user buckets the per-user stages are built in. \\[default: 2GB]")] = None,
     buckets: Annotated[Optional[int], typer.Option(help="Number of user buckets, instead of picking it from --memory-limit (1 = all in memory).")] = None,
     bucket: Annotated[Optional[str], typer.Option(help="K/N: build the global step and user bucket K of N only (a job of a scheduler); a final run with --buckets N publishes them.")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="dask: run the global step and every user bucket as tasks of Dask distributed, which places and retries them (pip install \"sdm\\[dask]\"); on a local cluster unless --address.")] = None,
+    address: Annotated[Optional[str], typer.Option(help="With --engine: the scheduler of a running cluster, e.g. tcp://10.0.0.5:8786; its workers must see LOGS and --out at the same paths.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="With --engine and no --address: worker processes of the local cluster. \\[default: one per core]")] = None,
 ) -> None:
     """Turn a raw interaction log into cached Parquet sessions, long-term sets and splits.
     LOGS may be one file, a directory of files or a quoted glob ('logs/*.parquet')."""
     from pipeline.buckets import parse_bucket
+    from pipeline.engine import EngineOptions
     from pipeline.run import run_preprocess
 
     settings = read_config_file(config_file)
@@ -160,11 +165,14 @@ def preprocess(
     if "long_window" in settings:
         settings["long_window_ms"] = parse_duration(settings.pop("long_window"), option=source("long_window"), allow_none=True)
     config = PreprocessConfig(logs=logs, out=out, items=items, users=users, column_map=column_map, **settings)
+    if engine is None and (address is not None or workers is not None):
+        raise InputError("--address and --workers say where --engine runs; add --engine dask")
 
     with console.status("") as status:
         reports = run_preprocess(
             config, force=force, on_stage_start=lambda stage: status.update(f"[bold]{stage}[/]: building"),
             bucket=parse_bucket(bucket) if bucket is not None else None,
+            engine=EngineOptions(engine, address, workers) if engine is not None else None,
         )
     for report in reports:
         state = "[dim]cached (inputs and parameters unchanged)[/]" if report.cached else f"built in {report.seconds:.2f}s"

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 from filelock import FileLock, Timeout
@@ -58,6 +58,9 @@ from pipeline.sessions import (
 from pipeline.splits import build_splits
 from pipeline.storage import ensure_output_dir, remove_leftovers
 
+if TYPE_CHECKING:
+    from pipeline.engine import EngineOptions
+
 STAGES = ("events", "sessions", "long_term", "splits")
 PER_USER_STAGES = ("sessions", "long_term", "splits")
 STAGE_TABLES = {"sessions": ("events", "sessions"), "long_term": ("long_term",), "splits": ("train", "valid", "test")}
@@ -85,9 +88,10 @@ def input_fingerprints(config: PreprocessConfig) -> dict[str, Any]:
     }
 
 
-def choose_layout(config: PreprocessConfig, out: Path, inputs: dict[str, Any]) -> Layout:
+def choose_layout(config: PreprocessConfig, out: Path, inputs: dict[str, Any], concurrent: int = 1) -> Layout:
     """--buckets, else the memory rule on the number of input rows (from the events manifest when
-    it describes these very inputs, else counted)."""
+    it describes these very inputs, else counted), with the limit shared by `concurrent` bucket
+    builds running at once."""
     if config.buckets is not None:
         return Layout(config.buckets)
     manifest = read_manifest(out / "events")
@@ -95,7 +99,7 @@ def choose_layout(config: PreprocessConfig, out: Path, inputs: dict[str, Any]) -
         rows = manifest["stats"]["rows_read"]
     else:
         rows = count_rows(scan_table(config.logs, sep=config.sep, header=config.header, columns=config.columns), config.header)
-    return Layout(bucket_count(rows, config.memory_limit))
+    return Layout(bucket_count(rows, config.memory_limit // concurrent))
 
 
 def _write(frame: pl.DataFrame, path: Path) -> None:
@@ -254,9 +258,11 @@ def run_preprocess(
     force: bool = False,
     on_stage_start: StageCallback | None = None,
     bucket: tuple[int, int] | None = None,
+    engine: EngineOptions | None = None,
 ) -> list[StageReport]:
     """Build (or reuse) every stage under config.out; return what happened to each.
-    With `bucket` = (K, N): only the global step and user bucket K of N, for a later run to publish."""
+    With `bucket` = (K, N): only the global step and user bucket K of N, for a later run to publish.
+    With `engine`: the global step and every bucket as tasks of that engine (pipeline/engine.py)."""
     out = config.out
     input_files(config.logs)  # the log exists (a file, a directory of files or a glob)
     for path in (config.items, config.users):
@@ -264,6 +270,10 @@ def run_preprocess(
             raise InputError(f"{path}: no such file")
     if bucket is not None and config.buckets not in (None, bucket[1]):
         raise InputError(f"--bucket {bucket[0]}/{bucket[1]} and --buckets {config.buckets} disagree")
+    if engine is not None:
+        from pipeline.engine import check_engine
+
+        check_engine(engine, config, bucket)
     created = ensure_output_dir(out)
     try:
         if bucket is not None:
@@ -271,6 +281,10 @@ def run_preprocess(
         with FileLock(out / LOCK_NAME, timeout=0):
             for stage in STAGES:  # temporaries a killed run left next to a stage that is now reused
                 remove_leftovers(out, stage)
+            if engine is not None:
+                from pipeline.engine import run_on_engine
+
+                return run_on_engine(config, engine, force, on_stage_start)
             return _run_stages(config, force, on_stage_start)
     except Timeout:
         raise InputError(f"{out}: another sdm process is writing this directory; wait for it or use another --out") from None
@@ -370,9 +384,33 @@ class Plan:
 def _run_stages(config: PreprocessConfig, force: bool, on_stage_start: StageCallback | None) -> list[StageReport]:
     inputs = input_fingerprints(config)
     plan = Plan(config, choose_layout(config, config.out, inputs), inputs)
-    reports = plan.global_step(force, on_stage_start)
-    for stage in PER_USER_STAGES:
-        reports.append(plan.build_if_stale(config.out, stage, plan.stage_fingerprint(stage), plan.stage_build(stage, force), force, on_stage_start))
+    return plan.global_step(force, on_stage_start) + publish_stages(plan, force, on_stage_start)
+
+
+def publish_stages(
+    plan: Plan, force: bool, on_stage_start: StageCallback | None, *, parts_built: bool = False
+) -> list[StageReport]:
+    """The per-user stages, each from its buckets' parts (built here where missing or forced,
+    unless `parts_built`: an engine's tasks have just built or forced them all)."""
+    return [
+        plan.build_if_stale(plan.out, stage, plan.stage_fingerprint(stage), plan.stage_build(stage, force and not parts_built), force, on_stage_start)
+        for stage in PER_USER_STAGES
+    ]
+
+
+def build_bucket(plan: Plan, bucket: int, force: bool, on_stage_start: StageCallback | None = None) -> list[StageReport]:
+    """The parts of user bucket `bucket` of every per-user stage, each built unless cached (or
+    forced), under the bucket's lock: a second builder of the same bucket waits, then reuses."""
+    reports = []
+    with bucket_lock(plan.out, bucket):
+        for stage in PER_USER_STAGES:
+            name = f"{stage} {bucket}/{plan.layout.n_buckets}"
+            cached = not force and is_current(part_dir(plan.out, stage, bucket), plan.part_fingerprint(stage, bucket))
+            if not cached and on_stage_start is not None:
+                on_stage_start(name)
+            started = time.perf_counter()
+            manifest = plan.part(stage, bucket, force)
+            reports.append(StageReport(name, cached, 0.0 if cached else time.perf_counter() - started, manifest["stats"]))
     return reports
 
 
@@ -386,16 +424,7 @@ def _run_bucket(
     plan = Plan(config, Layout(n_buckets), inputs)
     with FileLock(config.out / LOCK_NAME):
         reports = plan.global_step(False, on_stage_start)
-    with bucket_lock(config.out, bucket):
-        for stage in PER_USER_STAGES:
-            name = f"{stage} {bucket}/{n_buckets}"
-            cached = not force and is_current(part_dir(config.out, stage, bucket), plan.part_fingerprint(stage, bucket))
-            if not cached and on_stage_start is not None:
-                on_stage_start(name)
-            started = time.perf_counter()
-            manifest = plan.part(stage, bucket, force)
-            reports.append(StageReport(name, cached, 0.0 if cached else time.perf_counter() - started, manifest["stats"]))
-    return reports
+    return reports + build_bucket(plan, bucket, force, on_stage_start)
 
 
 def load_summary(out: Path) -> dict[str, dict[str, Any]]:
