@@ -25,8 +25,11 @@ import polars as pl
 # Item side features, in the order of the model's `item_side` columns and the long-term sets.
 SIDE_FEATURES = ("leaf", "category", "shop", "brand")
 ITEM_FEATURES = ("item", *SIDE_FEATURES)
-STAGES = ("events", "sessions", "long_term", "splits")
 SPLITS = ("train", "valid", "test")
+# Each stage directory and the tables (<name>.parquet) it holds, in build order.
+STAGE_TABLES = {"events": ("events", "items", "users"), "sessions": ("events", "sessions"), "long_term": ("long_term",),
+                "splits": SPLITS}
+STAGES = tuple(STAGE_TABLES)
 
 # Fixed columns of each table; the tables may hold more (side features, profile fields, behaviour).
 VOCABULARY_SCHEMA = {"id": pl.UInt32, "raw": pl.String, "count": pl.UInt32}
@@ -57,6 +60,10 @@ class DataDir:
     def stage(self, name: str) -> Path:
         return self.root / name
 
+    def table(self, stage: str, name: str) -> Path:
+        """A table of STAGE_TABLES: a file, or with several buckets a directory of part files."""
+        return self.root / stage / f"{name}.parquet"
+
     def vocabulary(self, name: str) -> Path:
         """The id <-> raw value table of a feature (item, user, a side feature, `profile.<field>`)."""
         return self.root / "events" / "vocab" / f"{name}.parquet"
@@ -66,32 +73,32 @@ class DataDir:
 
     @property
     def events(self) -> Path:
-        return self.root / "events" / "events.parquet"
+        return self.table("events", "events")
 
     @property
     def items(self) -> Path:
         """One row per item id: its side features."""
-        return self.root / "events" / "items.parquet"
+        return self.table("events", "items")
 
     @property
     def users(self) -> Path:
         """One row per user id: its profile fields."""
-        return self.root / "events" / "users.parquet"
+        return self.table("events", "users")
 
     @property
     def session_events(self) -> Path:
-        return self.root / "sessions" / "events.parquet"
+        return self.table("sessions", "events")
 
     @property
     def sessions(self) -> Path:
-        return self.root / "sessions" / "sessions.parquet"
+        return self.table("sessions", "sessions")
 
     @property
     def long_term(self) -> Path:
-        return self.root / "long_term" / "long_term.parquet"
+        return self.table("long_term", "long_term")
 
     def split(self, name: str) -> Path:
-        return self.root / "splits" / f"{name}.parquet"
+        return self.table("splits", name)
 
     @property
     def tensors(self) -> Path:

@@ -1,15 +1,9 @@
-"""`sdm preprocess`: run the four stages, reusing each one whose inputs and parameters are unchanged.
+"""`sdm preprocess`: run the four stages (PIPELINE), reusing each one whose inputs and parameters are unchanged.
 
-Output layout (each stage directory is complete, with its manifest, or absent):
-
-    OUT/events/     events.parquet items.parquet users.parquet vocab/<name>.parquet
-    OUT/sessions/   events.parquet (events with session, position) sessions.parquet
-    OUT/long_term/  long_term.parquet (one list column per feature)
-    OUT/splits/     train.parquet valid.parquet test.parquet
-
-With N > 1 user buckets (pipeline/buckets.py), events.parquet and every table of the last three
-stages is a directory of N part files (read as one table), and OUT/buckets/ caches each bucket of
-each per-user stage plus the global session numbering (session_starts/).
+What each stage writes is the data contract (pipeline/contract.py). With N > 1 user buckets
+(pipeline/buckets.py), events.parquet and every table of the last three stages is a directory of N
+part files (read as one table), and OUT/buckets/ caches each bucket of each per-user stage plus
+the global session numbering (session_starts/).
 """
 
 from __future__ import annotations
@@ -44,6 +38,7 @@ from pipeline.cache import (
     read_manifest,
 )
 from pipeline.config import PreprocessConfig
+from pipeline.contract import STAGE_TABLES, STAGES
 from pipeline.errors import InputError
 from pipeline.diagnostics import TIME_UNITS_MS, empty_long_term_sessions, session_measures, time_resolution
 from pipeline.events import build_events
@@ -61,9 +56,6 @@ from pipeline.storage import ensure_output_dir, remove_leftovers
 if TYPE_CHECKING:
     from pipeline.engine import EngineOptions
 
-STAGES = ("events", "sessions", "long_term", "splits")
-PER_USER_STAGES = ("sessions", "long_term", "splits")
-STAGE_TABLES = {"sessions": ("events", "sessions"), "long_term": ("long_term",), "splits": ("train", "valid", "test")}
 SESSION_STARTS = "session_starts"
 LOCK_NAME = ".sdm.lock"
 
@@ -248,8 +240,32 @@ def summarise_splits_stage(config: PreprocessConfig, counts: list[dict[str, Any]
     return {"split": config.split, **{name: sum(part[name] for part in counts) for name in counts[0]}}
 
 
-PART_BUILDERS = {"sessions": sessions_part, "long_term": long_term_part, "splits": splits_part}
-SUMMARIES = {"sessions": summarise_sessions_stage, "long_term": summarise_long_term_stage, "splits": summarise_splits_stage}
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its directory under OUT, the stages it reads (their manifests are part of its
+    fingerprint), the tables it writes, and for a per-user stage how one bucket's part is built
+    and how the parts' counts add up to the stage's stats."""
+
+    name: str
+    upstream: tuple[str, ...]
+    build_part: Callable[[PreprocessConfig, Sources, int], PartBuild] | None = None
+    summarise: Callable[[PreprocessConfig, list[dict[str, Any]]], dict[str, Any]] | None = None
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return STAGE_TABLES[self.name]  # the data contract's names
+
+
+# The pipeline, in build order. The events stage is the global step (events_stage); the others are
+# per user, so they can be built bucket by bucket.
+PIPELINE = (
+    Stage("events", ()),
+    Stage("sessions", ("events",), sessions_part, summarise_sessions_stage),
+    Stage("long_term", ("events", "sessions"), long_term_part, summarise_long_term_stage),
+    Stage("splits", ("sessions",), splits_part, summarise_splits_stage),
+)
+STAGE = {stage.name: stage for stage in PIPELINE}
+PER_USER_STAGES = tuple(stage.name for stage in PIPELINE if stage.build_part is not None)
 
 
 def run_preprocess(
@@ -304,13 +320,12 @@ class Plan:
         self.sources = Sources(config.out, layout)
 
     def stage_fingerprint(self, stage: str) -> dict[str, Any]:
-        upstream = {"events": (), "sessions": ("events",), "long_term": ("events", "sessions"), "splits": ("sessions",)}
         return {
             "version": package_version(),
             "params": self.config.stage_params(stage),
             "inputs": self.inputs if stage == "events" else {},
             **({"buckets": self.layout.n_buckets} if stage == "events" else {}),
-            "upstream": {name: manifest_digest(self.out / name) for name in upstream[stage]},
+            "upstream": {name: manifest_digest(self.out / name) for name in STAGE[stage].upstream},
         }
 
     def session_starts_fingerprint(self) -> dict[str, Any]:
@@ -344,7 +359,7 @@ class Plan:
     def part(self, stage: str, bucket: int, force: bool) -> dict[str, Any]:
         """The manifest of one bucket of a per-user stage, built unless cached (or forced)."""
         fingerprint = self.part_fingerprint(stage, bucket)
-        build = PART_BUILDERS[stage](self.config, self.sources, bucket)
+        build = STAGE[stage].build_part(self.config, self.sources, bucket)
         if force:
             return build_stage(part_dir(self.out, stage, bucket).parent, part_dir(self.out, stage, bucket).name, fingerprint, build)
         return ensure_part(self.out, stage, bucket, fingerprint, build)
@@ -352,9 +367,9 @@ class Plan:
     def stage_build(self, stage: str, force: bool) -> Callable[[Path], dict[str, Any]]:
         """One bucket: build the stage in memory. Several: make sure every bucket's part is built
         (waiting for a bucket job still at it), then link the parts into the stage directory."""
-        summarise = SUMMARIES[stage]
+        summarise = STAGE[stage].summarise
         if self.layout.n_buckets == 1:
-            part = PART_BUILDERS[stage](self.config, self.sources, 0)
+            part = STAGE[stage].build_part(self.config, self.sources, 0)
             return lambda directory: summarise(self.config, [part(directory)])
 
         def build(directory: Path) -> dict[str, Any]:
@@ -362,7 +377,7 @@ class Plan:
             for bucket in range(self.layout.n_buckets):
                 with bucket_lock(self.out, bucket):
                     counts.append(self.part(stage, bucket, force)["stats"])
-            link_parts(self.out, stage, STAGE_TABLES[stage], self.layout, directory)
+            link_parts(self.out, stage, STAGE[stage].tables, self.layout, directory)
             return summarise(self.config, counts)
 
         return build

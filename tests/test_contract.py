@@ -41,6 +41,17 @@ def test_every_table_preprocess_writes_holds_the_contract_columns(tiny_data):
         holds(layout.split(split), CASES_SCHEMA)
 
 
+def test_the_pipeline_builds_the_contract_stages_in_order():
+    from pipeline.contract import STAGES
+    from pipeline.run import PIPELINE
+
+    assert tuple(stage.name for stage in PIPELINE) == STAGES
+    built = set()
+    for stage in PIPELINE:  # each reads only stages built before it
+        assert set(stage.upstream) <= built, stage
+        built.add(stage.name)
+
+
 def test_the_model_does_not_import_the_log_reader():
     # The model and its config need the contract's names, not the CSV reading of preprocessing.
     probe = "import sys, sdm.models.sdm; print(sorted(m for m in sys.modules if m.startswith('pipeline.')))"

@@ -23,10 +23,10 @@ from pipeline.cache import damaged_file, read_manifest
 from pipeline.config import PreprocessConfig
 from pipeline.engine import EngineOptions, engine_layout
 from pipeline.errors import InputError
-from pipeline.run import PER_USER_STAGES, STAGE_TABLES, choose_layout, input_fingerprints, run_preprocess
+from pipeline.run import PER_USER_STAGES, STAGE, choose_layout, input_fingerprints, run_preprocess
 
 N_BUCKETS = 4
-STAGE_FILES = {"events": ("events", "items", "users"), **STAGE_TABLES}
+STAGE_FILES = {name: stage.tables for name, stage in STAGE.items()}
 
 
 def sample_config(out: Path, buckets: int) -> PreprocessConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pipeline.run
@@ -23,7 +24,8 @@ def build_bucket_dying_once(plan: Plan, bucket: int, force: bool) -> list[StageR
     marker = plan.out.parent / MARKER
     if bucket == KILLED_BUCKET and not marker.exists():
         marker.write_text(str(os.getpid()))
-        pipeline.run.PART_BUILDERS["long_term"] = dying_part  # in this worker process only, which dies with it
+        # in this worker process only, which dies with it
+        pipeline.run.STAGE["long_term"] = replace(pipeline.run.STAGE["long_term"], build_part=dying_part)
     return build_bucket(plan, bucket, force)
 
 
