@@ -42,7 +42,9 @@ SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 DEMO_TEST_DAYS, DEMO_VALID_DAYS = 3.0, 2.0
 DEMO_KS = (10, 50)
 
-# `sdm train --help` groups its options in these panels (the rest under "Options").
+# `--help` groups the options of preprocess and train in these panels (the rest under "Options").
+READING_PANEL, FILTERS_PANEL, SESSIONS_PANEL = "Reading the log", "Filters", "Sessions and long-term sets"
+SPLITS_PANEL, SCALE_PANEL = "Splits", "Scale (buckets, engine)"
 MODEL_PANEL, OPTIMISATION_PANEL, PROCESSES_PANEL = "Model", "Optimisation", "Processes"
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output directory (created if missing).")]
 
@@ -105,31 +107,31 @@ def preprocess(
     items: Annotated[Optional[Path], typer.Option(help="Items file: item id + leaf/category/shop/brand columns.")] = None,
     users: Annotated[Optional[Path], typer.Option(help="Users file: user id + profile columns (all other columns).")] = None,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options under \\[preprocess].")] = None,
-    sep: Annotated[Optional[str], typer.Option(help="CSV delimiter of the event log. \\[default: detected]")] = None,
-    header: Annotated[Optional[bool], typer.Option("--header/--no-header", help="Whether the first CSV line is a header. \\[default: header]")] = None,
-    columns: Annotated[Optional[str], typer.Option(help="Column names for a headerless file, comma-separated.")] = None,
-    column: Annotated[Optional[list[str]], typer.Option(help="ROLE=NAME: which column plays a role (user, item, time, session, behavior, leaf, category, shop, brand), in the file that has it: the log, --items (item, side features, e.g. category=genres) or --users (user). Repeatable.")] = None,
-    time_format: Annotated[Optional[str], typer.Option(help="strftime format of the time column, e.g. '%d.%m.%Y %H:%M' or '%m%d'. \\[default: unix s/ms or ISO-like, detected]")] = None,
-    flag_columns: Annotated[Optional[str], typer.Option(help="One-hot flag columns (e.g. genres) as item features: a range FIRST..LAST and/or a comma list, e.g. unknown..Western. category = the first set flag, leaf = all set flags joined by '|'. Read from --items if given, else from the log.")] = None,
-    min_item_count: Annotated[Optional[int], typer.Option(help="Drop items seen fewer times. \\[default: 5]")] = None,
-    max_user_events: Annotated[Optional[int], typer.Option(help="Drop users with more events (spam). \\[default: off]")] = None,
-    keep_duplicates: Annotated[Optional[bool], typer.Option("--keep-duplicates", help="Keep exact duplicate events. \\[default: drop]")] = None,
-    strict: Annotated[Optional[bool], typer.Option("--strict", help="Fail on rows with an empty user, item or time instead of dropping them.")] = None,
-    session_gap: Annotated[Optional[str], typer.Option(help="A gap this long or longer starts a new session (unless the session id is shared). \\[default: 10m]")] = None,
-    max_session_length: Annotated[Optional[int], typer.Option(help="Items per session at most. \\[default: 50]")] = None,
-    long_window: Annotated[Optional[str], typer.Option(help="How far back long-term sets reach, or 'none'. \\[default: 7d]")] = None,
-    max_long: Annotated[Optional[int], typer.Option(help="Values per long-term set at most. \\[default: 20]")] = None,
-    split: Annotated[Optional[str], typer.Option(help="temporal (last days are test) or leave-last-out. \\[default: temporal]")] = None,
-    test_days: Annotated[Optional[float], typer.Option(help="temporal: days at the end used for test. \\[default: 1]")] = None,
-    valid_days: Annotated[Optional[float], typer.Option(help="temporal: days before the test days used for validation. \\[default: 1]")] = None,
-    input_fraction: Annotated[Optional[float], typer.Option(help="temporal: share of a test session given as input. \\[default: 0.25]")] = None,
+    sep: Annotated[Optional[str], typer.Option(help="CSV delimiter of the event log. \\[default: detected]", rich_help_panel=READING_PANEL)] = None,
+    header: Annotated[Optional[bool], typer.Option("--header/--no-header", help="Whether the first CSV line is a header. \\[default: header]", rich_help_panel=READING_PANEL)] = None,
+    columns: Annotated[Optional[str], typer.Option(help="Column names for a headerless file, comma-separated.", rich_help_panel=READING_PANEL)] = None,
+    column: Annotated[Optional[list[str]], typer.Option(help="ROLE=NAME: which column plays a role (user, item, time, session, behavior, leaf, category, shop, brand), in the file that has it: the log, --items (item, side features, e.g. category=genres) or --users (user). Repeatable.", rich_help_panel=READING_PANEL)] = None,
+    time_format: Annotated[Optional[str], typer.Option(help="strftime format of the time column, e.g. '%d.%m.%Y %H:%M' or '%m%d'. \\[default: unix s/ms or ISO-like, detected]", rich_help_panel=READING_PANEL)] = None,
+    flag_columns: Annotated[Optional[str], typer.Option(help="One-hot flag columns (e.g. genres) as item features: a range FIRST..LAST and/or a comma list, e.g. unknown..Western. category = the first set flag, leaf = all set flags joined by '|'. Read from --items if given, else from the log.", rich_help_panel=READING_PANEL)] = None,
+    min_item_count: Annotated[Optional[int], typer.Option(help="Drop items seen fewer times. \\[default: 5]", rich_help_panel=FILTERS_PANEL)] = None,
+    max_user_events: Annotated[Optional[int], typer.Option(help="Drop users with more events (spam). \\[default: off]", rich_help_panel=FILTERS_PANEL)] = None,
+    keep_duplicates: Annotated[Optional[bool], typer.Option("--keep-duplicates", help="Keep exact duplicate events. \\[default: drop]", rich_help_panel=FILTERS_PANEL)] = None,
+    strict: Annotated[Optional[bool], typer.Option("--strict", help="Fail on rows with an empty user, item or time instead of dropping them.", rich_help_panel=FILTERS_PANEL)] = None,
+    session_gap: Annotated[Optional[str], typer.Option(help="A gap this long or longer starts a new session (unless the session id is shared). \\[default: 10m]", rich_help_panel=SESSIONS_PANEL)] = None,
+    max_session_length: Annotated[Optional[int], typer.Option(help="Items per session at most. \\[default: 50]", rich_help_panel=SESSIONS_PANEL)] = None,
+    long_window: Annotated[Optional[str], typer.Option(help="How far back long-term sets reach, or 'none'. \\[default: 7d]", rich_help_panel=SESSIONS_PANEL)] = None,
+    max_long: Annotated[Optional[int], typer.Option(help="Values per long-term set at most. \\[default: 20]", rich_help_panel=SESSIONS_PANEL)] = None,
+    split: Annotated[Optional[str], typer.Option(help="temporal (last days are test) or leave-last-out. \\[default: temporal]", rich_help_panel=SPLITS_PANEL)] = None,
+    test_days: Annotated[Optional[float], typer.Option(help="temporal: days at the end used for test. \\[default: 1]", rich_help_panel=SPLITS_PANEL)] = None,
+    valid_days: Annotated[Optional[float], typer.Option(help="temporal: days before the test days used for validation. \\[default: 1]", rich_help_panel=SPLITS_PANEL)] = None,
+    input_fraction: Annotated[Optional[float], typer.Option(help="temporal: share of a test session given as input. \\[default: 0.25]", rich_help_panel=SPLITS_PANEL)] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild every stage even if cached.")] = False,
-    memory_limit: Annotated[Optional[str], typer.Option(help="Memory to stay within, e.g. 4GB: picks how many user buckets the per-user stages are built in. \\[default: 2GB]")] = None,
-    buckets: Annotated[Optional[int], typer.Option(help="Number of user buckets, instead of picking it from --memory-limit (1 = all in memory).")] = None,
-    bucket: Annotated[Optional[str], typer.Option(help="K/N: build the global step and user bucket K of N only (a job of a scheduler); a final run with --buckets N publishes them.")] = None,
-    engine: Annotated[Optional[str], typer.Option(help="dask: run the global step and every user bucket as tasks of Dask distributed, which places and retries them (pip install \"sdm\\[dask]\"); on a local cluster unless --address.")] = None,
-    address: Annotated[Optional[str], typer.Option(help="With --engine: the scheduler of a running cluster, e.g. tcp://10.0.0.5:8786; its workers must see LOGS and --out at the same paths.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="With --engine and no --address: worker processes of the local cluster. \\[default: one per core]")] = None,
+    memory_limit: Annotated[Optional[str], typer.Option(help="Memory to stay within, e.g. 4GB: picks how many user buckets the per-user stages are built in. \\[default: 2GB]", rich_help_panel=SCALE_PANEL)] = None,
+    buckets: Annotated[Optional[int], typer.Option(help="Number of user buckets, instead of picking it from --memory-limit (1 = all in memory).", rich_help_panel=SCALE_PANEL)] = None,
+    bucket: Annotated[Optional[str], typer.Option(help="K/N: build the global step and user bucket K of N only (a job of a scheduler); a final run with --buckets N publishes them.", rich_help_panel=SCALE_PANEL)] = None,
+    engine: Annotated[Optional[str], typer.Option(help="dask: run the global step and every user bucket as tasks of Dask distributed, which places and retries them (pip install \"sdm\\[dask]\"); on a local cluster unless --address.", rich_help_panel=SCALE_PANEL)] = None,
+    address: Annotated[Optional[str], typer.Option(help="With --engine: the scheduler of a running cluster, e.g. tcp://10.0.0.5:8786; its workers must see LOGS and --out at the same paths.", rich_help_panel=SCALE_PANEL)] = None,
+    workers: Annotated[Optional[int], typer.Option(help="With --engine and no --address: worker processes of the local cluster. \\[default: one per core]", rich_help_panel=SCALE_PANEL)] = None,
 ) -> None:
     """Turn a raw interaction log into cached Parquet sessions, long-term sets and splits.
     LOGS may be one file, a directory of files or a quoted glob ('logs/*.parquet')."""
