@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdm.evaluation.csr import CSR, in_rows
+
 METRICS = ("hit_rate", "recall", "precision", "f1", "ndcg", "mrr")
 KS = (10, 20, 50, 100)  # the cut-offs training validates at and `sdm evaluate` reports by default
-CSR = tuple[Tensor, Tensor]  # (indptr [N + 1], indices [nnz]), int64: row n owns indices[indptr[n]:indptr[n + 1]]
 
 
 def ranking_metrics(topk_ids: Tensor | np.ndarray, targets: CSR, ks: Sequence[int]) -> dict[str, float]:
@@ -53,7 +54,7 @@ def per_case_metrics(topk_ids: Tensor | np.ndarray, targets: CSR, ks: Sequence[i
     if any(not 1 <= k <= k_max for k in ks):
         raise ValueError(f"every K must lie in [1, {k_max}], got {list(ks)}")
 
-    hit = _is_target(topk_ids, indptr, target_items)  # [N, Kmax]
+    hit = in_rows(topk_ids, (indptr, target_items))  # [N, Kmax]
     cumulative_hits = hit.cumsum(dim=1, dtype=torch.float64)  # [N, Kmax]
     discount = 1.0 / torch.log2(torch.arange(2, k_max + 2, dtype=torch.float64))  # [Kmax] 1/log2(r+1), r = 1..Kmax
     dcg = (hit * discount).cumsum(dim=1)  # [N, Kmax]
@@ -75,17 +76,3 @@ def per_case_metrics(topk_ids: Tensor | np.ndarray, targets: CSR, ks: Sequence[i
         }
         metrics.update({f"{name}@{k}": values for name, values in per_case.items()})
     return metrics
-
-
-def _is_target(topk_ids: Tensor, indptr: Tensor, target_items: Tensor) -> Tensor:
-    """hit [N, Kmax]: whether topk_ids[n, r] is one of case n's targets, by looking each
-    (case, item) key up among the sorted (case, item) keys of the targets."""
-    n_cases = topk_ids.shape[0]
-    stride = max(int(topk_ids.max()), int(target_items.max()) if target_items.numel() else 0) + 1
-    if n_cases * stride >= 2**63:
-        raise ValueError("too many cases and items to pack (case, item) into one int64 key")
-    target_case = torch.repeat_interleave(torch.arange(n_cases), indptr.diff())  # [nnz]
-    target_keys = (target_case * stride + target_items).sort().values  # [nnz]
-    keys = torch.arange(n_cases).unsqueeze(1) * stride + topk_ids  # [N, Kmax]
-    position = torch.searchsorted(target_keys, keys).clamp(max=target_keys.numel() - 1)  # [N, Kmax]
-    return (target_keys[position] == keys) & (topk_ids >= 0)

@@ -47,7 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-CSR = tuple[Tensor, Tensor]  # (indptr [N + 1], indices [nnz]), int64: row n owns indices[indptr[n]:indptr[n + 1]]
+from sdm.evaluation.csr import CSR
+
 
 FANOUT = 8  # entries per group of a level of maxima
 MAX_LEVELS = 3  # levels of maxima: the top one has a group per FANOUT**3 = 512 scores of a tile

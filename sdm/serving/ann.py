@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import InputError
+from sdm.evaluation.csr import in_rows
 
 INDEX_KINDS = ("hnsw", "flat", "ivf")
 RESCORE_CHUNK = 1 << 22  # item coordinates gathered at once when rescoring candidates (16 MB)
@@ -102,16 +103,7 @@ def index_params(index) -> dict[str, int]:
 
 def drop_excluded(ids: Tensor, scores: Tensor, exclude: tuple[Tensor, Tensor], k: int) -> tuple[Tensor, Tensor]:
     """Remove each case's excluded items from its ranked list and keep the first k (-1 / -inf pad)."""
-    indptr, indices = exclude
-    n_cases = ids.shape[0]
-    modulus = int(max(int(ids.max()), int(indices.max()) if indices.numel() else 0)) + 2
-    owner = torch.repeat_interleave(torch.arange(n_cases), indptr.diff())
-    keys, _ = torch.sort(owner * modulus + indices)
-    query = torch.arange(n_cases).unsqueeze(1) * modulus + ids
-    if len(keys):
-        excluded = keys[torch.searchsorted(keys, query).clamp(max=len(keys) - 1)] == query
-    else:
-        excluded = torch.zeros_like(ids, dtype=torch.bool)
+    excluded = in_rows(ids, exclude)  # [N, K]
     drop = excluded | (ids < 0)
     order = torch.argsort(drop.to(torch.int8), dim=1, stable=True)[:, :k]  # kept entries first, in rank order
     kept_ids = torch.where(drop, -1, ids).gather(1, order)
