@@ -95,7 +95,7 @@ def test_restated_gen_data_set_sdm_splits_history_as_the_example():
     train, test = peer_sessions(data, short_len=5, prefer_len=2)
     by_target = {sample[1]: sample for sample in train}
     assert len(train) == 7 and [sample[1] for sample in test] == [9]
-    _, target, _, short, prefer, n_short, n_prefer, short_genres, prefer_genres, _ = by_target[8]
+    _, _, _, short, prefer, n_short, n_prefer, short_genres, prefer_genres, _ = by_target[8]
     assert (short, prefer, n_short, n_prefer) == ([3, 4, 5, 6, 7], [2, 1], 5, 2)
     assert (short_genres, prefer_genres) == ([30, 40, 50, 60, 70], [20, 10])
     assert by_target[2][3:7] == ([1], [], 1, 0)

@@ -7,10 +7,11 @@
    tensorflow-cpu 2.15, deepctr 0.9.4, numpy<2. None of it is a dependency of ours.
 2. One log: `sdm synth --events N` with each event's category joined on (the peer's SDM takes one
    item side feature, as MovieLens' genres), and the users file (age, gender, city tier).
-3. Preprocessing: `sdm preprocess` of the log at the public SDM's MovieLens configuration
-   (`--max-session-length 5 --long-window none --max-long 50`), wall time of the whole command;
-   then the peer's `gen_data_set_sdm` + `gen_model_input_sdm` on the same log (the first
-   `--peer-events` rows when given), time of those two functions. Events per second each.
+3. Preprocessing: `sdm preprocess`'s `run_preprocess` on the log at the public SDM's MovieLens
+   configuration (`--max-session-length 5 --long-window none --max-long 50`, in memory), timed
+   around that call (and the whole process's wall time beside it); then the peer's
+   `gen_data_set_sdm` + `gen_model_input_sdm` on the same log (the first `--peer-events` rows
+   when given), timed around those two calls. Events per second each.
 4. Training at the peer's ML-1M size (dim 32, 2 LSTM layers, 4 heads, 255 sampled negatives,
    batch 512, short 5 / long 50) on the same sessions: our training split, every position a
    target, converted to the peer's input (benchmarks/peers/convert.py). The peer first: one epoch
@@ -46,14 +47,13 @@ PEER_IMPORT_CHECK = "import deepmatch, deepctr, tensorflow, pandas"
 PROFILE = "age,gender,city_tier"  # sdm synth's users file
 PAPER_SIZE = ["--dim", "32", "--lstm-layers", "2", "--heads", "4", "--dropout", "0.2", "--loss", "sampled",
               "--num-negatives", "255", "--batch-size", "512", "--user-id"]  # the peer embeds user_id too
-SESSION_FLAGS = ["--max-session-length", "5", "--long-window", "none", "--max-long", "50"]
 TRAINING_TARGET, PREPROCESS_TARGET = 3.0, 50.0
 
 
 def peer_python(venv: Path) -> Path:
     """The peers venv's interpreter, creating the venv and installing the peer the first time."""
     python = venv / "bin" / "python"
-    if python.is_file() and subprocess.run([python, "-c", PEER_IMPORT_CHECK], capture_output=True).returncode == 0:
+    if python.is_file() and subprocess.run([python, "-c", PEER_IMPORT_CHECK], capture_output=True, check=False).returncode == 0:
         return python
     print(f"installing {' '.join(PEER_PACKAGES)} into {venv} (about 500 MB, once)", flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
@@ -72,8 +72,9 @@ def run_json(command: list, env: dict[str, str] | None = None) -> dict:
 def loaded(step):
     """Run `step()` and add the 1-minute load average just before and just after it."""
     before = os.getloadavg()[0]
-    result = step()
-    return {**result, "load_before": before, "load_after": os.getloadavg()[0]}
+    result = {**step(), "load_before": before, "load_after": os.getloadavg()[0]}
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def sdm_command(*args: str) -> list[str]:
@@ -108,13 +109,29 @@ def build_log(work: Path, events: int, seed: int) -> tuple[Path, Path]:
     return work / "log.csv", synth / "users.csv"
 
 
+PREPROCESS = """
+import json, sys, time
+from pathlib import Path
+from pipeline.config import PreprocessConfig
+from pipeline.run import run_preprocess
+log, users, out = map(Path, sys.argv[1:4])
+config = PreprocessConfig(logs=log, users=users, out=out, max_session_length=5, long_window_ms=None, max_long=50, buckets=1)
+started = time.perf_counter()
+reports = run_preprocess(config, force=True)
+print(json.dumps({"in_process_seconds": time.perf_counter() - started, "stages": {r.name: r.seconds for r in reports}}))
+"""
+
+
 def our_preprocess(log: Path, users: Path, data: Path, events: int) -> dict:
-    """Wall time of the whole `sdm preprocess` command (start-up, reading, all four stages)."""
+    """`sdm preprocess`'s run_preprocess (as `--max-session-length 5 --long-window none --max-long 50
+    --buckets 1`) in a fresh process: the time of that call
+    (as the peer's: its functions alone), its stages, and the wall time of the whole process
+    (interpreter start-up and imports too)."""
     started = time.perf_counter()
-    subprocess.run(sdm_command("preprocess", str(log), "--users", str(users), *SESSION_FLAGS, "--buckets", "1",
-                               "--force", "--out", str(data)), check=True, capture_output=True, env=our_env(os.cpu_count()))
+    result = run_json([sys.executable, "-c", PREPROCESS, log, users, data], env=our_env(os.cpu_count()))
     seconds = time.perf_counter() - started
-    return {"events": events, "seconds": seconds, "events_per_second": events / seconds}
+    return {**result, "events": events, "seconds": seconds, "events_per_second": events / result["in_process_seconds"],
+            "wall_events_per_second": events / seconds}
 
 
 def our_training(data: Path, run: Path, threads: int, seed: int) -> dict:
@@ -122,7 +139,7 @@ def our_training(data: Path, run: Path, threads: int, seed: int) -> dict:
     subprocess.run(sdm_command("train", "--data", str(data), "--out", str(run), *PAPER_SIZE, "--epochs", "1",
                                "--threads", str(threads), "--seed", str(seed), "--quiet"),
                    check=True, capture_output=True, env=our_env(threads))
-    epoch = json.loads((run / "history.json").read_text())[0]
+    epoch = json.loads((run / "history.json").read_text())["epochs"][0]
     return {"seconds": epoch["seconds"], "items_per_second": epoch["targets_per_second"], "threads": threads}
 
 
@@ -176,6 +193,7 @@ def docs_body(results: dict, command: str) -> str:
     pre_ours, pre_peer = results["our_preprocess"], results["peer_preprocess"]
     train_ours, train_peer = results["our_training"], results["peer_training"]
     ours, peer = results["versions"]["ours"], results["versions"]["peer"]
+    stages = " · ".join(f"{name} {seconds:.1f} s" for name, seconds in pre_ours["stages"].items())
     prefix = "" if pre_peer["events"] == results["events"] else (
         f" The peer ran on the log's first {pre_peer['events']:,} events (its loop over users is quadratic in a"
         " user's history, so its rate on the whole log would be lower still); no extrapolation.")
@@ -188,15 +206,22 @@ Both sides in the same run, one after the other, {results['threads']} thread(s) 
 item side feature, as MovieLens' genres) and the users file (3 profile fields).
 
 **Preprocessing** (the public SDM's MovieLens configuration: sessions of at most 5 items, long-term
-sets of 50, no window). Ours: wall time of the whole `sdm preprocess` command (start-up, reading the
-CSV, all four stages). The peer: time of `gen_data_set_sdm` + `gen_model_input_sdm` alone (reading
-and label encoding not counted); these live in DeepMatch's `examples/`, not its package, so
-`benchmarks/peers/peer_driver.py` restates them operation for operation.{prefix}
+sets of 50, no window). Ours: `run_preprocess`, what `sdm preprocess --max-session-length 5
+--long-window none --max-long 50 --buckets 1` calls, timed around the call in a fresh process
+(reading the CSV and all four stages; the process's wall time, with interpreter start-up and
+imports, beside it). The peer: `gen_data_set_sdm` + `gen_model_input_sdm` timed around the two
+calls (reading and label encoding before them not counted); these live in DeepMatch's `examples/`,
+not in its package, so `benchmarks/peers/peer_driver.py` restates them operation for operation
+(checked to give the example's samples, tuple for tuple, on a 200,000-event prefix).{prefix}
 
 | side | events | seconds | events / s | load before / after |
 |---|---|---|---|---|
-| `sdm preprocess` | {pre_ours['events']:,} | {pre_ours['seconds']:.1f} | {pre_ours['events_per_second']:,.0f} | {pre_ours['load_before']:.1f} / {pre_ours['load_after']:.1f} |
+| `sdm preprocess` (`run_preprocess`) | {pre_ours['events']:,} | {pre_ours['in_process_seconds']:.1f} | {pre_ours['events_per_second']:,.0f} | {pre_ours['load_before']:.1f} / {pre_ours['load_after']:.1f} |
+| the same, whole process | {pre_ours['events']:,} | {pre_ours['seconds']:.1f} | {pre_ours['wall_events_per_second']:,.0f} | |
 | DeepMatch examples | {pre_peer['events']:,} | {pre_peer['seconds']:.1f} | {pre_peer['events_per_second']:,.0f} | {pre_peer['load_before']:.1f} / {pre_peer['load_after']:.1f} |
+
+Our stages: {stages}. The peer's `gen_data_set_sdm` took {pre_peer['gen_data_set_seconds']:.1f} s of its
+{pre_peer['seconds']:.1f} s, and made {pre_peer['samples']:,} training samples.
 
 Ratio {results['preprocess_ratio']:.1f}x; target {PREPROCESS_TARGET:.0f}x: {verdict(results['preprocess_ratio'], PREPROCESS_TARGET)}.
 
