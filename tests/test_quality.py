@@ -75,3 +75,35 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, flo
 @pytest.mark.parametrize(("split", "other"), [(split, other) for split, others in CLAIMS.items() for other in others])
 def test_sdm_beats(results: dict[str, dict[str, float]], split: str, other: str) -> None:
     assert results[split]["sdm"] > results[split][other], results[split]
+
+
+class Killed(BaseException):
+    """As a SIGKILL leaves a study: Optuna does not catch it, so the trial stays RUNNING."""
+
+
+def test_a_resumed_study_keeps_its_budget_and_draws_new_options(tiny_data: Path, tmp_path: Path) -> None:
+    """sdm.tune.tune with a fake trainer: a study killed mid-trial continues, retries the cut-off
+    trial first, reruns no finished one and, reseeded, repeats no earlier trial's options."""
+    import optuna
+
+    from sdm.tune import tune
+
+    calls: list[float] = []
+
+    def fake_train(config: TrainConfig, kill_at: int | None = None) -> list[dict]:
+        calls.append(config.lr)
+        if len(calls) == kill_at:
+            raise Killed
+        return [{"valid": {"recall@50": config.lr}}]  # validation only: the objective's sole input
+
+    base = TrainConfig(data=str(tiny_data), out=str(tmp_path), epochs=1)
+    with pytest.raises(Killed):
+        tune(base, tmp_path, 4, train_trial=lambda config: fake_train(config, kill_at=3))
+    cut_off = calls[-1]
+    calls.clear()
+    study = tune(base, tmp_path, 4, train_trial=fake_train)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 4 and len(calls) == 2  # two finished before the kill are not trained again
+    assert calls[0] == cut_off  # the cut-off trial's options are tried again first
+    assert len({t.params["lr"] for t in complete}) == 4  # no earlier draw repeated
+    assert study.best_trial.params["lr"] == max(t.params["lr"] for t in complete)

@@ -39,6 +39,11 @@ SEARCH_SPACE: dict[str, Callable[[optuna.Trial, str], Any]] = {
 }
 
 
+def trial_dir(out: Path, number: int) -> Path:
+    """Where trial `number` of the study in `out` trains."""
+    return out / "trials" / f"{number:03d}"
+
+
 def suggest_options(trial: optuna.Trial) -> dict[str, Any]:
     return {name: draw(trial, name) for name, draw in SEARCH_SPACE.items()}
 
@@ -61,9 +66,11 @@ def tune(
     out: Path,
     trials: int,
     on_trial: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+    train_trial: Callable[[TrainConfig], list[dict[str, Any]]] = train,
 ) -> optuna.Study:
     """Run trials until the study in `out` holds `trials` finished ones; write out/best.toml.
-    `base` gives the data, model, epochs and seed; each trial's run goes to out/trials/NNN."""
+    `base` gives the data, model, epochs and seed; each trial's run goes to out/trials/NNN.
+    `train_trial` trains one trial's config and returns its history (tests replace `train`)."""
     if base.model in UNTRAINED_MODELS:
         raise InputError(f"--model {base.model} has nothing to tune (it trains no parameters)")
     if trials < 1:
@@ -83,16 +90,19 @@ def tune(
             study_name=base.model,
             storage=f"sqlite:///{out / STUDY}",
             direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=base.seed),
             load_if_exists=True,
         )
         retry_abandoned_trials(study)
+        # Optuna does not store the sampler's state: seeded as the first run's, a resumed study's
+        # sampler would draw that run's options again. Seeded past the trials the study holds, an
+        # uninterrupted study stays the same and a resumed one draws new options.
+        study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
         def objective(trial: optuna.Trial) -> float:
-            run = out / "trials" / f"{trial.number:03d}"
+            run = trial_dir(out, trial.number)
             shutil.rmtree(run, ignore_errors=True)  # a cut-off attempt of this trial number
-            history = train(replace(base, out=str(run), **suggest_options(trial)))
+            history = train_trial(replace(base, out=str(run), **suggest_options(trial)))
             values = [epoch["valid"].get(base.select_metric, -math.inf) for epoch in history]
             return max(values, default=-math.inf)
 
