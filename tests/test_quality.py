@@ -82,11 +82,11 @@ class Killed(BaseException):
 
 
 def test_a_resumed_study_keeps_its_budget_and_draws_new_options(tiny_data: Path, tmp_path: Path) -> None:
-    """sdm.tune.tune with a fake trainer: a study killed mid-trial continues, retries the cut-off
+    """sdm.training.tune.tune with a fake trainer: a study killed mid-trial continues, retries the cut-off
     trial first, reruns no finished one and, reseeded, repeats no earlier trial's options."""
     import optuna
 
-    from sdm.tune import tune
+    from sdm.training.tune import tune
 
     calls: list[float] = []
 
