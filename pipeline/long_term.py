@@ -5,23 +5,27 @@ distinct non-null values of f on the user's events in EARLIER sessions whose tim
 start(s) - long_window, most recent first, at most `max_long` of them.
 
 Building it from flat arrays in event order (users, then time), with one sort per feature and no
-join of events:
-1. records: each session is reduced to the last occurrence of each of its values (a null value
-   is the value 0, so that every session has at least one record). One sort by (value, event)
-   finds them, and with them each record's `next`: the position of the user's next record of the
-   same value, in a later session;
-2. the records L_f(s) draws from are then one contiguous run, read backwards (most recent first):
-   from the last record before s down to the first one at or after the user's first event in the
-   window (the first session reaching into the window comes from an as-of join on session end
-   times; only when it starts before the window are its events compared with the cutoff);
-3. a record of that run is a candidate when its value is not null and does not occur again
-   before s (its `next` is s's own first record or later): otherwise the later occurrence stands
-   for it. The first `max_long` candidates are L_f(s). Each run is exploded into record
-   positions behind a sentinel, s's own first record: the running maximum of the positions is
-   that sentinel, which both tests `next` and groups the rows by session, in order and with the
-   empty sets.
+join of events, all features sharing one index space, the item records:
+1. item records: each session is reduced to the last occurrence of each of its items. One sort by
+   (item, event) finds them, and with them each record's `next`: the position of the user's next
+   record of the same item, in a later session. A side value's last occurrence in a session is
+   the last occurrence of some item there, so each side feature's records are found the same way
+   among the item records alone (a null value is the value 0 and never a candidate), and its
+   `next` is a position among item records too;
+2. the records L_f(s) draws from are then one contiguous run of item records, read backwards
+   (most recent first): from the last one before s down to the first one at or after the user's
+   first event in the window (the first session reaching into the window comes from an as-of
+   join on session end times; only when it starts before the window are its events compared
+   with the cutoff);
+3. an item record of that run is a candidate for f when it is a record of f with a value that
+   does not occur again before s (its `next` is s's own first item record or later): otherwise
+   the later occurrence stands for it. The first `max_long` candidates are L_f(s). Each run is
+   exploded once, for all features, into positions behind a sentinel, s's own first item record:
+   the running maximum of the positions is that sentinel, which both tests `next` and groups the
+   rows by session, in order and with the empty sets.
 Most sets are full long before the end of a heavy user's run, so runs are first read only
-`SCAN_FACTOR * max_long` records deep, and read whole only for the sets that came out short.
+`SCAN_FACTOR * max_long` item records deep, and read whole only for the feature's sets that came
+out short.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from pipeline.events import ID
 LONG_TERM_FEATURES = ("item", "leaf", "category", "shop", "brand")
 EXPLODED_ROWS_PER_BATCH = 4_000_000  # about 100 MB of exploded positions
 SCAN_FACTOR = 2
-SHIFT = 1 << 32  # packs (value, event) into one UInt64 sort key
+SHIFT = 1 << 32  # packs (value, index) into one UInt64 sort key
+NEVER = 2**32 - 1  # alive_until of a record whose value does not come back
 
 
 def long_term_column(feature: str) -> str:
@@ -71,84 +76,123 @@ def window_starts(events: pl.DataFrame, sessions: pl.DataFrame, long_window_ms: 
     )
 
 
-def records(events: pl.DataFrame, values: pl.Series) -> tuple[pl.DataFrame, pl.Series]:
-    """((value, next) per record, in event order; the number of records before each event).
+def links(sequence: pl.DataFrame, values: pl.Series) -> pl.DataFrame:
+    """(is_record, next) per element of a sequence of (user, session) in (user, time) order with
+    these values: whether it is the last of its value in its session (a record), and for a record
+    the index of its user's next record of the same value, in a later session (null: none).
 
-    Sorted by (value, event), a user's occurrences of a value are adjacent and in time order: a
+    Sorted by (value, index), a user's occurrences of a value are adjacent and in time order: a
     record is an occurrence whose successor is in another session, and its `next` is the next
     record when that is still the same value and user."""
     by_value = (
         pl.DataFrame({"value": values})
         .select(key=(pl.col("value").cast(pl.UInt64) * SHIFT + pl.int_range(pl.len(), dtype=pl.UInt64)).sort())
-        .select(value=pl.col("key") // SHIFT, event=(pl.col("key") % SHIFT).cast(pl.UInt32))
+        .select(value=pl.col("key") // SHIFT, index=(pl.col("key") % SHIFT).cast(pl.UInt32))
         .with_columns(
-            session=pl.lit(events.get_column("session")).gather(pl.col("event")),
-            user=pl.lit(events.get_column("user")).gather(pl.col("event")),
+            session=pl.lit(sequence.get_column("session")).gather(pl.col("index")),
+            user=pl.lit(sequence.get_column("user")).gather(pl.col("index")),
         )
     )
     same_value = pl.col("value") == pl.col("value").shift(-1)
     linked = by_value.filter((~same_value | (pl.col("session") != pl.col("session").shift(-1))).fill_null(True)).select(
-        "event", next_event=pl.when(same_value & (pl.col("user") == pl.col("user").shift(-1))).then(pl.col("event").shift(-1))
+        "index", next=pl.when(same_value & (pl.col("user") == pl.col("user").shift(-1))).then(pl.col("index").shift(-1))
     )
-    record_events = linked.get_column("event")
-    n = events.height
-    is_record = pl.Series(dtype=pl.Boolean).extend_constant(False, n).scatter(record_events, True)
+    record_indices = linked.get_column("index")
+    n = sequence.height
+    return pl.DataFrame({
+        "is_record": pl.Series(dtype=pl.Boolean).extend_constant(False, n).scatter(record_indices, True),
+        "next": pl.Series(dtype=pl.UInt32).extend_constant(None, n).scatter(record_indices, linked.get_column("next")),
+    })
+
+
+def alive_until(values: pl.Series, links_frame: pl.DataFrame) -> pl.Series:
+    """Per item record, for one feature: the position (in item records) of its value's next record
+    (NEVER when none), or 0 when the item record does not stand for its value (a later event of
+    its session has the same value, or the value is null). It is in the set of a later session
+    whose first item record is `own` (so own >= 1) exactly when own <= alive_until, the window and
+    the cap aside."""
+    return links_frame.select(
+        pl.when(pl.col("is_record") & (values != 0)).then(pl.col("next").fill_null(NEVER)).otherwise(0)
+    ).to_series()
+
+
+def item_records(events: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series]:
+    """((user, session, item, item_until) per item record, in event order; the number of item
+    records before each event)."""
+    item_links = links(events, events.get_column("item"))
+    is_record = item_links.get_column("is_record")
     records_before = is_record.cast(pl.UInt32).cum_sum() - is_record.cast(pl.UInt32)
-    next_event = pl.Series(dtype=pl.UInt32).extend_constant(None, n).scatter(record_events, linked.get_column("next_event"))
-    table = pl.DataFrame({"value": values, "next": records_before.gather(next_event)}).filter(is_record)
+    # the next item record, from an event index to a position among item records
+    until = alive_until(
+        events.get_column("item"),
+        item_links.with_columns(next=records_before.gather(item_links.get_column("next"))),
+    )
+    table = events.select("user", "session", "item").with_columns(item_until=until).filter(is_record)
     return table, records_before
 
 
-def candidate_sets(table: pl.DataFrame, runs: pl.DataFrame, max_long: int, column: str) -> pl.Series:
-    """Per run of record positions (`own`, the sentinel, then `own` - 1 down to `first`): its
-    first `max_long` candidates."""
+def candidate_sets(tables: dict[str, pl.DataFrame], runs: pl.DataFrame, max_long: int) -> pl.DataFrame:
+    """Per run of item record positions (`own`, the sentinel, then `own` - 1 down to `first`): the
+    first `max_long` candidates of each feature (column -> (value, until) per item record). The
+    runs are exploded once for all features."""
     position, own = pl.col("position"), pl.col("own")
-    alive = pl.col("next").is_null() | (pl.col("next") >= own)
-    return (
-        runs.lazy()
-        .select(position=pl.int_ranges("own", pl.col("first") - 1, step=-1, dtype=pl.Int64))
+    exploded = (
+        runs.select(position=pl.int_ranges("own", pl.col("first").cast(pl.Int64) - 1, step=-1, dtype=pl.UInt32))
         .explode("position")
-        .with_columns(own=position.cum_max().set_sorted(), next=pl.lit(table.get_column("next")).gather(position))
-        .filter((position == own) | alive)
+        .select(position, own=position.cum_max().set_sorted())
+    )
+    return pl.DataFrame({
+        column: exploded.filter((position == own) | (pl.lit(table.get_column("until")).gather(position) >= own))
         .with_columns(value=pl.lit(table.get_column("value")).gather(position))
-        .filter((position == own) | (pl.col("value") != 0))
         .group_by("own", maintain_order=True)
         .agg(pl.col("value").slice(1, max_long).alias(column))
-        .collect()
         .get_column(column)
-    )
+        for column, table in tables.items()
+    })
 
 
-def batched_sets(table: pl.DataFrame, runs: pl.DataFrame, max_long: int, column: str) -> pl.Series:
+def batched_sets(tables: dict[str, pl.DataFrame], runs: pl.DataFrame, max_long: int) -> pl.DataFrame:
     """candidate_sets over consecutive slices of `runs` of about EXPLODED_ROWS_PER_BATCH rows."""
-    batch = ((pl.col("own") + 1 - pl.col("first")).cum_sum() // EXPLODED_ROWS_PER_BATCH).alias("batch")
+    batch = ((pl.col("own") + 1 - pl.col("first")).cast(pl.Int64).cum_sum() // EXPLODED_ROWS_PER_BATCH).alias("batch")
     return pl.concat([
-        candidate_sets(table, part, max_long, column)
+        candidate_sets(tables, part, max_long)
         for part in runs.with_columns(batch).partition_by("batch", maintain_order=True, include_key=False)
     ])
 
 
-def feature_sets(
-    events: pl.DataFrame,
-    sessions: pl.DataFrame,
-    values: pl.Series,
-    window_first_events: pl.Series,
-    max_long: int,
-    column: str,
-) -> pl.Series:
-    """The long-term set of each session for one feature's values (0 = null) on the events."""
-    table, records_before = records(events, values)
-    runs = pl.DataFrame({
-        "own": records_before.gather(first_positions(sessions.get_column("length"))).cast(pl.Int64),
-        "first": records_before.gather(window_first_events).cast(pl.Int64),
-    })
+def long_term_sets(tables: dict[str, pl.DataFrame], runs: pl.DataFrame, max_long: int) -> pl.DataFrame:
+    """The long-term set of each session (one per run) for every feature: the runs read
+    SCAN_FACTOR * max_long item records deep, then whole for each feature's sets that came out
+    short."""
     scan = SCAN_FACTOR * max_long
-    shallow = batched_sets(table, runs.with_columns(pl.max_horizontal("first", pl.col("own") - scan)), max_long, column)
-    short = (shallow.list.len() < max_long) & (runs.get_column("own") - runs.get_column("first") > scan)
-    if not short.any():
-        return shallow
-    whole = batched_sets(table, runs.with_columns(first=pl.when(short).then("first").otherwise("own")), max_long, column)
-    return pl.select(pl.when(short).then(whole).otherwise(shallow)).to_series().alias(column)
+    shallow = batched_sets(tables, runs.with_columns(pl.max_horizontal("first", pl.col("own").cast(pl.Int64) - scan).cast(pl.UInt32)), max_long)
+    deep = runs.get_column("own") - runs.get_column("first") > scan
+    columns = []
+    for column, table in tables.items():
+        short = (shallow.get_column(column).list.len() < max_long) & deep
+        if not short.any():
+            columns.append(shallow.get_column(column))
+            continue
+        whole = batched_sets({column: table}, runs.with_columns(first=pl.when(short).then("first").otherwise("own")), max_long)
+        columns.append(pl.select(pl.when(short).then(whole.get_column(column)).otherwise(shallow.get_column(column))).to_series().alias(column))
+    return pl.DataFrame(columns)
+
+
+def feature_tables(events: pl.DataFrame, items: pl.DataFrame, features: list[str]) -> tuple[dict[str, pl.DataFrame], pl.Series]:
+    """(column -> (value, until) per item record) for every feature, and the number of item
+    records before each event. A side feature's records are among the item records (the last
+    event of a value in a session is the last event of its item there), so they are found on
+    the item records alone."""
+    records, records_before = item_records(events)
+    tables = {}
+    for feature in features:
+        if feature == "item":
+            values, until = records.get_column("item"), records.get_column("item_until")
+        else:
+            values = side_values(items, feature, records.get_column("item"))
+            until = alive_until(values, links(records, values))
+        tables[long_term_column(feature)] = pl.DataFrame({"value": values, "until": until})
+    return tables, records_before
 
 
 def side_values(items: pl.DataFrame, feature: str, item_ids: pl.Series) -> pl.Series:
@@ -195,15 +239,12 @@ def build_long_term(
         chunk_events = session_events.select("user", "item", "time", "session").slice(
             event_offsets[first], event_offsets[stop] - event_offsets[first]
         ).rechunk()
-        window_first_events = window_starts(chunk_events, chunk_sessions, long_window_ms)
-        item_ids = chunk_events.get_column("item")
-        parts.append(chunk_sessions.select("session").with_columns(
-            feature_sets(
-                chunk_events, chunk_sessions, item_ids if feature == "item" else side_values(items, feature, item_ids),
-                window_first_events, max_long, long_term_column(feature),
-            )
-            for feature in features
-        ))
+        tables, records_before = feature_tables(chunk_events, items, features)
+        runs = pl.DataFrame({
+            "own": records_before.gather(first_positions(chunk_sessions.get_column("length"))),
+            "first": records_before.gather(window_starts(chunk_events, chunk_sessions, long_window_ms)),
+        })
+        parts.append(pl.concat([chunk_sessions.select("session"), long_term_sets(tables, runs, max_long)], how="horizontal"))
     if not parts:  # a user bucket without users
         return pl.DataFrame(schema={"session": ID, **{long_term_column(f): pl.List(ID) for f in features}})
     return pl.concat(parts, rechunk=False)
