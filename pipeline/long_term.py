@@ -38,6 +38,7 @@ LONG_TERM_FEATURES = ("item", "leaf", "category", "shop", "brand")
 EXPLODED_ROWS_PER_BATCH = 4_000_000  # about 100 MB of exploded positions
 SCAN_FACTOR = 2
 SHIFT = 1 << 32  # packs (value, index) into one UInt64 sort key
+DENSE_SHARE = 0.75  # see feature_sets
 NEVER = 2**32 - 1  # alive_until of a record whose value does not come back
 
 
@@ -105,30 +106,23 @@ def links(sequence: pl.DataFrame, values: pl.Series) -> pl.DataFrame:
     })
 
 
-def alive_until(values: pl.Series, links_frame: pl.DataFrame) -> pl.Series:
-    """Per item record, for one feature: the position (in item records) of its value's next record
-    (NEVER when none), or 0 when the item record does not stand for its value (a later event of
-    its session has the same value, or the value is null). It is in the set of a later session
-    whose first item record is `own` (so own >= 1) exactly when own <= alive_until, the window and
-    the cap aside."""
-    return links_frame.select(
-        pl.when(pl.col("is_record") & (values != 0)).then(pl.col("next").fill_null(NEVER)).otherwise(0)
-    ).to_series()
-
-
-def item_records(events: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series]:
-    """((user, session, item, item_until) per item record, in event order; the number of item
-    records before each event)."""
-    item_links = links(events, events.get_column("item"))
-    is_record = item_links.get_column("is_record")
+def compacted(values: pl.Series, links_frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series]:
+    """((value, until) per record; the number of records before each element of the sequence).
+    `until` is the position of the value's next record (NEVER when none), or 0 when the value is
+    null: a record is a candidate for a later session whose first record is `own` (so own >= 1)
+    exactly when own <= until, the window and the cap aside."""
+    is_record = links_frame.get_column("is_record")
     records_before = is_record.cast(pl.UInt32).cum_sum() - is_record.cast(pl.UInt32)
-    # the next item record, from an event index to a position among item records
-    until = alive_until(
-        events.get_column("item"),
-        item_links.with_columns(next=records_before.gather(item_links.get_column("next"))),
-    )
-    table = events.select("user", "session", "item").with_columns(item_until=until).filter(is_record)
-    return table, records_before
+    until = pl.when(values != 0).then(records_before.gather(links_frame.get_column("next")).fill_null(NEVER)).otherwise(0)
+    return pl.DataFrame({"value": values}).select("value", until=until).filter(is_record), records_before
+
+
+def uncompacted(values: pl.Series, links_frame: pl.DataFrame) -> pl.DataFrame:
+    """(value, until) per element, as `compacted` but keeping the elements that are not records,
+    with an `until` of 0 (never a candidate): positions stay those of the sequence."""
+    is_record = links_frame.get_column("is_record")
+    until = pl.when(is_record & (values != 0)).then(links_frame.get_column("next").fill_null(NEVER)).otherwise(0)
+    return pl.DataFrame({"value": values}).select("value", until=until)
 
 
 def candidate_sets(tables: dict[str, pl.DataFrame], runs: pl.DataFrame, max_long: int) -> pl.DataFrame:
@@ -178,21 +172,35 @@ def long_term_sets(tables: dict[str, pl.DataFrame], runs: pl.DataFrame, max_long
     return pl.DataFrame(columns)
 
 
-def feature_tables(events: pl.DataFrame, items: pl.DataFrame, features: list[str]) -> tuple[dict[str, pl.DataFrame], pl.Series]:
-    """(column -> (value, until) per item record) for every feature, and the number of item
-    records before each event. A side feature's records are among the item records (the last
-    event of a value in a session is the last event of its item there), so they are found on
-    the item records alone."""
-    records, records_before = item_records(events)
-    tables = {}
-    for feature in features:
-        if feature == "item":
-            values, until = records.get_column("item"), records.get_column("item_until")
+def feature_sets(events: pl.DataFrame, sessions: pl.DataFrame, items: pl.DataFrame, features: list[str],
+                 window_first_events: pl.Series, max_long: int) -> pl.DataFrame:
+    """The long-term sets of every feature, one row per session.
+    A side value's last occurrence in a session is the last occurrence of some item there, so a
+    side feature's records are found among the item records alone. One with nearly as many records
+    as the items (at least DENSE_SHARE of them) is read in the item records' runs, sharing their
+    explode; a coarser one in runs of its own records, which are much shorter."""
+    item_links = links(events, events.get_column("item"))
+    items_table, events_before = compacted(events.get_column("item"), item_links)
+    item_runs = pl.DataFrame({
+        "own": events_before.gather(first_positions(sessions.get_column("length"))),
+        "first": events_before.gather(window_first_events),
+    })
+    records = events.select("user", "session", "item").filter(item_links.get_column("is_record"))
+    shared, own_spaces = {long_term_column("item"): items_table}, []
+    for feature in features[1:]:
+        values = side_values(items, feature, records.get_column("item"))
+        feature_links = links(records, values)
+        if feature_links.get_column("is_record").mean() >= DENSE_SHARE:
+            shared[long_term_column(feature)] = uncompacted(values, feature_links)
         else:
-            values = side_values(items, feature, records.get_column("item"))
-            until = alive_until(values, links(records, values))
-        tables[long_term_column(feature)] = pl.DataFrame({"value": values, "until": until})
-    return tables, records_before
+            table, records_before = compacted(values, feature_links)
+            runs = item_runs.select(pl.lit(records_before).gather(pl.col(name)).alias(name) for name in ("own", "first"))
+            own_spaces.append(({long_term_column(feature): table}, runs))
+    sets = pl.concat(
+        [long_term_sets(shared, item_runs, max_long), *(long_term_sets(tables, runs, max_long) for tables, runs in own_spaces)],
+        how="horizontal",
+    )
+    return sets.select(long_term_column(feature) for feature in features)
 
 
 def side_values(items: pl.DataFrame, feature: str, item_ids: pl.Series) -> pl.Series:
@@ -239,12 +247,9 @@ def build_long_term(
         chunk_events = session_events.select("user", "item", "time", "session").slice(
             event_offsets[first], event_offsets[stop] - event_offsets[first]
         ).rechunk()
-        tables, records_before = feature_tables(chunk_events, items, features)
-        runs = pl.DataFrame({
-            "own": records_before.gather(first_positions(chunk_sessions.get_column("length"))),
-            "first": records_before.gather(window_starts(chunk_events, chunk_sessions, long_window_ms)),
-        })
-        parts.append(pl.concat([chunk_sessions.select("session"), long_term_sets(tables, runs, max_long)], how="horizontal"))
+        window_first_events = window_starts(chunk_events, chunk_sessions, long_window_ms)
+        sets = feature_sets(chunk_events, chunk_sessions, items, features, window_first_events, max_long)
+        parts.append(pl.concat([chunk_sessions.select("session"), sets], how="horizontal"))
     if not parts:  # a user bucket without users
         return pl.DataFrame(schema={"session": ID, **{long_term_column(f): pl.List(ID) for f in features}})
     return pl.concat(parts, rechunk=False)
