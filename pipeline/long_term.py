@@ -5,27 +5,29 @@ distinct non-null values of f on the user's events in EARLIER sessions whose tim
 start(s) - long_window, most recent first, at most `max_long` of them.
 
 Building it from flat arrays in event order (users, then time), with one sort per feature and no
-join of events, all features sharing one index space, the item records:
-1. item records: each session is reduced to the last occurrence of each of its items. One sort by
-   (item, event) finds them, and with them each record's `next`: the position of the user's next
-   record of the same item, in a later session. A side value's last occurrence in a session is
-   the last occurrence of some item there, so each side feature's records are found the same way
-   among the item records alone (a null value is the value 0 and never a candidate), and its
-   `next` is a position among item records too;
-2. the records L_f(s) draws from are then one contiguous run of item records, read backwards
-   (most recent first): from the last one before s down to the first one at or after the user's
-   first event in the window (the first session reaching into the window comes from an as-of
-   join on session end times; only when it starts before the window are its events compared
-   with the cutoff);
-3. an item record of that run is a candidate for f when it is a record of f with a value that
-   does not occur again before s (its `next` is s's own first item record or later): otherwise
-   the later occurrence stands for it. The first `max_long` candidates are L_f(s). Each run is
-   exploded once, for all features, into positions behind a sentinel, s's own first item record:
-   the running maximum of the positions is that sentinel, which both tests `next` and groups the
-   rows by session, in order and with the empty sets.
+join of events:
+1. records: each session is reduced to the last occurrence of each of its values. One sort by
+   (value, index) finds them, and with them each record's `next`: the position of the user's
+   next record of the same value, in a later session. Items are found among the events; a side
+   value's last occurrence in a session is the last occurrence of some item there, so side
+   features are found among the item records alone (a null value is the value 0: a record, so
+   that every session has at least one, but never a candidate);
+2. the records L_f(s) draws from are then one contiguous run, read backwards (most recent first):
+   from the last record before s down to the first one at or after the user's first event in the
+   window (the first session reaching into the window comes from an as-of join on session end
+   times; only when it starts before the window are its events compared with the cutoff);
+3. a record of that run is a candidate when its value is not null and does not occur again
+   before s (its `next` is s's own first record or later): otherwise the later occurrence stands
+   for it. The first `max_long` candidates are L_f(s). Each run is exploded into record
+   positions behind a sentinel, s's own first record: the running maximum of the positions is
+   that sentinel, which both tests `next` and groups the rows by session, in order and with the
+   empty sets.
+Side features with nearly as many records as the items are read in the item records' runs, where
+an item record that is no record of theirs is never a candidate: one explode serves them all
+(shop and brand on the synthetic logs). Coarser ones (leaf, category) have runs of their own
+records, which are much shorter and seldom fill `max_long` without reading the whole window.
 Most sets are full long before the end of a heavy user's run, so runs are first read only
-`SCAN_FACTOR * max_long` item records deep, and read whole only for the feature's sets that came
-out short.
+`SCAN_FACTOR * max_long` records deep, and read whole only for the sets that came out short.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ import polars as pl
 from pipeline.events import ID
 
 LONG_TERM_FEATURES = ("item", "leaf", "category", "shop", "brand")
-EXPLODED_ROWS_PER_BATCH = 4_000_000  # about 100 MB of exploded positions
+EXPLODED_ROWS_PER_BATCH = 4_000_000  # about 32 MB of exploded (position, own)
 SCAN_FACTOR = 2
 SHIFT = 1 << 32  # packs (value, index) into one UInt64 sort key
 DENSE_SHARE = 0.75  # see feature_sets
-NEVER = 2**32 - 1  # alive_until of a record whose value does not come back
+NEVER = 2**32 - 1  # the `until` of a record whose value does not come back
 
 
 def long_term_column(feature: str) -> str:
@@ -126,9 +128,9 @@ def uncompacted(values: pl.Series, links_frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def candidate_sets(tables: dict[str, pl.DataFrame], runs: pl.DataFrame, max_long: int) -> pl.DataFrame:
-    """Per run of item record positions (`own`, the sentinel, then `own` - 1 down to `first`): the
-    first `max_long` candidates of each feature (column -> (value, until) per item record). The
-    runs are exploded once for all features."""
+    """Per run of record positions (`own`, the sentinel, then `own` - 1 down to `first`): the
+    first `max_long` candidates of each feature (column -> (value, until) per position), the runs
+    exploded once for all of them."""
     position, own = pl.col("position"), pl.col("own")
     exploded = (
         runs.select(position=pl.int_ranges("own", pl.col("first").cast(pl.Int64) - 1, step=-1, dtype=pl.UInt32))
@@ -156,8 +158,7 @@ def batched_sets(tables: dict[str, pl.DataFrame], runs: pl.DataFrame, max_long: 
 
 def long_term_sets(tables: dict[str, pl.DataFrame], runs: pl.DataFrame, max_long: int) -> pl.DataFrame:
     """The long-term set of each session (one per run) for every feature: the runs read
-    SCAN_FACTOR * max_long item records deep, then whole for each feature's sets that came out
-    short."""
+    SCAN_FACTOR * max_long records deep, then whole for each feature's sets that came out short."""
     scan = SCAN_FACTOR * max_long
     shallow = batched_sets(tables, runs.with_columns(pl.max_horizontal("first", pl.col("own").cast(pl.Int64) - scan).cast(pl.UInt32)), max_long)
     deep = runs.get_column("own") - runs.get_column("first") > scan
