@@ -2,12 +2,14 @@
 and in user buckets at 10M, 20M and 40M events under one `--memory-limit`.
 
     python benchmarks/preprocess.py [--events 10000000,20000000,40000000] [--memory-limit 1GB]
-                                    [--work /tmp/sdm-bench] [--write-docs]
+                                    [--before REV] [--work /tmp/sdm-bench] [--write-docs]
 
 Logs come from `sdm synth` (events, items and users files) and are deleted after their runs.
 Each measurement runs in its own process so that its peak RSS is its own. Numbers are printed as
 JSON and, with --write-docs, replace the "preprocess" section of docs/benchmarks.md.
-Targets: peak RSS at 40M within 1.5x of 10M and wall time within 4.5x (same memory limit);
+With --before, the in-memory run is also made with the code of git revision REV (exported with
+`git archive`), on the same log in the same run, so that a change is measured against what it
+changed. Targets: peak RSS at 40M within 1.5x of 10M and wall time within 4.5x (same memory limit);
 in memory at 10M, within 5x the bare read + sort's time and 4x the typed events table's memory.
 """
 
@@ -67,19 +69,31 @@ print(json.dumps({"seconds": seconds, "stages": {r.name: r.seconds for r in repo
 """
 
 
-def run_python(code: str, *args: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, check=False)
+def run_python(code: str, *args: str, root: Path = ROOT) -> dict:
+    """`code` run in a process of its own, importing the packages of `root`."""
+    environment = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=root, env=environment, check=False)
     if result.returncode != 0:
         raise RuntimeError(result.stderr)
     lines = result.stdout.strip().splitlines()
     return json.loads(lines[-1]) if lines else {}
 
 
-def measured(code: str, *args: str) -> dict:
+def measured(code: str, *args: str, root: Path = ROOT) -> dict:
     """A run with the machine's load average (1 minute) just before and just after it."""
     before = os.getloadavg()[0]
-    result = run_python(code, *args)
+    result = run_python(code, *args, root=root)
     return {**result, "load_before": before, "load_after": os.getloadavg()[0]}
+
+
+def exported(revision: str, work: Path) -> Path:
+    """The tree of a git revision, written under `work` (the working tree is left alone)."""
+    target = work / f"code-{revision}"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", revision], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
 
 
 def parse_size(text: str) -> int:
@@ -93,6 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", default="10000000,20000000,40000000", help="comma-separated; the first is the baseline")
     parser.add_argument("--memory-limit", default="1GB")
+    parser.add_argument("--before", help="git revision whose in-memory run is measured too, in the same run")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sdm-bench"))
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
@@ -109,7 +124,12 @@ def main() -> None:
         if size == sizes[0]:
             bare = measured(BARE, str(source / "events.csv"))
             full = measured(PREPROCESS, str(source), str(out), str(limit), "1")
+            earlier = None
+            if args.before:
+                earlier = measured(PREPROCESS, str(source), str(out), str(limit), "1", root=exported(args.before, args.work))
+                earlier = {**earlier, "revision": args.before, "time_ratio": earlier["seconds"] / bare["seconds"]}
             in_memory = {
+                "before": earlier,
                 "events": size, "csv_mb": csv_mb, "bare_read_sort": bare, "preprocess": full,
                 "time_ratio": full["seconds"] / bare["seconds"],
                 "memory_ratio_vs_events_table": full["peak_rss_mb"] * 2**20 / full["events_table_bytes"],
@@ -136,6 +156,20 @@ def main() -> None:
 
 def met(ok: bool) -> str:
     return "met" if ok else "missed"
+
+
+def before_text(in_memory: dict) -> str:
+    """The in-memory run of the --before revision, measured in the same run, or nothing."""
+    earlier = in_memory["before"]
+    if earlier is None:
+        return ""
+    stages = " · ".join(f"{name} {seconds:.1f}s" for name, seconds in earlier["stages"].items())
+    return (
+        f"\nThe same log with the code of `{earlier['revision']}` (`--before`), in the same run: "
+        f"{earlier['seconds']:.1f} s, {earlier['time_ratio']:.2f}x the bare read + sort, peak RSS "
+        f"{earlier['peak_rss_mb']:,.0f} MB; stages: {stages}. Load before / after: "
+        f"{earlier['load_before']:.1f} / {earlier['load_after']:.1f}.\n"
+    )
 
 
 def write_docs(args: argparse.Namespace, in_memory: dict, runs: list[dict], summary: dict) -> None:
@@ -172,6 +206,7 @@ Peak RSS at {runs[-1]['events'] / 1e6:.0f}M is {summary['rss_ratio']:.2f}x the {
 | peak RSS | {bare['peak_rss_mb']:,.0f} MB | {full['peak_rss_mb']:,.0f} MB | | |
 
 Stages: {in_memory_stages}. Load before / after: {full['load_before']:.1f} / {full['load_after']:.1f}.
+{before_text(in_memory)}
 Peak RSS of preprocess is {in_memory['memory_ratio_vs_events_table']:.1f}x the typed events table
 ({full['events_table_bytes'] / 2**20:,.0f} MB at 32 bytes an event; target within 4x:
 {met(in_memory['memory_ratio_vs_events_table'] <= 4)}) and {in_memory['memory_ratio_vs_raw_frame']:.1f}x the raw frame of strings

@@ -315,7 +315,9 @@ def finalise_events(typed: pl.DataFrame, first_order: pl.DataFrame) -> pl.DataFr
     in all events sorted by (user, time, input row), whatever bucket it is built in.
     A missing session id (session_key) or behaviour is 0."""
     present = typed.rename({"session": "session_key"} if "session" in typed.columns else {})
-    ordered = present[sort_permutation(present, ["user", "time", "row"])]
+    # rows still in input order (always with one bucket) need no sort on `row`: the stable sorts keep it
+    keys = ["user", "time"] if present.get_column("row").is_sorted() else ["user", "time", "row"]
+    ordered = present[sort_permutation(present, keys)]
     users = first_order.get_column("user")
     first_orders = dense_lookup(users, first_order.get_column("first_order"), int(users.max() or 0) + 1)
     # the rows are in user order: a user's rank of an event is its distance from the user's first row
@@ -329,6 +331,14 @@ def finalise_events(typed: pl.DataFrame, first_order: pl.DataFrame) -> pl.DataFr
         )
         .select(pl.col(name).cast(dtype) for name, dtype in EVENT_SCHEMA.items())
     )
+
+
+def bucket_item_counts(kept: pl.DataFrame, unique_counts: pl.DataFrame, filters: BucketFilters) -> pl.DataFrame:
+    """(item, count) over a bucket's kept events. Without --max-user-events the kept events are the
+    unique ones of frequent items, whose counts pass 1 already has: no second sort of every event."""
+    if filters.config.max_user_events is None:
+        return unique_counts.filter(pl.col("item").is_in(filters.frequent_items.get_column("item").implode()))
+    return counts(kept, "item")
 
 
 @dataclass
@@ -390,9 +400,10 @@ def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> E
         kept = filters.kept(frequent)
         n_frequent, n_kept = n_frequent + frequent.height, n_kept + kept.height
         del frequent
-        for role in ("user", "item", "behavior"):
+        for role in ("user", "behavior"):
             if role in kept.columns:
                 tallies[role].append(counts(kept, role))
+        tallies["item"].append(bucket_item_counts(kept, item_counts[bucket], filters))
         for feature in event_sides:
             tallies[feature].append(counts(kept, "item", feature))
         times.append(kept.select(pl.col("time").min().alias("min"), pl.col("time").max().alias("max")))

@@ -6,10 +6,12 @@ start(s) - long_window, most recent first, at most `max_long` of them.
 
 Building it from flat arrays in event order (users, then time), with one sort per feature and no
 join of events:
-1. records: each session is reduced to the last occurrence of each of its values (a null value
-   is the value 0, so that every session has at least one record). One sort by (value, event)
-   finds them, and with them each record's `next`: the position of the user's next record of the
-   same value, in a later session;
+1. records: each session is reduced to the last occurrence of each of its values. One sort by
+   (value, index) finds them, and with them each record's `next`: the position of the user's
+   next record of the same value, in a later session. Items are found among the events; a side
+   value's last occurrence in a session is the last occurrence of some item there, so side
+   features are found among the item records alone (a null value is the value 0: a record, so
+   that every session has at least one, but never a candidate);
 2. the records L_f(s) draws from are then one contiguous run, read backwards (most recent first):
    from the last record before s down to the first one at or after the user's first event in the
    window (the first session reaching into the window comes from an as-of join on session end
@@ -20,6 +22,10 @@ join of events:
    positions behind a sentinel, s's own first record: the running maximum of the positions is
    that sentinel, which both tests `next` and groups the rows by session, in order and with the
    empty sets.
+Side features with nearly as many records as the items are read in the item records' runs, where
+an item record that is no record of theirs is never a candidate: one explode serves them all
+(shop and brand on the synthetic logs). Coarser ones (leaf, category) have runs of their own
+records, which are much shorter and seldom fill `max_long` without reading the whole window.
 Most sets are full long before the end of a heavy user's run, so runs are first read only
 `SCAN_FACTOR * max_long` records deep, and read whole only for the sets that came out short.
 """
@@ -31,9 +37,11 @@ import polars as pl
 from pipeline.events import ID
 
 LONG_TERM_FEATURES = ("item", "leaf", "category", "shop", "brand")
-EXPLODED_ROWS_PER_BATCH = 4_000_000  # about 100 MB of exploded positions
+EXPLODED_ROWS_PER_BATCH = 4_000_000  # about 32 MB of exploded (position, own)
 SCAN_FACTOR = 2
-SHIFT = 1 << 32  # packs (value, event) into one UInt64 sort key
+SHIFT = 1 << 32  # packs (value, index) into one UInt64 sort key
+DENSE_SHARE = 0.75  # see feature_sets
+NEVER = 2**32 - 1  # the `until` of a record whose value does not come back
 
 
 def long_term_column(feature: str) -> str:
@@ -71,84 +79,129 @@ def window_starts(events: pl.DataFrame, sessions: pl.DataFrame, long_window_ms: 
     )
 
 
-def records(events: pl.DataFrame, values: pl.Series) -> tuple[pl.DataFrame, pl.Series]:
-    """((value, next) per record, in event order; the number of records before each event).
+def links(sequence: pl.DataFrame, values: pl.Series) -> pl.DataFrame:
+    """(is_record, next) per element of a sequence of (user, session) in (user, time) order with
+    these values: whether it is the last of its value in its session (a record), and for a record
+    the index of its user's next record of the same value, in a later session (null: none).
 
-    Sorted by (value, event), a user's occurrences of a value are adjacent and in time order: a
+    Sorted by (value, index), a user's occurrences of a value are adjacent and in time order: a
     record is an occurrence whose successor is in another session, and its `next` is the next
     record when that is still the same value and user."""
     by_value = (
         pl.DataFrame({"value": values})
         .select(key=(pl.col("value").cast(pl.UInt64) * SHIFT + pl.int_range(pl.len(), dtype=pl.UInt64)).sort())
-        .select(value=pl.col("key") // SHIFT, event=(pl.col("key") % SHIFT).cast(pl.UInt32))
+        .select(value=pl.col("key") // SHIFT, index=(pl.col("key") % SHIFT).cast(pl.UInt32))
         .with_columns(
-            session=pl.lit(events.get_column("session")).gather(pl.col("event")),
-            user=pl.lit(events.get_column("user")).gather(pl.col("event")),
+            session=pl.lit(sequence.get_column("session")).gather(pl.col("index")),
+            user=pl.lit(sequence.get_column("user")).gather(pl.col("index")),
         )
     )
     same_value = pl.col("value") == pl.col("value").shift(-1)
     linked = by_value.filter((~same_value | (pl.col("session") != pl.col("session").shift(-1))).fill_null(True)).select(
-        "event", next_event=pl.when(same_value & (pl.col("user") == pl.col("user").shift(-1))).then(pl.col("event").shift(-1))
+        "index", next=pl.when(same_value & (pl.col("user") == pl.col("user").shift(-1))).then(pl.col("index").shift(-1))
     )
-    record_events = linked.get_column("event")
-    n = events.height
-    is_record = pl.Series(dtype=pl.Boolean).extend_constant(False, n).scatter(record_events, True)
+    record_indices = linked.get_column("index")
+    n = sequence.height
+    return pl.DataFrame({
+        "is_record": pl.Series(dtype=pl.Boolean).extend_constant(False, n).scatter(record_indices, True),
+        "next": pl.Series(dtype=pl.UInt32).extend_constant(None, n).scatter(record_indices, linked.get_column("next")),
+    })
+
+
+def compacted(values: pl.Series, links_frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series]:
+    """((value, until) per record; the number of records before each element of the sequence).
+    `until` is the position of the value's next record (NEVER when none), or 0 when the value is
+    null: a record is a candidate for a later session whose first record is `own` (so own >= 1)
+    exactly when own <= until, the window and the cap aside."""
+    is_record = links_frame.get_column("is_record")
     records_before = is_record.cast(pl.UInt32).cum_sum() - is_record.cast(pl.UInt32)
-    next_event = pl.Series(dtype=pl.UInt32).extend_constant(None, n).scatter(record_events, linked.get_column("next_event"))
-    table = pl.DataFrame({"value": values, "next": records_before.gather(next_event)}).filter(is_record)
-    return table, records_before
+    until = pl.when(values != 0).then(records_before.gather(links_frame.get_column("next")).fill_null(NEVER)).otherwise(0)
+    return pl.DataFrame({"value": values}).select("value", until=until).filter(is_record), records_before
 
 
-def candidate_sets(table: pl.DataFrame, runs: pl.DataFrame, max_long: int, column: str) -> pl.Series:
-    """Per run of record positions (`own`, the sentinel, then `own` - 1 down to `first`): its
-    first `max_long` candidates."""
+def uncompacted(values: pl.Series, links_frame: pl.DataFrame) -> pl.DataFrame:
+    """(value, until) per element, as `compacted` but keeping the elements that are not records,
+    with an `until` of 0 (never a candidate): positions stay those of the sequence."""
+    is_record = links_frame.get_column("is_record")
+    until = pl.when(is_record & (values != 0)).then(links_frame.get_column("next").fill_null(NEVER)).otherwise(0)
+    return pl.DataFrame({"value": values}).select("value", until=until)
+
+
+def candidate_sets(tables: dict[str, pl.DataFrame], runs: pl.DataFrame, max_long: int) -> pl.DataFrame:
+    """Per run of record positions (`own`, the sentinel, then `own` - 1 down to `first`): the
+    first `max_long` candidates of each feature (column -> (value, until) per position), the runs
+    exploded once for all of them."""
     position, own = pl.col("position"), pl.col("own")
-    alive = pl.col("next").is_null() | (pl.col("next") >= own)
-    return (
-        runs.lazy()
-        .select(position=pl.int_ranges("own", pl.col("first") - 1, step=-1, dtype=pl.Int64))
+    exploded = (
+        runs.select(position=pl.int_ranges("own", pl.col("first").cast(pl.Int64) - 1, step=-1, dtype=pl.UInt32))
         .explode("position")
-        .with_columns(own=position.cum_max().set_sorted(), next=pl.lit(table.get_column("next")).gather(position))
-        .filter((position == own) | alive)
+        .select(position, own=position.cum_max().set_sorted())
+    )
+    return pl.DataFrame({
+        column: exploded.filter((position == own) | (pl.lit(table.get_column("until")).gather(position) >= own))
         .with_columns(value=pl.lit(table.get_column("value")).gather(position))
-        .filter((position == own) | (pl.col("value") != 0))
         .group_by("own", maintain_order=True)
         .agg(pl.col("value").slice(1, max_long).alias(column))
-        .collect()
         .get_column(column)
-    )
+        for column, table in tables.items()
+    })
 
 
-def batched_sets(table: pl.DataFrame, runs: pl.DataFrame, max_long: int, column: str) -> pl.Series:
+def batched_sets(tables: dict[str, pl.DataFrame], runs: pl.DataFrame, max_long: int) -> pl.DataFrame:
     """candidate_sets over consecutive slices of `runs` of about EXPLODED_ROWS_PER_BATCH rows."""
-    batch = ((pl.col("own") + 1 - pl.col("first")).cum_sum() // EXPLODED_ROWS_PER_BATCH).alias("batch")
+    batch = ((pl.col("own") + 1 - pl.col("first")).cast(pl.Int64).cum_sum() // EXPLODED_ROWS_PER_BATCH).alias("batch")
     return pl.concat([
-        candidate_sets(table, part, max_long, column)
+        candidate_sets(tables, part, max_long)
         for part in runs.with_columns(batch).partition_by("batch", maintain_order=True, include_key=False)
     ])
 
 
-def feature_sets(
-    events: pl.DataFrame,
-    sessions: pl.DataFrame,
-    values: pl.Series,
-    window_first_events: pl.Series,
-    max_long: int,
-    column: str,
-) -> pl.Series:
-    """The long-term set of each session for one feature's values (0 = null) on the events."""
-    table, records_before = records(events, values)
-    runs = pl.DataFrame({
-        "own": records_before.gather(first_positions(sessions.get_column("length"))).cast(pl.Int64),
-        "first": records_before.gather(window_first_events).cast(pl.Int64),
-    })
+def long_term_sets(tables: dict[str, pl.DataFrame], runs: pl.DataFrame, max_long: int) -> pl.DataFrame:
+    """The long-term set of each session (one per run) for every feature: the runs read
+    SCAN_FACTOR * max_long records deep, then whole for each feature's sets that came out short."""
     scan = SCAN_FACTOR * max_long
-    shallow = batched_sets(table, runs.with_columns(pl.max_horizontal("first", pl.col("own") - scan)), max_long, column)
-    short = (shallow.list.len() < max_long) & (runs.get_column("own") - runs.get_column("first") > scan)
-    if not short.any():
-        return shallow
-    whole = batched_sets(table, runs.with_columns(first=pl.when(short).then("first").otherwise("own")), max_long, column)
-    return pl.select(pl.when(short).then(whole).otherwise(shallow)).to_series().alias(column)
+    shallow = batched_sets(tables, runs.with_columns(pl.max_horizontal("first", pl.col("own").cast(pl.Int64) - scan).cast(pl.UInt32)), max_long)
+    deep = runs.get_column("own") - runs.get_column("first") > scan
+    columns = []
+    for column, table in tables.items():
+        short = (shallow.get_column(column).list.len() < max_long) & deep
+        if not short.any():
+            columns.append(shallow.get_column(column))
+            continue
+        whole = batched_sets({column: table}, runs.with_columns(first=pl.when(short).then("first").otherwise("own")), max_long)
+        columns.append(pl.select(pl.when(short).then(whole.get_column(column)).otherwise(shallow.get_column(column))).to_series().alias(column))
+    return pl.DataFrame(columns)
+
+
+def feature_sets(events: pl.DataFrame, sessions: pl.DataFrame, items: pl.DataFrame, features: list[str],
+                 window_first_events: pl.Series, max_long: int) -> pl.DataFrame:
+    """The long-term sets of every feature, one row per session.
+    A side value's last occurrence in a session is the last occurrence of some item there, so a
+    side feature's records are found among the item records alone. One with nearly as many records
+    as the items (at least DENSE_SHARE of them) is read in the item records' runs, sharing their
+    explode; a coarser one in runs of its own records, which are much shorter."""
+    item_links = links(events, events.get_column("item"))
+    items_table, events_before = compacted(events.get_column("item"), item_links)
+    item_runs = pl.DataFrame({
+        "own": events_before.gather(first_positions(sessions.get_column("length"))),
+        "first": events_before.gather(window_first_events),
+    })
+    records = events.select("user", "session", "item").filter(item_links.get_column("is_record"))
+    shared, own_spaces = {long_term_column("item"): items_table}, []
+    for feature in features[1:]:
+        values = side_values(items, feature, records.get_column("item"))
+        feature_links = links(records, values)
+        if feature_links.get_column("is_record").mean() >= DENSE_SHARE:
+            shared[long_term_column(feature)] = uncompacted(values, feature_links)
+        else:
+            table, records_before = compacted(values, feature_links)
+            runs = item_runs.select(pl.lit(records_before).gather(pl.col(name)).alias(name) for name in ("own", "first"))
+            own_spaces.append(({long_term_column(feature): table}, runs))
+    sets = pl.concat(
+        [long_term_sets(shared, item_runs, max_long), *(long_term_sets(tables, runs, max_long) for tables, runs in own_spaces)],
+        how="horizontal",
+    )
+    return sets.select(long_term_column(feature) for feature in features)
 
 
 def side_values(items: pl.DataFrame, feature: str, item_ids: pl.Series) -> pl.Series:
@@ -196,14 +249,8 @@ def build_long_term(
             event_offsets[first], event_offsets[stop] - event_offsets[first]
         ).rechunk()
         window_first_events = window_starts(chunk_events, chunk_sessions, long_window_ms)
-        item_ids = chunk_events.get_column("item")
-        parts.append(chunk_sessions.select("session").with_columns(
-            feature_sets(
-                chunk_events, chunk_sessions, item_ids if feature == "item" else side_values(items, feature, item_ids),
-                window_first_events, max_long, long_term_column(feature),
-            )
-            for feature in features
-        ))
+        sets = feature_sets(chunk_events, chunk_sessions, items, features, window_first_events, max_long)
+        parts.append(pl.concat([chunk_sessions.select("session"), sets], how="horizontal"))
     if not parts:  # a user bucket without users
         return pl.DataFrame(schema={"session": ID, **{long_term_column(f): pl.List(ID) for f in features}})
     return pl.concat(parts, rechunk=False)

@@ -7,10 +7,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import reference
 from helpers.logs import (
@@ -252,3 +255,74 @@ def test_building_in_user_chunks_changes_nothing(tmp_path: Path, events_per_chun
     assert {first for first, _ in chunks} <= starts_of_users
     chunked = build_long_term(session_events, sessions, items, features, WEEK_MS, 20, events_per_chunk)
     assert chunked.equals(pl.read_parquet(out / "long_term" / "long_term.parquet"))
+
+
+# --- the vectorised formulation against the rule, on random logs ---------------------------------
+
+SIDE_POOLS = {"leaf": 6, "category": 3, "shop": 8, "brand": 2}  # distinct values, 0 = none
+
+
+@st.composite
+def user_histories(draw: st.DrawFn) -> tuple[list[list[list[tuple[int, int]]]], dict[int, tuple[int, ...]]]:
+    """Per user, sessions of (item, time) in time order (ties included, gaps around the windows
+    below), and each item's side values (0: none)."""
+    step = st.sampled_from([0, SECOND_MS, HOUR_MS, DAY_MS, 3 * DAY_MS])
+    users = []
+    for _ in range(draw(st.integers(1, 4))):
+        time, sessions = BASE_MS, []
+        for _ in range(draw(st.integers(1, 8))):
+            session = []
+            for _ in range(draw(st.integers(1, 6))):
+                time += draw(step)
+                session.append((draw(st.integers(1, 12)), time))
+            sessions.append(session)
+        users.append(sessions)
+    side = st.tuples(*(st.integers(0, size) for size in SIDE_POOLS.values()))
+    return users, {item: draw(side) for item in range(1, 13)}
+
+
+def frames(users: list[list[list[tuple[int, int]]]], side: dict[int, tuple[int, ...]]) -> tuple[pl.DataFrame, ...]:
+    """(session events, sessions, items) as the sessions stage writes them."""
+    events, sessions = [], []
+    for user, user_sessions in enumerate(users, start=1):
+        for session in user_sessions:
+            number = len(sessions)
+            events += [(user, item, time, number) for item, time in session]
+            sessions.append((number, user, session[0][1], session[-1][1], len(session)))
+    schema = {"user": pl.UInt32, "item": pl.UInt32, "time": pl.Int64, "session": pl.UInt32}
+    session_schema = {"session": pl.UInt32, "user": pl.UInt32, "start": pl.Int64, "end": pl.Int64, "length": pl.UInt32}
+    items = pl.DataFrame([(item, *values) for item, values in side.items()], schema={"item": pl.UInt32, **dict.fromkeys(SIDE_POOLS, pl.UInt32)}, orient="row")
+    return pl.DataFrame(events, schema=schema, orient="row"), pl.DataFrame(sessions, schema=session_schema, orient="row"), items
+
+
+@pytest.mark.parametrize("dense_share", [0.0, 2.0], ids=["side-features-in-item-runs", "side-features-in-own-runs"])
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    log=user_histories(),
+    window=st.sampled_from([None, HOUR_MS, DAY_MS, WEEK_MS]),
+    max_long=st.integers(1, 5),
+    events_per_chunk=st.sampled_from([1, 7, 1_000]),
+)
+def test_vectorised_sets_match_the_rule_on_random_logs(
+    dense_share: float, log: tuple, window: int | None, max_long: int, events_per_chunk: int
+) -> None:
+    """build_long_term itself (no CLI) on random histories: every feature's set of every session
+    equals the rule applied literally, whether a side feature shares the item records' runs or
+    has runs of its own, in one chunk or many, with runs read shallow (max_long is small) or whole."""
+    from pipeline import long_term
+
+    users, side = log
+    events, sessions, items = frames(users, side)
+    with mock.patch.object(long_term, "DENSE_SHARE", dense_share):
+        built = long_term.build_long_term(events, sessions, items, list(SIDE_POOLS), window, max_long, events_per_chunk)
+    assert built.get_column("session").to_list() == sessions.get_column("session").to_list()
+    for feature_index, feature in enumerate(["item", *SIDE_POOLS]):
+        expected = []
+        for user, user_sessions in enumerate(users, start=1):
+            cut = [[Event(str(user), str(item), time) for item, time in session] for session in user_sessions]
+            values = None if feature == "item" else {
+                str(item): str(codes[feature_index - 1]) for item, codes in side.items() if codes[feature_index - 1] != 0
+            }
+            expected += reference.long_term_sets(cut, values, window, max_long)
+        got = [[str(value) for value in values] for values in built.get_column(f"long_{feature}").to_list()]
+        assert got == expected, feature
