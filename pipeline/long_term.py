@@ -34,18 +34,14 @@ from __future__ import annotations
 
 import polars as pl
 
+from pipeline.contract import long_term_column
 from pipeline.events import ID
 
-LONG_TERM_FEATURES = ("item", "leaf", "category", "shop", "brand")
 EXPLODED_ROWS_PER_BATCH = 4_000_000  # about 32 MB of exploded (position, own)
 SCAN_FACTOR = 2
 SHIFT = 1 << 32  # packs (value, index) into one UInt64 sort key
 DENSE_SHARE = 0.75  # see feature_sets
 NEVER = 2**32 - 1  # the `until` of a record whose value does not come back
-
-
-def long_term_column(feature: str) -> str:
-    return f"long_{feature}"
 
 
 def first_positions(lengths: pl.Series) -> pl.Series:

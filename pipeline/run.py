@@ -38,11 +38,11 @@ from pipeline.cache import (
     read_manifest,
 )
 from pipeline.config import PreprocessConfig
-from pipeline.contract import STAGE_TABLES, STAGES
+from pipeline.contract import STAGE_TABLES, STAGES, long_term_column
 from pipeline.errors import InputError
 from pipeline.diagnostics import TIME_UNITS_MS, empty_long_term_sessions, session_measures, time_resolution
 from pipeline.events import build_events
-from pipeline.long_term import build_long_term, long_term_column
+from pipeline.long_term import build_long_term
 from pipeline.reading import count_rows, input_files, scan_table
 from pipeline.sessions import (
     assign_sessions,
