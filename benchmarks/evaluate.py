@@ -20,8 +20,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `sdm` sets it; must precede importing torch
@@ -31,6 +29,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from docs_section import replace_section  # noqa: E402
+from retrieval import best_seconds  # noqa: E402
 from train import PROFILE_FIELDS, SIDE_VOCAB, item_side_table, synthetic_tensors, zipf_ids  # noqa: E402
 
 from sdm.models import build_model  # noqa: E402
@@ -44,15 +43,6 @@ K, KS, DIM = 100, (10, 20, 50, 100), 64
 SEEN_PER_CASE = 50
 TARGET_CASES_PER_SECOND = 1_000
 GEMM_SHAPES = ((256, 2_048), (1_024, 4_096), (2_048, 8_192))  # (cases, items) per torch.mm
-
-
-def best_seconds(run: Callable[[], object], rounds: int) -> float:
-    timings = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        run()
-        timings.append(time.perf_counter() - started)
-    return min(timings)
 
 
 def uptime() -> str:
