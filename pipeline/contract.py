@@ -72,10 +72,6 @@ class DataDir:
         return self.vocabulary(f"profile.{field}")
 
     @property
-    def events(self) -> Path:
-        return self.table("events", "events")
-
-    @property
     def items(self) -> Path:
         """One row per item id: its side features."""
         return self.table("events", "items")

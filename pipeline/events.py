@@ -137,7 +137,7 @@ def log_column_map(table: Table, config: PreprocessConfig) -> dict[str, str]:
     """The --column mappings for the log. `--column ROLE=NAME` applies where the column is: one that
     names a column of the items file (its item id or a side feature, e.g. category=genres) or of
     the users file (its user id) and not of the log is that file's; one that names no column of
-    any file stays, for the log to refuse."""
+    any file is refused, naming every file's columns."""
     roles_of = {config.items: ("item", *SIDE_FEATURES), config.users: ("user",)}
     columns_of = {table.path: table.columns} | {path: scan_table(path).columns for path in roles_of if path is not None}
     elsewhere = set()

@@ -38,7 +38,7 @@ from pipeline.cache import (
     read_manifest,
 )
 from pipeline.config import PreprocessConfig
-from pipeline.contract import STAGE_TABLES, STAGES, long_term_column
+from pipeline.contract import STAGE_TABLES, STAGES, DataDir, long_term_column
 from pipeline.errors import InputError
 from pipeline.diagnostics import TIME_UNITS_MS, empty_long_term_sessions, session_measures, time_resolution
 from pipeline.events import build_events
@@ -127,7 +127,7 @@ class Sources:
 
     def table(self, stage: str, name: str, bucket: int) -> Path:
         if self.layout.n_buckets == 1:
-            return self.out / stage / f"{name}.parquet"
+            return DataDir(self.out).table(stage, name)
         return part_dir(self.out, stage, bucket) / f"{name}.parquet"
 
     def session_starts(self) -> pl.DataFrame | None:
@@ -186,7 +186,7 @@ def long_term_part(config: PreprocessConfig, sources: Sources, bucket: int) -> P
         long_term = build_long_term(
             pl.read_parquet(sources.table("sessions", "events", bucket), columns=["user", "item", "time", "session"]),
             pl.read_parquet(sources.table("sessions", "sessions", bucket), columns=["session", "user", "start", "end", "length"]),
-            pl.read_parquet(sources.out / "events" / "items.parquet"),
+            pl.read_parquet(DataDir(sources.out).items),
             side_features,
             config.long_window_ms,
             config.max_long,
