@@ -365,6 +365,18 @@ class BucketFilters:
         return frequent.filter(pl.len().over("user") <= self.config.max_user_events)
 
 
+@dataclass
+class KeptEvents:
+    """What pass 2 learnt from the kept events: the counts every vocabulary is built from."""
+
+    tallies: dict[str, list[pl.DataFrame]]  # vocabulary -> per-bucket counts
+    n_frequent: int  # events left by has_ids, unique and frequent_item
+    n_kept: int  # events left by every filter
+    time_min_ms: int
+    time_max_ms: int
+    in_memory: pl.DataFrame | None  # one bucket: its kept events, handed on to pass 3
+
+
 def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> EventTables:
     """Write the typed events of every bucket into `directory` (see Layout) and return the rest."""
     scratch = directory / ".scratch"
@@ -372,12 +384,55 @@ def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> E
     items_file, item_dictionaries = read_items_file(config) if config.items else (None, {})
     if config.strict:
         check_strict(parts, config)
+    filters, item_counts, n_with_ids, n_unique = find_frequent_items(parts, config)
+    event_sides = [f for f in SIDE_FEATURES if f in dictionaries]
+    kept = tally_kept_events(parts, filters, item_counts, event_sides)
+    if kept.n_kept == 0:
+        raise InputError(
+            f"{config.logs}: no events left after filtering ({rows_read} read); "
+            f"lower --min-item-count (now {config.min_item_count})"
+        )
+    vocabularies, items, side_features, item_stats = build_vocabularies(kept, event_sides, dictionaries, item_dictionaries, items_file)
+    users, profile_fields = build_users(config, vocabularies)
+    # The raw-value tables grow with the catalogue, not with a bucket: free them before pass 3.
+    del dictionaries, item_dictionaries, items_file
+    kept.tallies = {}
+    write_typed_events(parts, filters, kept, vocabularies, layout, directory)
+    del parts
+    shutil.rmtree(scratch, ignore_errors=True)
 
-    # Pass 1: duplicates and item counts, which decide the frequent items.
+    stats = {
+        "rows_read": rows_read,
+        "dropped_null_ids": rows_read - n_with_ids,
+        "dropped_duplicates": n_with_ids - n_unique,
+        "dropped_rare_items": n_unique - kept.n_frequent,
+        "dropped_spam_users": kept.n_frequent - kept.n_kept,
+        "events": kept.n_kept,
+        "users": vocabularies["user"].height,
+        "items": vocabularies["item"].height,
+        **item_stats,
+        "time_min_ms": kept.time_min_ms,
+        "time_max_ms": kept.time_max_ms,
+        "rating_column": rating,
+    }
+    return EventTables(
+        items.sort("item"),
+        users,
+        {name: vocabulary.drop("code", strict=False) for name, vocabulary in vocabularies.items()},
+        side_features,
+        profile_fields,
+        stats,
+    )
+
+
+def find_frequent_items(parts: list[pl.LazyFrame], config: PreprocessConfig) -> tuple[BucketFilters, list[pl.DataFrame], int, int]:
+    """Pass 1: every bucket's exact duplicates and the item counts of its unique events, which
+    decide the frequent items. Returns the filters, the per-bucket item counts, and the numbers
+    of events with ids and of unique events."""
     filters = BucketFilters(config, duplicates=[])
     item_counts, n_with_ids, n_unique = [], 0, 0
-    for bucket in range(layout.n_buckets):
-        with_ids = parts[bucket].filter(HAS_IDS).collect()
+    for part in parts:
+        with_ids = part.filter(HAS_IDS).collect()
         duplicates = duplicate_rows(with_ids) if not config.keep_duplicates else with_ids.get_column("row").clear()
         filters.duplicates.append(duplicates)
         unique_items = with_ids.lazy().filter(~pl.col("row").is_in(duplicates.implode())).select("item").collect()
@@ -387,16 +442,22 @@ def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> E
         del with_ids
     unique_item_counts = summed(item_counts, "item")
     filters.frequent_items = unique_item_counts.filter(pl.col("count") >= config.min_item_count).select("item")
+    return filters, item_counts, n_with_ids, n_unique
 
-    # Pass 2: what every vocabulary counts, on the kept events.
-    event_sides = [f for f in SIDE_FEATURES if f in dictionaries]
+
+def tally_kept_events(
+    parts: list[pl.LazyFrame], filters: BucketFilters, item_counts: list[pl.DataFrame], event_sides: list[str]
+) -> KeptEvents:
+    """Pass 2: what every vocabulary counts, on the kept events. With one bucket, `parts` is
+    emptied (only the kept events are needed from here on) and they are kept for pass 3."""
+    n_buckets = len(parts)
     tallies: dict[str, list[pl.DataFrame]] = {name: [] for name in ("user", "item", "behavior", *event_sides)}
     n_frequent, n_kept, times = 0, 0, []
-    in_memory: pl.DataFrame | None = None  # one bucket: its kept events, reused by pass 3
-    for bucket in range(layout.n_buckets):
+    in_memory = None
+    for bucket in range(n_buckets):
         frequent = filters.frequent(parts[bucket], bucket)
-        if layout.n_buckets == 1:
-            parts.clear()  # the events as read: from now on only the kept ones are needed
+        if n_buckets == 1:
+            parts.clear()
         kept = filters.kept(frequent)
         n_frequent, n_kept = n_frequent + frequent.height, n_kept + kept.height
         del frequent
@@ -407,15 +468,24 @@ def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> E
         for feature in event_sides:
             tallies[feature].append(counts(kept, "item", feature))
         times.append(kept.select(pl.col("time").min().alias("min"), pl.col("time").max().alias("max")))
-        if layout.n_buckets == 1:
+        if n_buckets == 1:
             in_memory = kept
         del kept
-    if n_kept == 0:
-        raise InputError(
-            f"{config.logs}: no events left after filtering ({rows_read} read); "
-            f"lower --min-item-count (now {config.min_item_count})"
-        )
+    time_range = pl.concat(times).select(pl.col("min").min(), pl.col("max").max())
+    time_min, time_max = time_range.row(0)
+    return KeptEvents(tallies, n_frequent, n_kept, int(time_min or 0), int(time_max or 0), in_memory)
 
+
+def build_vocabularies(
+    kept: KeptEvents,
+    event_sides: list[str],
+    dictionaries: dict[str, pl.DataFrame],
+    item_dictionaries: dict[str, pl.DataFrame],
+    items_file: pl.DataFrame | None,
+) -> tuple[dict[str, pl.DataFrame], pl.DataFrame, list[str], dict[str, int]]:
+    """Every vocabulary (by the kept events' counts; a side value counts the events of its
+    items), the items table in dense ids, the side features present, and the items' stats."""
+    tallies = kept.tallies
     value_counts = {feature: summed(tallies[feature], "item", feature) for feature in event_sides}
     if items_file is not None:
         value_counts |= {f: counts(items_file, "item", f) for f in SIDE_FEATURES if f in items_file.columns}
@@ -434,21 +504,28 @@ def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> E
     items = side_codes
     for column in ("item", *side_features):
         items = encode(items, column, vocabularies[column])
-    users, profile_fields = build_users(config, vocabularies)
     missing_side = 0
     if items_file is not None:
         missing_side = side_codes.join(items_file.select("item").unique(), on="item", how="anti").height
-    # The raw-value tables grow with the catalogue, not with a bucket: free them before pass 3.
-    del dictionaries, item_dictionaries, items_file, value_counts, tallies, weighted_side, side_codes
+    item_stats = {
+        "items_missing_from_items_file": missing_side,
+        **{f"item_conflicts_{feature}": count for feature, count in conflicts.items()},
+    }
+    return vocabularies, items, side_features, item_stats
 
-    # Pass 3: the typed events, bucket by bucket.
+
+def write_typed_events(
+    parts: list[pl.LazyFrame], filters: BucketFilters, kept_events: KeptEvents,
+    vocabularies: dict[str, pl.DataFrame], layout: Layout, directory: Path,
+) -> None:
+    """Pass 3: the typed events, bucket by bucket, in dense ids and user order."""
     user_counts = vocabularies["user"].select("id", "count")
     first_order = user_counts.select(
         pl.col("id").alias("user"), (pl.col("count").cum_sum() - pl.col("count")).cast(pl.UInt32).alias("first_order")
     )
     for bucket in range(layout.n_buckets):
-        if in_memory is not None:
-            kept, in_memory = in_memory, None
+        if kept_events.in_memory is not None:
+            kept, kept_events.in_memory = kept_events.in_memory, None  # the only other reference
         else:
             kept = filters.kept(filters.frequent(parts[bucket], bucket))
         typed = kept.select(*IDS, "row", *(c for c in ("session", "behavior") if c in kept.columns))
@@ -458,30 +535,3 @@ def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> E
                 typed = encode(typed, column, vocabularies[column])
         layout.write(finalise_events(typed, first_order), directory, "events", bucket)
         del typed
-    del parts
-    shutil.rmtree(scratch, ignore_errors=True)
-
-    time_range = pl.concat(times)
-    stats = {
-        "rows_read": rows_read,
-        "dropped_null_ids": rows_read - n_with_ids,
-        "dropped_duplicates": n_with_ids - n_unique,
-        "dropped_rare_items": n_unique - n_frequent,
-        "dropped_spam_users": n_frequent - n_kept,
-        "events": n_kept,
-        "users": vocabularies["user"].height,
-        "items": vocabularies["item"].height,
-        "items_missing_from_items_file": missing_side,
-        **{f"item_conflicts_{feature}": count for feature, count in conflicts.items()},
-        "time_min_ms": int(time_range.get_column("min").min()),
-        "time_max_ms": int(time_range.get_column("max").max()),
-        "rating_column": rating,
-    }
-    return EventTables(
-        items.sort("item"),
-        users,
-        {name: vocabulary.drop("code", strict=False) for name, vocabulary in vocabularies.items()},
-        side_features,
-        profile_fields,
-        stats,
-    )
