@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from sdm.evaluation import retrieval
 from sdm.evaluation.metrics import ranking_metrics
 from sdm.evaluation.retrieval import top_k
 
@@ -240,3 +241,107 @@ def test_threads_give_the_same_result_and_the_setting_is_restored():
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+# The bfloat16 screen: a bfloat16 search for W > k candidates, rescored in float32, with the
+# queries its error bound cannot settle searched again in float32. Its answer must be the
+# float32 one in every case, settled by the screen or not.
+
+
+def grid_embeddings(n, d, generator):
+    """Multiples of 1/8 in [-2, 2]: continuous enough for few ties, exact in float32 sums."""
+    return torch.randint(-16, 17, (n, d), generator=generator).float() / 8
+
+
+def screened(monkeypatch, queries, items, k, **options):
+    """top_k through the screen, and how many queries it left to the float32 search."""
+    searched_again = []
+    search = retrieval._top_k
+
+    def counting(q, v, options_):
+        if q.dtype == torch.float32:
+            searched_again.append(q.shape[0])
+        return search(q, v, options_)
+
+    monkeypatch.setattr(retrieval, "_top_k", counting)
+    result = top_k(queries, items, k, screen=True, **options)
+    return result, sum(searched_again)
+
+
+@pytest.mark.parametrize("with_exclusions", [False, True])
+def test_the_screen_settles_continuous_scores_and_matches_brute_force(monkeypatch, with_exclusions):
+    generator = torch.Generator().manual_seed(10)
+    queries, items = grid_embeddings(90, 16, generator), grid_embeddings(3_001, 16, generator)
+    exclude = random_exclusions(90, 3_001, 200) if with_exclusions else None
+    for k, chunks in [(1, {}), (10, {"item_chunk": 700, "query_chunk": 32}), (40, {"item_tile": 512})]:
+        (scores, ids), searched_again = screened(monkeypatch, queries, items, k, exclude=exclude, **chunks)
+        expected_scores, expected_ids = brute_force_top_k(queries, items, k, exclude)
+        assert torch.equal(ids, expected_ids)
+        assert torch.equal(scores, expected_scores)
+        assert searched_again < 90 // 10  # the screen itself settled nearly every query
+
+
+def test_scores_bfloat16_cannot_tell_apart_are_settled_in_float32(monkeypatch):
+    # Every score lies in [1000, 1001), where bfloat16's spacing is 4: the screen sees one
+    # score for all items and keeps the smallest ids. Its bound must send every query to the
+    # float32 search, which finds the true best.
+    generator = torch.Generator().manual_seed(13)
+    items = torch.zeros(5_000, 2)
+    items[:, 0] = 1_000 + torch.randint(0, 64, (5_000,), generator=generator).float() / 64
+    queries = torch.tensor([[1.0, 0.0], [1.0, 0.5]])
+    (scores, ids), searched_again = screened(monkeypatch, queries, items, 5)
+    expected_scores, expected_ids = brute_force_top_k(queries, items, 5)
+    assert torch.equal(ids, expected_ids) and torch.equal(scores, expected_scores)
+    assert searched_again == 2
+
+
+@pytest.mark.parametrize("case", ["ties", "negative scores", "k beyond the eligible items"])
+def test_the_queries_the_screen_cannot_settle_are_searched_again_exactly(monkeypatch, case):
+    torch.manual_seed(11)
+    queries, items = integer_embeddings(40, 4), integer_embeddings(2_000, 4)  # many equal scores
+    exclude, k = random_exclusions(40, 2_000, 50), 30
+    if case == "negative scores":  # every score below zero: bit keys cannot order them
+        queries, items = queries.abs() + 1, -(items.abs() + 1)
+    if case == "k beyond the eligible items":
+        items, exclude, k = items[:100], random_exclusions(40, 100, 60), 80
+    (scores, ids), searched_again = screened(monkeypatch, queries, items, k, exclude=exclude)
+    expected_scores, expected_ids = brute_force_top_k(queries, items, k, exclude)
+    assert torch.equal(ids, expected_ids)
+    assert torch.equal(scores, expected_scores)
+    assert searched_again > 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bfloat16_products_stay_within_the_screens_error_bound(threads):
+    # The screen's proof assumes torch's bfloat16 matrix product sums in float32 and rounds once;
+    # a kernel that rounded partial sums to bfloat16 would break it and fail here.
+    generator = torch.Generator().manual_seed(12)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n_queries, n_items, d in [(256, 2_048, 64), (7, 33, 16), (50, 1_000, 3), (64, 4_096, 256)]:
+            queries = torch.randn(n_queries, d, generator=generator)
+            items = torch.randn(n_items, d, generator=generator) * torch.rand(n_items, 1, generator=generator) * 10
+            out = torch.empty(n_queries, n_items + 64, dtype=torch.bfloat16)  # a strided tile, as the kernel writes
+            torch.mm(queries.bfloat16(), items.bfloat16().T, out=out[:, :n_items])
+            error = (out[:, :n_items].double() - queries.double() @ items.double().T).abs()
+            allowed = retrieval._screen_error(d) * queries.double().norm(dim=1)[:, None] * items.double().norm(dim=1)
+            assert bool((error <= allowed).all()), (n_queries, n_items, d)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_large_float32_catalogues_are_screened_by_default(monkeypatch):
+    calls = []
+    monkeypatch.setattr(retrieval, "_screened_top_k", lambda *args: calls.append(args) or (None, None))
+    monkeypatch.setattr(retrieval, "SCREEN_MIN_ITEMS", 500)
+    monkeypatch.setattr(retrieval, "_computes_in_bfloat16", lambda: True)
+    queries, items = torch.randn(3, 4), torch.randn(499, 4)
+    top_k(queries, items, 5)
+    top_k(queries.double(), torch.randn(600, 4).double(), 5)
+    assert not calls  # too few items, then not float32
+    top_k(queries, torch.randn(500, 4), 5)
+    assert len(calls) == 1
+    monkeypatch.setattr(retrieval, "_computes_in_bfloat16", lambda: False)  # bfloat16 emulated: slower
+    top_k(queries, torch.randn(500, 4), 5)
+    assert len(calls) == 1

@@ -16,7 +16,7 @@ does that exactly, with bounded memory, for any catalogue size:
 
 Nearly all the time should be the matrix products (2 · cases · items · d flops); the rest is
 made to cost little next to them:
-- A tile's scores (about TILE_SCORES floats) fit in a core's L2 cache, so the first reduction
+- A tile's scores (about TILE_BYTES) fit in a core's L2 cache, so the first reduction
   reads them from cache, not from memory.
 - A group is FANOUT entries spaced evenly through its tile (entries g, g + n, g + 2n, ...), so
   its maximum is an elementwise max over rows of the tile, which vectorises; groups of adjacent
@@ -24,7 +24,7 @@ made to cost little next to them:
 - Descending the levels looks at FANOUT entries per level for each score that may enter `best`
   (a few hundred per query over 1M items once the first chunk has set the bar), instead of a
   whole block of 64. These steps are a dozen small operations, paid once per chunk
-  (CHUNK_SCORES floats) rather than per tile.
+  (CHUNK_BYTES of scores) rather than per tile.
 - Excluded (case, item) pairs are not masked in the scores (an operation per tile): they are
   dropped from the candidates when merging. An excluded item may thus be a group's maximum,
   which only costs a look into that group, and the bound of the first chunk (see _candidates)
@@ -32,6 +32,22 @@ made to cost little next to them:
 - Query chunks are independent, so each of torch's threads takes whole chunks and runs them
   single-threaded: the small steps of one chunk overlap the matrix products of another instead
   of leaving a core idle, as they did when every operation was split between the threads.
+
+Float32 catalogues large enough for it to pay are first screened in bfloat16, whose matrix
+products run 2-3x faster on CPUs with bfloat16 instructions, and then rescored exactly:
+
+    W candidates per query = the top W (> k) of the bfloat16 scores, by the kernel above
+    rescore the W candidates in float32; the top k of them is the answer when it is certain:
+        k-th rescored score > W-th bfloat16 score + c · |q| · max_v |v|      (c ≈ 3u, u = 2^-8)
+
+A bfloat16 score differs from the float32 one by at most about 3u · |q| · |v| (u each for
+rounding q, v and the product, summed in float32; exactly: _screen_error), so an item left out
+of the W scores at most the right-hand side and cannot beat the k-th. Queries for which this
+does not hold (scores bunched within the bound) are searched again in float32, so the answer is
+the float32 top-k either way and only the time depends on the data. (The rescored products are
+summed in another order than the tiles' products: two items whose float32 scores differ by
+rounding alone may come out in the other order than without the screen.) The bfloat16 search
+compares scores by their bits read as int16 (see _Order), which halves its reductions' time.
 
 Ordering is (score descending, item id ascending): ties go to the smaller id. Merging sorts the
 candidates by (case, item) and then stably sorts `best` followed by them by score: every
@@ -42,7 +58,7 @@ Scores must be finite: -inf marks "no item".
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -52,9 +68,13 @@ from sdm.evaluation.csr import CSR
 
 FANOUT = 8  # entries per group of a level of maxima
 MAX_LEVELS = 3  # levels of maxima: the top one has a group per FANOUT**3 = 512 scores of a tile
-TILE_SCORES = 1 << 19  # scores per matrix product (2 MB of float32: a core's L2 cache)
-CHUNK_SCORES = 1 << 23  # scores per candidate extraction (32 MB)
+TILE_BYTES = 1 << 21  # scores per matrix product: 2 MB, a core's L2 cache
+CHUNK_BYTES = 1 << 25  # scores per candidate extraction: 32 MB
 QUERY_CHUNK = 256  # queries per chunk: tiles of 2,048 items, for which torch.mm ran fastest here
+# Screening (see above): bfloat16's unit roundoff; below SCREEN_MIN_ITEMS the float32 pass is
+# cheap and a second pass for uncertain queries would cost more than screening saves.
+BFLOAT16_ROUNDOFF = 2.0**-8
+SCREEN_MIN_ITEMS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,7 @@ def top_k(
     item_tile: int | None = None,
     query_chunk: int = QUERY_CHUNK,
     skip_padding: bool = True,
+    screen: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact maximum-inner-product top-k: scores [N, k] (descending) and item ids [N, k] (int64).
 
@@ -95,10 +116,11 @@ def top_k(
     (indptr [N + 1], indices [nnz]) of the item ids case n must not get (e.g. items the user
     has already seen). If k exceeds the number of eligible items, the tail has score -inf
     and id -1. item_chunk (items per candidate extraction) and item_tile (items per matrix
-    product) default to CHUNK_SCORES and TILE_SCORES scores per query chunk. Memory is one
+    product) default to CHUNK_BYTES and TILE_BYTES of scores per query chunk. Memory is one
     [query_chunk, item_chunk] score buffer per thread plus candidate buffers of about
     query_chunk * k entries, whatever M is. The result does not depend on the chunk sizes or
-    on the number of threads.
+    on the number of threads. screen: whether float32 inputs go through the bfloat16 screen
+    (default: when the catalogue has SCREEN_MIN_ITEMS items and the CPU computes in bfloat16).
     """
     if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
         raise ValueError(f"expected queries [N, d] and items [M, d], got {list(queries.shape)} and {list(items.shape)}")
@@ -116,27 +138,140 @@ def top_k(
             raise ValueError(f"exclude holds item ids outside [0, {n_items})")
 
     queries, items = queries.contiguous(), items.contiguous()
-    query_chunk = min(query_chunk, n_cases) or 1
-    plan = _plan(query_chunk, n_items, item_chunk, item_tile)
+    search = _Search(k, exclude, item_chunk, item_tile, query_chunk, skip_padding)
+    if screen is None:
+        screen = queries.dtype == torch.float32 and n_items >= SCREEN_MIN_ITEMS and _computes_in_bfloat16()
+    if screen and queries.dtype == torch.float32:
+        return _screened_top_k(queries, items, search)
+    return _top_k(queries, items, search)
+
+
+@dataclass(frozen=True)
+class _Search:
+    """top_k's options but the vectors (exclude already as int64 tensors)."""
+
+    k: int
+    exclude: tuple[Tensor, Tensor] | None
+    item_chunk: int | None
+    item_tile: int | None
+    query_chunk: int
+    skip_padding: bool
+    bit_keys: bool = False  # compare bfloat16 scores by their bits (_Order), as the screen does
+
+
+@dataclass(frozen=True)
+class _Order:
+    """How the kernel compares scores: as themselves, or (bit_keys) a bfloat16 score by its bit
+    pattern read as an int16, which reduces 4x faster here. Bits order positive scores as their
+    values and put every negative score below them, in no useful order: a search whose k-th best
+    score is positive is exact, any other one the screen does again in float32."""
+
+    key_dtype: torch.dtype
+    bottom: float  # below every key: "no item"
+
+    @staticmethod
+    def of(dtype: torch.dtype, bit_keys: bool) -> _Order:
+        if bit_keys:
+            if dtype != torch.bfloat16:
+                raise ValueError(f"bit keys are for bfloat16 scores, not {dtype}")
+            return _Order(torch.int16, torch.iinfo(torch.int16).min)
+        return _Order(dtype, float("-inf"))
+
+    def keys(self, scores: Tensor) -> Tensor:
+        return scores if scores.dtype == self.key_dtype else scores.view(self.key_dtype)
+
+    def above(self, keys: Tensor) -> Tensor:
+        """The smallest keys greater than `keys`."""
+        if self.key_dtype.is_floating_point:
+            return torch.nextafter(keys, keys.new_tensor(float("inf")))
+        return keys + 1
+
+
+def _computes_in_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions (without them bfloat16 products are emulated, slower)."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported is not None and supported())
+
+
+def _screened_top_k(queries: Tensor, items: Tensor, search: _Search) -> tuple[Tensor, Tensor]:
+    """The float32 top-k through a bfloat16 screen (see the module's docstring)."""
+    k = search.k
+    width = 2 * k + 64  # W: room enough that the bound rarely fails on trained vectors
+    coarse, candidates = _top_k(queries.bfloat16(), items.bfloat16(), replace(search, k=width, bit_keys=True))  # [N, W] each
+    scores, ids = _rescored(queries, items, candidates, k)  # [N, k] each, float32
+    bound = _screen_error(queries.shape[1]) * queries.norm(dim=1) * items.norm(dim=1).max()  # [N]
+    floor = coarse[:, -1].float()  # [N]: the W-th bfloat16 score, exact if positive (see _Order)
+    uncertain = (~((floor > 0) & (scores[:, -1] > floor + bound))).nonzero().squeeze(1)  # [U]
+    if uncertain.numel():
+        exclude = None if search.exclude is None else _rows_of(search.exclude, uncertain)
+        scores[uncertain], ids[uncertain] = _top_k(queries[uncertain], items, replace(search, exclude=exclude))
+    return scores, ids
+
+
+def _screen_error(d: int) -> float:
+    """c such that a bfloat16 score of q and v is within c |q| |v| of its float32 rescoring.
+
+    Rounding q and v to bfloat16 moves q·v by at most (2u + u²) Σ|q_i v_i| (u = 2^-8), the
+    float32 sum of the d products by γ_d (1 + u)² Σ|q_i v_i| (γ_d = d 2^-24 / (1 - d 2^-24), any
+    order of summation), rounding the sum to bfloat16 by u |sum|; Σ|q_i v_i| <= |q| |v|. That
+    is 3u + 4u² + 1.02 γ_d up to terms of u³; the rest of 5u² + 6γ_d covers the float32
+    rescoring (γ_d) and the float32 norms and products of the bound itself (under 4γ_d).
+    """
+    u, gamma = BFLOAT16_ROUNDOFF, d * 2.0**-24 / (1 - d * 2.0**-24)
+    return 3 * u + 5 * u**2 + 6 * gamma
+
+
+def _rescored(queries: Tensor, items: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top k of each query's candidates [N, W] (id -1: none) by float32 score, ties to the smaller id."""
+    scores, ids = [], []
+    for start in range(0, queries.shape[0], QUERY_CHUNK):  # bounds the [Q, W, d] gather
+        chunk = candidates[start : start + QUERY_CHUNK]  # [Q, W]
+        ranked = chunk.where(chunk >= 0, items.shape[0]).sort(dim=1).values  # [Q, W] by id, none last
+        found = ranked < items.shape[0]
+        vectors = items[ranked.where(found, 0)]  # [Q, W, d]
+        exact = torch.bmm(vectors, queries[start : start + QUERY_CHUNK, :, None]).squeeze(2)  # [Q, W]
+        exact = exact.masked_fill(~found, float("-inf"))
+        top, order = exact.sort(dim=1, descending=True, stable=True)  # stable: equal scores keep id order
+        scores.append(top[:, :k])
+        ids.append(ranked.gather(1, order[:, :k]).where(top[:, :k] > float("-inf"), -1))
+    return torch.cat(scores), torch.cat(ids)
+
+
+def _rows_of(exclude: tuple[Tensor, Tensor], rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The CSR of the given rows of `exclude`, in that order."""
+    indptr, indices = exclude
+    lengths = indptr[rows + 1] - indptr[rows]  # [R]
+    new_indptr = torch.cat([indptr.new_zeros(1), lengths.cumsum(0)])
+    offsets = torch.arange(int(new_indptr[-1])) - torch.repeat_interleave(new_indptr[:-1], lengths)
+    return new_indptr, indices[torch.repeat_interleave(indptr[rows], lengths) + offsets]
+
+
+def _top_k(queries: Tensor, items: Tensor, search: _Search) -> tuple[Tensor, Tensor]:
+    """top_k in the inputs' own dtype: the kernel of the module's docstring."""
+    k, exclude, skip_padding = search.k, search.exclude, search.skip_padding
+    n_cases, n_items = queries.shape[0], items.shape[0]
+    query_chunk = min(search.query_chunk, n_cases) or 1
+    plan = _plan(query_chunk, n_items, search.item_chunk, search.item_tile, queries.element_size())
+    order = _Order.of(queries.dtype, search.bit_keys)
     starts = range(0, n_cases, query_chunk)
 
     def one_chunk(start: int) -> tuple[Tensor, Tensor]:
         stop = min(start + query_chunk, n_cases)
         excluded = _excluded_keys(exclude, start, stop, n_items) if exclude is not None else None
-        return _top_k_for_query_chunk(queries[start:stop], items, k, excluded, plan, skip_padding)
+        return _top_k_for_query_chunk(queries[start:stop], items, k, excluded, plan, skip_padding, order)
 
     results = _map_single_threaded(one_chunk, starts)
     if not results:
         return torch.empty(0, k, dtype=queries.dtype), torch.empty(0, k, dtype=torch.int64)
-    scores, ids = zip(*results)
-    return torch.cat(scores), torch.cat(ids)
+    keys, ids = zip(*results)
+    return torch.cat(keys).view(queries.dtype), torch.cat(ids)
 
 
-def _plan(n_queries: int, n_items: int, item_chunk: int | None, item_tile: int | None) -> _Plan:
+def _plan(n_queries: int, n_items: int, item_chunk: int | None, item_tile: int | None, score_bytes: int) -> _Plan:
     """Tile and chunk sizes for query chunks of n_queries, and as many levels of maxima (up to
     MAX_LEVELS) as leave at least one group per tile at the top."""
-    tile = item_tile or _round_up(max(1, TILE_SCORES // n_queries), FANOUT**MAX_LEVELS)
-    chunk = item_chunk or max(1, CHUNK_SCORES // n_queries // tile) * tile
+    tile = item_tile or _round_up(max(1, TILE_BYTES // score_bytes // n_queries), FANOUT**MAX_LEVELS)
+    chunk = item_chunk or max(1, CHUNK_BYTES // score_bytes // n_queries // tile) * tile
     tile = min(tile, chunk, n_items) or 1
     levels = next(level for level in range(MAX_LEVELS, -1, -1) if FANOUT**level <= tile)
     return _Plan(chunk=chunk, tile=tile, levels=levels)
@@ -164,18 +299,20 @@ def _top_k_for_query_chunk(
     excluded: tuple[Tensor, Tensor] | None,
     plan: _Plan,
     skip_padding: bool,
+    order: _Order,
 ) -> tuple[Tensor, Tensor]:
-    """Running top-k of one query chunk over all item chunks: ([Q, k] scores, [Q, k] ids).
+    """Running top-k of one query chunk over all item chunks: ([Q, k] keys, [Q, k] ids).
     excluded: (keys [E], item ids [E]) of the excluded pairs, key = case * n_items + item, sorted."""
     n_queries, n_items = queries.shape[0], items.shape[0]
-    best_scores = torch.full((n_queries, k), float("-inf"), dtype=queries.dtype)  # [Q, k]
+    best_scores = torch.full((n_queries, k), order.bottom, dtype=order.key_dtype)  # [Q, k] keys
     best_ids = torch.full((n_queries, k), -1, dtype=torch.int64)  # [Q, k]
     tiles_per_chunk, width = plan.tiles_per_chunk, plan.width
     scores = torch.empty(n_queries, tiles_per_chunk * width, dtype=queries.dtype)  # [Q, tiles * width], reused
     # levels[0] is the scores seen as [tiles, Q, width]; levels[l] [tiles, Q, width / FANOUT**l]
     # holds the maxima of the groups of FANOUT entries of level l - 1 (see _candidates).
-    levels = [scores.view(n_queries, tiles_per_chunk, width).transpose(0, 1)]
-    levels += [torch.empty(tiles_per_chunk, n_queries, width // FANOUT**level, dtype=queries.dtype) for level in range(1, plan.levels + 1)]
+    by_tile = scores.view(n_queries, tiles_per_chunk, width).transpose(0, 1)  # [tiles, Q, width]
+    levels = [order.keys(by_tile)]
+    levels += [torch.empty(tiles_per_chunk, n_queries, width // FANOUT**level, dtype=order.key_dtype) for level in range(1, plan.levels + 1)]
     # Merging costs the same however few candidates a chunk yields, so candidates are pooled
     # until there are about k per case. Between merges the threshold lags behind, which only
     # lets a few more candidates through.
@@ -187,23 +324,24 @@ def _top_k_for_query_chunk(
         for tile in range(n_tiles):
             tile_start = chunk_start + tile * plan.tile
             n_tile_items = min(plan.tile, n_items - tile_start, chunk_start + plan.chunk - tile_start)
-            tile_scores = levels[0][tile]  # [Q, width]
+            tile_scores = by_tile[tile]  # [Q, width]
             torch.mm(queries, items[tile_start : tile_start + n_tile_items].T, out=tile_scores[:, :n_tile_items])
+            tile_keys = levels[0][tile]  # [Q, width]
             if n_tile_items < width:
-                tile_scores[:, n_tile_items:] = float("-inf")  # columns past the tile's last item
+                tile_keys[:, n_tile_items:] = order.bottom  # columns past the tile's last item
             if skip_padding and tile_start == 0:
-                tile_scores[:, 0] = float("-inf")
+                tile_keys[:, 0] = order.bottom
             if plan.levels:  # the first level while the tile's scores are in cache
-                torch.amax(tile_scores.view(n_queries, FANOUT, -1), dim=1, out=levels[1][tile])
+                torch.amax(tile_keys.view(n_queries, FANOUT, -1), dim=1, out=levels[1][tile])
         for level in range(2, plan.levels + 1):
             below = levels[level - 1][:n_tiles]
             torch.amax(below.view(n_tiles, n_queries, FANOUT, -1), dim=2, out=levels[level][:n_tiles])
 
         threshold = best_scores[:, -1]
         spoilt = None  # no bound from the chunk itself while the running top-k is full
-        if not bool(torch.isfinite(threshold).all()):
+        if not bool((threshold > order.bottom).all()):
             spoilt = 0 if excluded is None else _most_excluded(excluded, chunk_start, chunk_start + plan.chunk, n_items)
-        case, item, score = _candidates([level[:n_tiles] for level in levels], threshold, k, spoilt, plan.tile)
+        case, item, score = _candidates([level[:n_tiles] for level in levels], threshold, k, spoilt, plan.tile, order)
         pooled.append((case, item + chunk_start, score))
         n_pooled += case.numel()
         if n_pooled >= n_queries * k or chunk_start + plan.chunk >= n_items:
@@ -211,13 +349,13 @@ def _top_k_for_query_chunk(
             if excluded is not None:
                 kept = ~torch.isin(case * n_items + item, excluded[0])
                 case, item, score = case[kept], item[kept], score[kept]
-            best_scores, best_ids = _merge(best_scores, best_ids, case, item, score, k, n_items)
+            best_scores, best_ids = _merge(best_scores, best_ids, case, item, score, k, n_items, order.bottom)
             pooled, n_pooled = [], 0
     return best_scores, best_ids
 
 
 def _candidates(
-    levels: list[Tensor], threshold: Tensor, k: int, spoilt: int | None, tile: int
+    levels: list[Tensor], threshold: Tensor, k: int, spoilt: int | None, tile: int, order: _Order
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Entries of one chunk that may enter the running top-k, as (case [P], item [P], score [P]),
     item counted from the chunk's first. levels[0] [tiles, Q, width] holds the chunk's scores by
@@ -235,7 +373,7 @@ def _candidates(
     candidates returned.
     """
     n_queries = threshold.shape[0]
-    floor = torch.nextafter(threshold, threshold.new_tensor(float("inf")))  # [Q]; score > threshold <=> score >= floor
+    floor = order.above(threshold)  # [Q]; score > threshold <=> score >= floor
     if spoilt is not None:
         rank = k + spoilt
         bounding = next((level for level in levels[1:] + levels[:1] if level.shape[0] * level.shape[2] >= rank), None)
@@ -254,7 +392,7 @@ def _candidates(
 
 
 def _merge(
-    best_scores: Tensor, best_ids: Tensor, case: Tensor, item: Tensor, score: Tensor, k: int, n_items: int
+    best_scores: Tensor, best_ids: Tensor, case: Tensor, item: Tensor, score: Tensor, k: int, n_items: int, bottom: float
 ) -> tuple[Tensor, Tensor]:
     """Top-k of the running best [Q, k] and the candidates (case [P], item [P], score [P]), whose
     items are all larger than the running ids."""
@@ -267,7 +405,7 @@ def _merge(
     first_of_case = torch.cumsum(per_case, 0) - per_case  # [Q]
     column = torch.arange(case.numel()) - first_of_case[case]  # [P]
     width = int(per_case.max()) if case.numel() else 0
-    dense_scores = best_scores.new_full((n_queries, width), float("-inf"))  # [Q, W]
+    dense_scores = best_scores.new_full((n_queries, width), bottom)  # [Q, W]
     dense_ids = best_ids.new_full((n_queries, width), -1)  # [Q, W]
     dense_scores[case, column] = score
     dense_ids[case, column] = item
