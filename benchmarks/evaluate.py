@@ -7,7 +7,8 @@ End to end is `sdm.evaluation.evaluate.evaluate_cases` on an SDM model of d = 64
 10, 20, 50 and 100; once as `sdm evaluate` and once with `--exclude-seen` (50 seen items per
 case). Its parts are timed on their own in the same run. The GEMM rate is the best rate of
 torch.mm over the same cases x items product, in blocks of a few shapes, with all of torch's
-threads; the floor is 2 * cases * items * d / that rate. faiss's exact flat index
+threads; the floor is 2 * cases * items * d / that rate; the same in bfloat16 is the floor of
+top_k's bfloat16 screen (sdm/evaluation/retrieval.py). faiss's exact flat index
 (IndexFlatIP) is searched over the same vectors for reference. Each timing is the best of
 `--rounds`, so that other work on the machine inflates it less.
 """
@@ -71,7 +72,7 @@ def evaluation_setup(n_items: int, n_cases: int):
 
 def blocked_products(queries: torch.Tensor, items: torch.Tensor, n_queries: int, n_items: int) -> None:
     """queries x items.T in [n_queries, n_items] blocks into one reused buffer (whole item blocks only)."""
-    out = torch.empty(n_queries, n_items)
+    out = torch.empty(n_queries, n_items, dtype=queries.dtype)
     for start in range(0, queries.shape[0], n_queries):
         block = queries[start : start + n_queries]
         for item_start in range(0, items.shape[0] - n_items + 1, n_items):
@@ -119,6 +120,8 @@ def measure(n_items: int, n_cases: int, rounds: int) -> dict[str, object]:
     }
     rate, shape = gemm_rate(queries, items, rounds)
     floor_seconds = 2 * n_cases * n_items * DIM / (rate * 1e9)
+    # top_k screens in bfloat16 where the CPU has it: the floor of its first pass
+    bfloat16_rate, _ = gemm_rate(queries.bfloat16(), items.bfloat16(), rounds)
     return {
         "n_items": n_items,
         "cases": n_cases,
@@ -129,6 +132,8 @@ def measure(n_items: int, n_cases: int, rounds: int) -> dict[str, object]:
         "gemm_shape": shape,
         "floor_seconds": floor_seconds,
         "floor_cases_per_second": n_cases / floor_seconds,
+        "bfloat16_gemm_gflops": bfloat16_rate,
+        "bfloat16_floor_cases_per_second": bfloat16_rate * 1e9 / (2 * n_items * DIM),
         "faiss_flat": faiss_flat(queries, items, rounds),
     }
 
@@ -156,9 +161,10 @@ after: {load_after}. SDM at d = {DIM}, {args.items:,} items, {args.cases:,} case
 | exact top-{K} alone (`sdm.evaluation.retrieval.top_k`) | {per_second['top_k']:,.0f} | {seconds['top_k']:.2f} |
 | exact top-{K} alone, {SEEN_PER_CASE} excluded items per case | {per_second['top_k_exclude_seen']:,.0f} | {seconds['top_k_exclude_seen']:.2f} |
 | floor: the matrix products alone at the GEMM rate | {result['floor_cases_per_second']:,.0f} | {result['floor_seconds']:.2f} |
+| the same products in bfloat16 (the floor of top_k's screen) | {result['bfloat16_floor_cases_per_second']:,.0f} | {args.cases / result['bfloat16_floor_cases_per_second']:.2f} |
 {faiss_row}
 
-GEMM rate: {result['gemm_gflops']:.1f} GFLOP/s (torch.mm over the same cases x items product in blocks of
+GEMM rate: {result['gemm_gflops']:.1f} GFLOP/s in float32, {result['bfloat16_gemm_gflops']:.1f} in bfloat16 (torch.mm over the same cases x items product in blocks of
 {shape[0]:,} x {shape[1]:,}, the best of {len(GEMM_SHAPES)} block shapes); floor = 2 x cases x items x d / rate.
 End to end takes {result['floor_cases_per_second'] / end_to_end:.2f}x the floor's time; the parts, each timed alone: {parts}.
 Target {TARGET_CASES_PER_SECOND:,} cases/s end to end: {met}.
