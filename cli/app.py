@@ -621,7 +621,7 @@ def evaluate(
 def recommend_command(
     run: Annotated[Path, typer.Option(help="A `sdm train` output directory.")],
     user: Annotated[str, typer.Option(help="Raw user id, as in the input log.")],
-    k: Annotated[int, typer.Option("-k", "--k", help="Number of items.")] = 10,
+    k: Annotated[int, typer.Option("-k", "--k", help="Number of items: one K (`sdm evaluate --k` takes a list of cut-offs, each a K like this one).")] = 10,
     exclude_seen: Annotated[bool, typer.Option("--exclude-seen", help="Skip items the user already interacted with.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
 ) -> None:
