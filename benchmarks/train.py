@@ -1,6 +1,6 @@
-"""Training and evaluation throughput, and training memory, on this machine.
+"""Training throughput and memory on this machine (evaluation: benchmarks/evaluate.py, retrieval.py).
 
-    python benchmarks/train.py [--rows 40000] [--cases 4096] [--sections training,processes,memory,evaluation]
+    python benchmarks/train.py [--rows 40000] [--sections training,processes,memory]
                                [--write-docs]
 
 training     target items per second of `sdm.training.train.train_epoch` (the real loop: length-grouped
@@ -13,8 +13,6 @@ processes    the same at 3,706 items and a global batch of 512, as 1 process x 1
 memory       private memory (RssAnon) and page-cache pages mapped (RssFile) of a trainer whose
              training tensors are memory-mapped (sdm.data.tensor_store), for 0.25M, 1M and 4M
              training sessions, during 300 training steps.
-evaluation   cases per second for top-100 over a 1M-item catalogue (user tower + exact chunked
-             retrieval), next to a bare `torch.mm` + `torch.topk` over the same matrices.
 
 Each measurement that needs its own memory or process group runs in a child process.
 """
@@ -44,14 +42,11 @@ from sdm.models import build_model  # noqa: E402
 from sdm.models.config import ModelConfig  # noqa: E402
 from sdm.data.sessions import SessionData  # noqa: E402
 from sdm.training.distributed import Ranks, join, leave  # noqa: E402
-from sdm.evaluation.evaluate import embed_cases  # noqa: E402
-from sdm.evaluation.retrieval import top_k  # noqa: E402
 from sdm.data.tensor_store import map_tensors  # noqa: E402
 from sdm.training.train import NO_BUFFER_SYNC, Objective, TrainConfig, make_loss, train_epoch  # noqa: E402
 
 SIDE_VOCAB = {"leaf": 2_000, "category": 100, "shop": 20_000, "brand": 5_000}
 SESSION, LONG, PROFILE_FIELDS = 5, 50, 3
-K = 100  # evaluation cut-off
 TARGET_ITEMS_PER_SECOND = 58_000
 SMALL_CATALOGUE = 3_706
 SCALING_CATALOGUES = (SMALL_CATALOGUE, 100_000)
@@ -61,7 +56,6 @@ SECTION_TITLES = {
     "training": "Training throughput",
     "processes": "Training on several processes",
     "memory": "Training memory",
-    "evaluation": "Evaluation throughput",
 }
 SECTIONS = tuple(SECTION_TITLES)
 
@@ -257,52 +251,6 @@ def memory_scaling(work: Path, sizes: list[int]) -> list[dict]:
     return results
 
 
-def evaluation_throughput(n_items: int, n_cases: int, k: int) -> dict[str, float]:
-    torch.set_num_threads(2)
-    generator = torch.Generator().manual_seed(1)
-    data = SessionData(synthetic_tensors(n_cases, 50_000, generator))
-    model_config = ModelConfig(n_items=50_000, n_users=1000, side_vocab=SIDE_VOCAB, profile_vocab=[10] * PROFILE_FIELDS, dim=64)
-    model = build_model("sdm", model_config, item_side_table(50_000, generator), torch.ones(50_000, dtype=torch.long)).eval()
-    items = torch.randn(n_items, 64, generator=generator)
-    started = time.perf_counter()
-    queries = embed_cases(model, data)
-    top_k(queries, items, k)
-    seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    top_k(queries, items, k)
-    retrieval_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    for chunk in queries.split(1024):
-        torch.topk(chunk @ items.T, k, dim=1)
-    floor_seconds = time.perf_counter() - started
-    return {
-        "n_items": n_items,
-        "cases": n_cases,
-        "cases_per_second": n_cases / seconds,
-        "retrieval_cases_per_second": n_cases / retrieval_seconds,
-        "floor_cases_per_second": n_cases / floor_seconds,
-        **index_throughput(queries, items, k),
-    }
-
-
-def index_throughput(queries: torch.Tensor, items: torch.Tensor, k: int) -> dict[str, float]:
-    """`sdm evaluate --index ivf`: faiss IVF build time, search cases/s and recall@k against exact."""
-    from sdm.serving.ann import build_index, index_top_k, overlap_recall
-
-    _, exact = top_k(queries, items, k)
-    started = time.perf_counter()
-    index = build_index(items, "ivf")
-    build_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    _, found = index_top_k(index, items, queries, k)
-    search_seconds = time.perf_counter() - started
-    return {
-        "ivf_build_seconds": build_seconds,
-        "ivf_cases_per_second": len(queries) / search_seconds,
-        "ivf_recall": overlap_recall(found, exact),
-    }
-
-
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
 
@@ -378,22 +326,9 @@ than memory would mean reading far more than the batches need.
 """
 
 
-def evaluation_text(evaluation: dict) -> str:
-    return f"""**Evaluation** (top-100 over {evaluation['n_items']:,} items, d = 64, {evaluation['cases']:,} cases):
-{evaluation['cases_per_second']:,.0f} cases/s end to end (user tower + exact retrieval; target 1,000);
-retrieval alone {evaluation['retrieval_cases_per_second']:,.0f} cases/s, against
-{evaluation['floor_cases_per_second']:,.0f} cases/s for a bare `torch.mm` + `torch.topk` over the same matrices.
-faiss's exact flat index (`sdm evaluate --index flat`) is faster on the same matrices (see "Retrieval" below). The
-IVF index (sqrt(n) lists, 1/8 probed) searches {evaluation['ivf_cases_per_second']:,.0f} cases/s with recall@{K} of
-{evaluation['ivf_recall']:.3f} against exact search after a {evaluation['ivf_build_seconds']:.0f} s build (random vectors, the
-hard case for an index: real embeddings cluster).
-"""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=40_000, help="training sessions per measured epoch")
-    parser.add_argument("--cases", type=int, default=4_096)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     parser.add_argument("--memory-rows", default=",".join(map(str, MEMORY_ROWS)), help="training sessions of the memory runs")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where the memory section writes its files")
@@ -425,15 +360,12 @@ def main() -> None:
         elif section == "processes":
             results[section] = process_scaling(args.rows)
             text = processes_text(results[section], before, load())
-        elif section == "memory":
+        else:
             results[section] = memory_scaling(args.work, [int(n) for n in args.memory_rows.split(",")])
             text = memory_text(results[section], before, load())
-        else:
-            results[section] = evaluation_throughput(1_000_000, args.cases, K)
-            text = evaluation_text(results[section])
         print(json.dumps({section: results[section]}, indent=2), flush=True)
         if args.write_docs:
-            command = f"python benchmarks/train.py --sections {section} --rows {args.rows} --cases {args.cases} --memory-rows {args.memory_rows} --write-docs"
+            command = f"python benchmarks/train.py --sections {section} --rows {args.rows} --memory-rows {args.memory_rows} --write-docs"
             replace_section(ROOT / "docs" / "benchmarks.md", f"train-{section}", SECTION_TITLES[section],
                             f"Command: `{command}`.\nMachine: {machine()}.\n\n{text}")
 
