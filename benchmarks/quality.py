@@ -22,10 +22,11 @@ rows in the one results table:
    defaults and test.
 Test metrics never feed back into any choice.
 
---trials 12: TPE draws its first 10 trials at random, so 12 is the least that lets it steer at
-all, and it is what fits a few hours for ML-100K on this 2-core machine: one leave-last-out epoch
-takes ~3-7 s at d = 64, so 4 models x 12 trials x at most 20 epochs is up to ~1.5 hours per
-protocol, and the defaults and test stages (10 entries x 3 seeds each) as much again.
+--trials 12: what fits a few hours per ML-100K protocol on this 2-core machine. One leave-last-out
+epoch takes ~3-7 s at d = 64, so 4 models x 12 trials x at most 20 epochs is up to ~1-2 hours
+(early stopping ends many trials sooner; d = 128 or batch 32 trials are slower), and the defaults
+and test stages (10 entries x 3 seeds each) about as much again. TPE draws its first 10 trials at
+random, so 12 also gives it two guided ones.
 
 Runs are keyed by (dataset, protocol, model, variant, params, seed, stage): keys already in the
 table are skipped, runs train with resume into WORK/runs/..., studies resume from their SQLite,
@@ -114,9 +115,15 @@ ENTRIES = (*UNTRAINED_MODELS, *TRAINED, *ABLATIONS)  # what --models selects fro
 SEEDS = 3
 TRIALS = 12  # why: the module docstring
 TUNE_SEED = 0
-# What --quick changes: a smoke run of every stage in a minute or two.
-QUICK = {"datasets": ("sample",), "trials": 2, "seeds": 1, "budget": {"epochs": 2, "patience": 1}}
-UNQUICK = {"datasets": tuple(DATASETS), "trials": TRIALS, "seeds": SEEDS, "budget": {}}
+# What --quick changes: a smoke run of every stage and kind of entry (untrained, tuned, ablation)
+# in about two minutes. One sample-data run takes ~10-30 s here (2 epochs and the test evaluations),
+# so it keeps one protocol and three entries: 8 runs and trials; --protocols / --models widen it.
+# Its own work directory: a study does not record its epoch cap, so a smoke study must not be
+# continued by the real grid.
+QUICK = {"datasets": ("sample",), "protocols": ("leave-last-out",), "entries": ("popularity", "sdm", "no-long-term"),
+         "trials": 2, "seeds": 1, "budget": {"epochs": 2, "patience": 1}, "work": Path("quality-work-quick")}
+UNQUICK = {"datasets": tuple(DATASETS), "protocols": PROTOCOLS, "entries": ENTRIES, "trials": TRIALS, "seeds": SEEDS,
+           "budget": {}, "work": Path("quality-work")}
 
 
 @dataclass(frozen=True)
@@ -349,14 +356,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GridConfig, bool]:
     """The command line -> (the grid, whether to write docs/results)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke run: sample data, {QUICK['trials']} trials, {QUICK['budget']['epochs']} epochs, 1 seed")
+                        help=f"smoke run: sample data, leave-last-out, popularity, sdm and no-long-term, "
+                             f"{QUICK['trials']} trials, {QUICK['budget']['epochs']} epochs, 1 seed")
     parser.add_argument("--seeds", type=int, help=f"seeds per defaults and test configuration [default: {SEEDS}, --quick: 1]")
     parser.add_argument("--trials", type=int, help=f"finished trials per model and study [default: {TRIALS}, --quick: {QUICK['trials']}]")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma list [default: %(default)s]")
     parser.add_argument("--datasets", help=f"comma list [default: {','.join(DATASETS)}; --quick: sample]")
-    parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma list [default: %(default)s]")
-    parser.add_argument("--models", default=",".join(ENTRIES), help="models and SDM ablations, comma list [default: all]")
-    parser.add_argument("--work", type=Path, default=Path("quality-work"), help="runs, studies and data [default: %(default)s]")
+    parser.add_argument("--protocols", help=f"comma list [default: {','.join(PROTOCOLS)}; --quick: leave-last-out]")
+    parser.add_argument("--models", help="models and SDM ablations, comma list [default: all; --quick: popularity,sdm,no-long-term]")
+    parser.add_argument("--work", type=Path, help=f"runs, studies and data [default: {UNQUICK['work']}; --quick: {QUICK['work']}]")
     parser.add_argument("--results", type=Path, help="results Parquet [default: WORK/results/quality.parquet]")
     parser.add_argument("--write-docs", action="store_true", help="then `sdm report RESULTS --out docs/results`")
     args = parser.parse_args(argv)
@@ -367,12 +375,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GridConfig, bool]:
     trials = args.trials if args.trials is not None else preset["trials"]
     if seeds < 1 or trials < 1:
         raise SystemExit("--seeds and --trials must be at least 1")
+    work = args.work or preset["work"]
     grid = GridConfig(
-        work=args.work,
-        results=args.results or args.work / "results" / "quality.parquet",
+        work=work,
+        results=args.results or work / "results" / "quality.parquet",
         datasets=parse_list(args.datasets, tuple(DATASETS), "--datasets") if args.datasets else preset["datasets"],
-        protocols=parse_list(args.protocols, PROTOCOLS, "--protocols"),
-        entries=parse_list(args.models, ENTRIES, "--models"),
+        protocols=parse_list(args.protocols, PROTOCOLS, "--protocols") if args.protocols else preset["protocols"],
+        entries=parse_list(args.models, ENTRIES, "--models") if args.models else preset["entries"],
         stages=parse_list(args.stages, STAGES, "--stages"),
         seeds=seeds,
         trials=trials,

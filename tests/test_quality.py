@@ -165,10 +165,9 @@ class FakeTraining:
 
 
 def toy_grid(quality, work: Path, **changes: Any):
-    return quality.GridConfig(
-        work=work, results=work / "results.parquet", datasets=("toy",), protocols=("leave-last-out",),
-        entries=("popularity", "gru4rec", "sdm", "no-long-term"), seeds=2, trials=3, **changes,
-    )
+    options = {"datasets": ("toy",), "protocols": ("leave-last-out",), "entries": ("popularity", "gru4rec", "sdm", "no-long-term"),
+               "seeds": 2, "trials": 3}
+    return quality.GridConfig(work=work, results=work / "results.parquet", **options | changes)
 
 
 def run_toy(quality, grid, fake: FakeTraining, data: Path) -> pl.DataFrame:
@@ -201,6 +200,11 @@ def test_every_model_gets_the_same_trials_and_defaults_runs_take_no_options(tiny
     # popularity, with nothing to tune, is tested with its one configuration
     assert [s.params for s in fake.runs if s.stage == "test" and s.model == "popularity"] == [{}, {}]
     assert read_results(tmp_path / "results.parquet").equals(table)
+
+    # a smaller --trials later: every model keeps the same (first) trials, none trained again
+    fewer = FakeTraining()
+    table = run_toy(quality, toy_grid(quality, tmp_path, trials=2), fewer, tiny_data)
+    assert fewer.trials == [] and Counter(table.filter(stage="tune").get_column("model").to_list()) == {"gru4rec": 2, "sdm": 2}
 
 
 def test_the_choice_is_the_validation_best_trial_whatever_test_says(tiny_data: Path, tmp_path: Path) -> None:
@@ -256,15 +260,18 @@ def test_a_grid_killed_in_a_trial_trains_only_the_missing_trials(tiny_data: Path
 def test_quick_parses_to_a_smoke_grid_whose_cap_reaches_every_run(tiny_data: Path, tmp_path: Path) -> None:
     quality = load_quality()
     grid, write_docs = quality.parse_args(["--quick", "--work", str(tmp_path)])
-    assert (grid.datasets, grid.trials, grid.seeds, grid.stages, write_docs) == (("sample",), 2, 1, quality.STAGES, False)
+    assert (grid.datasets, grid.protocols, grid.trials, grid.seeds, grid.stages, write_docs) == (
+        ("sample",), ("leave-last-out",), 2, 1, quality.STAGES, False)
+    assert grid.entries == ("popularity", "sdm", "no-long-term")
     assert grid.results == tmp_path / "results" / "quality.parquet"
     fake = FakeTraining()
-    run_toy(quality, quality.GridConfig(**{**grid.__dict__, "datasets": ("toy",), "protocols": ("leave-last-out",),
-                                            "entries": ("popularity", "sdm")}), fake, tiny_data)
+    run_toy(quality, quality.GridConfig(**{**grid.__dict__, "datasets": ("toy",)}), fake, tiny_data)
     assert len(fake.trials) == 2 and {(c.epochs, c.patience) for c in fake.trials} == {(2, 1)}
-    assert {(s.params["epochs"], s.params["patience"]) for s in fake.runs} == {(2, 1)} and len(fake.runs) == 4
+    assert {(s.params["epochs"], s.params["patience"]) for s in fake.runs} == {(2, 1)} and len(fake.runs) == 6
     full, _ = quality.parse_args(["--stages", "tune,test", "--trials", "5"])
-    assert (full.datasets, full.trials, full.seeds, full.stages, full.budget) == (tuple(quality.DATASETS), 5, 3, ("tune", "test"), {})
+    assert (full.datasets, full.protocols, full.entries, full.trials, full.seeds, full.stages, full.budget) == (
+        tuple(quality.DATASETS), quality.PROTOCOLS, quality.ENTRIES, 5, 3, ("tune", "test"), {})
+    assert full.work != quality.parse_args(["--quick"])[0].work  # a smoke study is never continued by the real grid
     with pytest.raises(SystemExit, match="smoke run"):
         quality.parse_args(["--quick", "--write-docs"])
 
