@@ -1,11 +1,9 @@
-"""`sdm report` and the quality grid (benchmarks/quality.py): the results table, the tables'
-mean ± std and bold, the report's files, bad inputs, and the grid's resume by run key."""
+"""`sdm report`: the results table, the tables' mean ± std and bold, the defaults and tuned
+tables, the report's files and bad inputs. The grid that writes the table: tests/test_quality.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import polars as pl
@@ -14,27 +12,16 @@ from helpers.cli import run_sdm
 
 from sdm.evaluation.report import (
     RESULTS_SCHEMA,
-    TEST_COLUMNS,
     VALID_COLUMN,
     markdown_table,
     read_results,
     results_frame,
     summarise,
+    write_report,
     write_results,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def load_quality():
-    """benchmarks/quality.py as a module (benchmarks/ is not a package)."""
-    if "quality" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["quality"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["quality"]
 
 
 def history(losses: list[float], recalls: list[float]) -> str:
@@ -138,86 +125,14 @@ def test_bad_inputs_exit_2_naming_the_file(tmp_path: Path, case: str) -> None:
     assert not (tmp_path / "report").exists()
 
 
-def fake_grid(tmp_path: Path, seeds: int = 2):
-    """A grid over one dataset x protocol whose runner trains nothing: it records each run and
-    scores lr 0.003 best on validation."""
-    quality = load_quality()
-    calls: list = []
-
-    def runner(spec) -> dict:
-        calls.append(spec)
-        valid = 0.3 if spec.params.get("lr") == 0.003 else 0.1
-        return {VALID_COLUMN: valid, "epochs": 1, "history": "[]", **({"test_hit_rate@10": valid} if spec.stage == "test" else {})}
-
-    grid = quality.GridConfig(
-        work=tmp_path, results=tmp_path / "results.parquet", datasets=("toy",), protocols=("leave-last-out",),
-        entries=("popularity", "sdm", "no-long-term"), seeds=seeds, search=({"lr": 0.001}, {"lr": 0.003}), epochs=2, patience=1,
-    )
-    return quality, grid, runner, calls
-
-
-def test_grid_runs_each_key_once_and_resumes(tmp_path: Path) -> None:
-    quality, grid, runner, calls = fake_grid(tmp_path)
-    prepare = lambda dataset, protocol, work: work / "data"
-    table = quality.run_grid(grid, runner, prepare)
-    # search: sdm x 2 configs; test: (popularity, sdm, no-long-term) x 2 seeds
-    assert [(c.model, c.variant, c.stage) for c in calls].count(("sdm", "full", "tune")) == 2
-    assert len(calls) == 2 + 3 * 2 and table.height == len(calls)
-    tested = [c for c in calls if c.stage == "test" and c.model == "sdm"]
-    assert {c.params["lr"] for c in tested} == {0.003}  # the configuration best on validation
-    assert {json.dumps(c.params, sort_keys=True) for c in tested if c.variant == "no-long-term"} == {
-        json.dumps({"epochs": 2, "patience": 1, "lr": 0.003, "long_term": False}, sort_keys=True)
-    }
-    assert read_results(grid.results).equals(table)
-
-    calls.clear()
-    quality.run_grid(grid, runner, prepare)
-    assert calls == []  # every key is in the table
-
-    # a grid killed before its last run: only that run is done again
-    kept = table.filter(~((pl.col("variant") == "no-long-term") & (pl.col("seed") == 1)))
-    write_results(kept, grid.results)
-    quality.run_grid(grid, runner, prepare)
-    assert [(c.variant, c.seed, c.stage) for c in calls] == [("no-long-term", 1, "test")]
-    assert read_results(grid.results).height == table.height
-
-    # one more seed adds only that seed's test runs
-    calls.clear()
-    quality.run_grid(quality.GridConfig(**{**grid.__dict__, "seeds": 3}), runner, prepare)
-    assert sorted((c.model, c.variant, c.seed) for c in calls) == [
-        ("popularity", "full", 2), ("sdm", "full", 2), ("sdm", "no-long-term", 2)
-    ]
-
-
-def test_grid_skips_a_dataset_whose_files_are_missing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    quality, grid, runner, calls = fake_grid(tmp_path)
-    monkeypatch.setitem(quality.DATASETS, "toy", {"logs": tmp_path / "absent.csv"})
-    table = quality.run_grid(grid, runner)
-    assert calls == [] and table.is_empty()
-    assert f"skipping toy: missing {tmp_path / 'absent.csv'}" in capsys.readouterr().out
-
-
-@pytest.mark.slow  # over the 5-minute budget of the default suite; python -m pytest -m slow
-def test_quick_grid_on_sample_data_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--quick for one model and protocol: search (1 config), test with and without seen items,
-    a second call that runs nothing, and `sdm report` over the table."""
-    quality = load_quality()
-    work = tmp_path / "work"
-    argv = ["quality.py", "--quick", "--datasets", "sample", "--protocols", "leave-last-out", "--models", "youtube-dnn",
-            "--work", str(work)]
-    monkeypatch.setattr(sys, "argv", argv)
-    quality.main()
-    results = work / "results" / "quality.parquet"
-    table = read_results(results)
-    assert table.select("model", "stage", "seed").rows() == [("youtube-dnn", "tune", 0), ("youtube-dnn", "test", 0)]
-    tune, test = table.row(0, named=True), table.row(1, named=True)
-    assert test[VALID_COLUMN] == tune[VALID_COLUMN]  # seed 0 of the chosen config is the search run
-    assert all(test[name] is not None for name in TEST_COLUMNS)
-    assert 0 <= test["test_seen_excluded_hit_rate@50"] <= 1 and tune["test_hit_rate@50"] is None
-    assert len(json.loads(test["history"])) == test["epochs"] <= quality.QUICK_EPOCHS
-    quality.main()
-    assert read_results(results).equals(table)
-    assert run_sdm("report", results, "--out", tmp_path / "report").exit_code == 0
-    assert "| youtube-dnn | 1 |" in (tmp_path / "report" / "report.md").read_text()
+def test_report_has_a_defaults_table_and_a_tuned_table(tmp_path: Path) -> None:
+    """Rows of stage "defaults" and "test" of one dataset x protocol: two tables, each with its own rows."""
+    rows = [result_row("sdm", 0, {"test_hit_rate@50": 0.3}), result_row("gru4rec", 0, {"test_hit_rate@50": 0.25})]
+    rows += [{**result_row("sdm", 0, {"test_hit_rate@50": 0.2}), "stage": "defaults"}]
+    results = tmp_path / "quality.parquet"
+    write_results(results_frame(rows), results)
+    write_report([results], tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    defaults, tuned = text.split("### Models, (a) at defaults")[1].split("### Models, (b) tuned")
+    assert "| sdm | 1 | **0.2000** |" in defaults and "gru4rec" not in defaults
+    assert "| sdm | 1 | **0.3000** |" in tuned and "| gru4rec | 1 | 0.2500 |" in tuned

@@ -1,8 +1,9 @@
 """`sdm report`: markdown tables and PNG plots from quality-grid results or `sdm train` runs.
 
 The results table (one row per run, written by benchmarks/quality.py) has the explicit schema
-`RESULTS_SCHEMA`. A run is identified by `KEY_COLUMNS`; `stage` is "tune" for the validation
-search (seed 0, no test metrics) and "test" for the chosen configuration's seeds. Metrics are
+`RESULTS_SCHEMA`. A run is identified by `KEY_COLUMNS`; `stage` is "defaults" for runs with
+`sdm train`'s defaults, "tune" for the trials of `sdm tune` (seed 0, validation only, no test
+metrics) and "test" for the best trial's options with every seed. Metrics are
 `test_{name}@{K}` and, for leave-last-out, `test_seen_excluded_{name}@{K}` (the user's earlier
 items never recommended); null where not computed. `history` is a JSON list of epochs with their
 training loss and validation recall@K.
@@ -11,9 +12,10 @@ A `sdm train` run directory becomes one "test" row of the same table (config.jso
 metrics-test.json and metrics-test-exclude-seen.json when `sdm evaluate` wrote them), so both
 kinds of input are reported the same way.
 
-The report: for each dataset x protocol, the models (variant "full") and SDM's ablations as
-mean ± std over seeds (sample std, n - 1; the best mean of each column in bold), training curves,
-HR@K against K and ablation bars; then the hyper-parameter search.
+The report: for each dataset x protocol and each of the stages "defaults" ("(a) at defaults")
+and "test" ("(b) tuned"), the models (variant "full") and SDM's ablations as mean ± std over
+seeds (sample std, n - 1; the best mean of each column in bold), training curves, HR@K against K
+and ablation bars; then the hyper-parameter search.
 """
 
 from __future__ import annotations
@@ -367,30 +369,45 @@ def slug(*parts: str) -> str:
     return "-".join(re.sub(r"[^A-Za-z0-9._=-]+", "_", part) for part in parts)
 
 
+# Stages evaluated on test -> the title of their tables when a dataset x protocol has both.
+TEST_STAGES = {"defaults": "(a) at defaults", "test": "(b) tuned"}
+
+
 def section(frame: pl.DataFrame, dataset: str, protocol: str, out: Path) -> list[str]:
-    """Markdown (and PNGs in `out`) for one dataset x protocol."""
-    test = frame.filter(stage="test", dataset=dataset, protocol=protocol)
+    """Markdown (and PNGs in `out`) for one dataset x protocol: its tables for each stage."""
+    rows = frame.filter(pl.col("stage").is_in(list(TEST_STAGES)), dataset=dataset, protocol=protocol)
+    counts = rows.select(pl.col("n_valid").max(), pl.col("n_test").max()).row(0)
+    lines = [f"## {dataset}, {protocol}", "", f"Validation cases: {counts[0] or '?'}; test cases: {counts[1] or '?'}.", ""]
+    stages = [stage for stage in TEST_STAGES if stage in rows.get_column("stage").to_list()]
+    for stage in stages:
+        # A lone "test" stage (`sdm train` run directories) is not labelled "tuned".
+        title = f", {TEST_STAGES[stage]}" if len(stages) > 1 or stage != "test" else ""
+        lines += stage_tables(rows.filter(stage=stage), dataset, protocol, stage, title, out)
+    return lines
+
+
+def stage_tables(test: pl.DataFrame, dataset: str, protocol: str, stage: str, title: str, out: Path) -> list[str]:
+    """The models and the ablations tables and plots of one stage's rows (`title` names the stage)."""
     metrics = TABLE_METRICS.get(protocol, TABLE_METRICS[DEFAULT_PROTOCOL])
     ablation_metric = ABLATION_METRIC.get(protocol, ABLATION_METRIC[DEFAULT_PROTOCOL])
-    counts = test.select(pl.col("n_valid").max(), pl.col("n_test").max()).row(0)
-    lines = [f"## {dataset}, {protocol}", "", f"Validation cases: {counts[0] or '?'}; test cases: {counts[1] or '?'}.", ""]
+    lines = []
     models = test.filter(variant=FULL)
     if not models.is_empty():
         summary = summarise(models, [*metrics, *(f"test_hit_rate@{k}" for k in KS)])
-        lines += ["### Models (test, mean ± std over seeds; best in bold)", "", markdown_table(summary, "model", metrics), ""]
-        curves, hit_rate = slug("curves", dataset, protocol) + ".png", slug("hit_rate", dataset, protocol) + ".png"
+        lines += [f"### Models{title} (test, mean ± std over seeds; best in bold)", "", markdown_table(summary, "model", metrics), ""]
+        curves, hit_rate = slug("curves", dataset, protocol, stage) + ".png", slug("hit_rate", dataset, protocol, stage) + ".png"
         first_seed = models.filter(pl.col("seed") == pl.col("seed").min().over("model", "params"))
-        plot_curves(first_seed, f"{dataset}, {protocol}: training (first seed of each model)", out / curves)
+        plot_curves(first_seed, f"{dataset}, {protocol}{title}: training (first seed of each model)", out / curves)
         lines += [f"![training curves]({curves})", ""]
         if summary.get_column(f"test_hit_rate@{KS[0]}_mean").is_not_null().any():
-            plot_hit_rate(summary, f"{dataset}, {protocol}: HR@K on test", out / hit_rate)
+            plot_hit_rate(summary, f"{dataset}, {protocol}{title}: HR@K on test", out / hit_rate)
             lines += [f"![HR@K against K]({hit_rate})", ""]
     ablations = test.filter(model="sdm")
     if ablations.get_column("variant").n_unique() > 1:
         summary = summarise(ablations, [*metrics, ablation_metric])
-        bars = slug("ablation", dataset, protocol) + ".png"
-        plot_ablation(summary, ablation_metric, f"{dataset}, {protocol}: SDM ablations", out / bars)
-        lines += ["### SDM ablations (test, mean ± std over seeds; best in bold)", "",
+        bars = slug("ablation", dataset, protocol, stage) + ".png"
+        plot_ablation(summary, ablation_metric, f"{dataset}, {protocol}{title}: SDM ablations", out / bars)
+        lines += [f"### SDM ablations{title} (test, mean ± std over seeds; best in bold)", "",
                   markdown_table(summary, "variant", metrics), "", f"![ablations]({bars})", ""]
     return lines
 
@@ -405,7 +422,7 @@ def write_report(inputs: Sequence[Path], out: Path) -> list[Path]:
     staging.mkdir()
     try:
         lines = ["# SDM quality results", "", "Inputs: " + ", ".join(f"`{path}`" for path in inputs), ""]
-        pairs = frame.filter(stage="test").select("dataset", "protocol").unique(maintain_order=True).iter_rows()
+        pairs = frame.filter(pl.col("stage").is_in(list(TEST_STAGES))).select("dataset", "protocol").unique(maintain_order=True).iter_rows()
         for dataset, protocol in pairs:
             lines += section(frame, dataset, protocol, staging)
         tune = frame.filter(stage="tune")
