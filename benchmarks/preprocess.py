@@ -182,7 +182,7 @@ def write_docs(args: argparse.Namespace, in_memory: dict, runs: list[dict], summ
         f"{run['peak_rss_mb']:,.0f} MB | {run['load_before']:.1f} / {run['load_after']:.1f} |"
         for run in runs
     )
-    text = f"""Command: `python benchmarks/preprocess.py --events {args.events} --memory-limit {args.memory_limit} --write-docs`
+    text = f"""Command: `python benchmarks/preprocess.py --events {args.events} --memory-limit {args.memory_limit}{f' --before {args.before}' if args.before else ''} --write-docs`
 (synthetic logs from `sdm synth`, with items and users files). Machine: {platform.machine()},
 {os.cpu_count()} cores, Python {platform.python_version()}, polars {pl.__version__}; the load average
 (1 min) before / after each run is in the tables (other work was running on the machine).
