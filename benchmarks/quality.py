@@ -285,18 +285,17 @@ class Results:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.table = read_results(path) if path.is_file() else empty_results()
+        self.done = set(self.table.select(KEY_COLUMNS).iter_rows())
         self.ran = self.skipped = 0
-
-    def keys(self) -> set[tuple[Any, ...]]:
-        return set(self.table.select(KEY_COLUMNS).iter_rows())
 
     def add(self, rows: Sequence[dict[str, Any]]) -> None:
         self.table = pl.concat([self.table, results_frame(rows)])
+        self.done |= {row_key(row) for row in rows}
         write_results(self.table, self.path)
 
     def run_missing(self, specs: Iterator[RunSpec], runner: Runner) -> None:
         for spec in specs:
-            if spec.key in self.keys():
+            if spec.key in self.done:
                 self.skipped += 1
                 continue
             started = time.perf_counter()
@@ -313,6 +312,7 @@ class Results:
         mine = (pl.col("dataset") == dataset) & (pl.col("protocol") == protocol) & (pl.col("model") == model) & (pl.col("stage") == "tune")
         if set(self.table.filter(mine).select(KEY_COLUMNS).iter_rows()) == {row_key(row) for row in rows}:
             return
+        self.done -= set(self.table.filter(mine).select(KEY_COLUMNS).iter_rows())
         self.table = self.table.filter(~mine)
         self.add(rows)
 

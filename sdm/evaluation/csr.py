@@ -24,3 +24,12 @@ def in_rows(ids: Tensor, rows: CSR) -> Tensor:
     queries = torch.arange(n_cases).unsqueeze(1) * stride + ids  # [N, K]
     position = torch.searchsorted(keys, queries).clamp(max=keys.numel() - 1)  # [N, K]
     return (keys[position] == queries) & (ids >= 0)
+
+
+def rows_of(csr: CSR, rows: Tensor) -> CSR:
+    """The CSR of the given rows of `csr`, in that order."""
+    indptr, indices = csr
+    lengths = indptr[rows + 1] - indptr[rows]  # [R]
+    new_indptr = torch.cat([indptr.new_zeros(1), lengths.cumsum(0)])
+    offsets = torch.arange(int(new_indptr[-1])) - torch.repeat_interleave(new_indptr[:-1], lengths)
+    return new_indptr, indices[torch.repeat_interleave(indptr[rows], lengths) + offsets]

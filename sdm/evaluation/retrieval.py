@@ -63,7 +63,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from sdm.evaluation.csr import CSR
+from sdm.evaluation.csr import CSR, rows_of
 
 
 FANOUT = 8  # entries per group of a level of maxima
@@ -203,7 +203,7 @@ def _screened_top_k(queries: Tensor, items: Tensor, search: _Search) -> tuple[Te
     floor = coarse[:, -1].float()  # [N]: the W-th bfloat16 score, exact if positive (see _Order)
     uncertain = (~((floor > 0) & (scores[:, -1] > floor + bound))).nonzero().squeeze(1)  # [U]
     if uncertain.numel():
-        exclude = None if search.exclude is None else _rows_of(search.exclude, uncertain)
+        exclude = None if search.exclude is None else rows_of(search.exclude, uncertain)
         scores[uncertain], ids[uncertain] = _top_k(queries[uncertain], items, replace(search, exclude=exclude))
     return scores, ids
 
@@ -235,15 +235,6 @@ def _rescored(queries: Tensor, items: Tensor, candidates: Tensor, k: int) -> tup
         scores.append(top[:, :k])
         ids.append(ranked.gather(1, order[:, :k]).where(top[:, :k] > float("-inf"), -1))
     return torch.cat(scores), torch.cat(ids)
-
-
-def _rows_of(exclude: tuple[Tensor, Tensor], rows: Tensor) -> tuple[Tensor, Tensor]:
-    """The CSR of the given rows of `exclude`, in that order."""
-    indptr, indices = exclude
-    lengths = indptr[rows + 1] - indptr[rows]  # [R]
-    new_indptr = torch.cat([indptr.new_zeros(1), lengths.cumsum(0)])
-    offsets = torch.arange(int(new_indptr[-1])) - torch.repeat_interleave(new_indptr[:-1], lengths)
-    return new_indptr, indices[torch.repeat_interleave(indptr[rows], lengths) + offsets]
 
 
 def _top_k(queries: Tensor, items: Tensor, search: _Search) -> tuple[Tensor, Tensor]:
