@@ -248,3 +248,20 @@ def test_vectors_of_some_items_are_their_rows_of_the_catalogue(name, tie_output)
     ids = torch.tensor([[3, 1, 3], [7, 2, 5]])
     with torch.no_grad():
         assert torch.allclose(model.vectors_of(ids), model.item_vectors()[ids], atol=1e-6)
+
+
+@pytest.mark.parametrize("side_info", [True, False])
+def test_catalogue_vectors_and_their_gradients_are_the_item_embedding_of_every_item(side_info):
+    # The full softmax trains through catalogue(): it must be forward(all items), gradients included.
+    embedding = make_model("sdm", side_info=side_info).item_embedding
+    all_items = torch.arange(N_ITEMS)
+    weights = torch.randn(N_ITEMS, embedding.project.out_features, generator=torch.Generator().manual_seed(0))
+    gradients = []
+    for vectors in (embedding.catalogue(), embedding(all_items)):
+        embedding.zero_grad()
+        (vectors * weights).sum().backward()
+        gradients.append({name: p.grad.clone() for name, p in embedding.named_parameters()})
+    assert torch.allclose(embedding.catalogue(), embedding(all_items), atol=1e-6)
+    assert len(gradients[0]) == len(embedding.features) + 2  # every table, W and b
+    for name, gradient in gradients[0].items():
+        assert torch.allclose(gradient, gradients[1][name], atol=1e-5), name

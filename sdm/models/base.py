@@ -54,10 +54,7 @@ class TwoTowerRecommender(Recommender):
 
     def item_vectors(self) -> Tensor:
         """-> V [n_items, d], row 0 (padding) included; callers mask it."""
-        if self.output_items is None:
-            all_items = torch.arange(self.config.n_items, device=self.item_embedding.item_side.device)
-            return self.item_embedding(all_items)
-        return self.output_items.weight
+        return self.item_embedding.catalogue() if self.output_items is None else self.output_items.weight
 
     def vectors_of(self, items: Tensor) -> Tensor:
         """items [...] -> V_items [..., d]."""
