@@ -252,10 +252,13 @@ def test_vectors_of_some_items_are_their_rows_of_the_catalogue(name, tie_output)
 
 @pytest.mark.parametrize("side_info", [True, False])
 def test_catalogue_vectors_and_their_gradients_are_the_item_embedding_of_every_item(side_info):
-    # The full softmax trains through catalogue(): it must be forward(all items), gradients included.
+    # The full softmax trains through catalogue(): it must be forward(all items), gradients included
+    # (for the scores of real items: no loss scores the padding item 0).
     embedding = make_model("sdm", side_info=side_info).item_embedding
+    embedding.item_side[3:6] = 0  # items without side values: padding ids, which add nothing and learn nothing
     all_items = torch.arange(N_ITEMS)
     weights = torch.randn(N_ITEMS, embedding.project.out_features, generator=torch.Generator().manual_seed(0))
+    weights[0] = 0
     gradients = []
     for vectors in (embedding.catalogue(), embedding(all_items)):
         embedding.zero_grad()

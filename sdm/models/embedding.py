@@ -67,20 +67,26 @@ class ItemEmbedding(nn.Module):
     def catalogue(self) -> Tensor:
         """-> e_i of every item id [n_items, d]: forward(arange(n_items)), equal to rounding.
 
-        W concat(e^f) = sum_f W_f e^f, with W_f the columns of W that meet feature f. Each side
-        table is projected once (V_f rows, far fewer than items) and one embedding_bag sums an
-        item's projected rows, so the [n_items, sum of widths] concatenation never exists: half the
-        time of forward over a 1M-item catalogue.
+        W concat(e^f) + b = (W_item e^item + b) + sum_f W_f e^f, with W_f the columns of W that meet
+        feature f. The id part is one matrix product over the id table; each side table is
+        projected once (V_f rows, far fewer than items) and one embedding_bag sums an item's
+        projected side rows. The [n_items, sum of widths] concatenation of forward never exists:
+        a third of forward's time over a 1M-item catalogue. Row 0 of the id table (the padding
+        item) gets gradient if row 0 of the result is scored, which no loss does.
         """
         widths = [self.tables[f].weight.shape[1] for f in self.features]
-        blocks = self.project.weight.split(widths, dim=1)  # W_f [d, width_f] per feature
-        # Row 0 (padding) stays zero without gradient, as nn.Embedding's padding_idx keeps it in forward.
-        padding = self.project.weight.new_zeros(1, self.project.out_features)
-        projected = [torch.cat([padding, self.tables[f].weight[1:] @ W_f.T]) for f, W_f in zip(self.features, blocks)]  # [V_f, d]
-        first_row = torch.tensor([0] + [len(rows) for rows in projected[:-1]], device=self.item_side.device).cumsum(0)
-        items = torch.arange(len(self.item_side), device=self.item_side.device).unsqueeze(1)  # [n_items, 1]
-        rows = torch.cat([items, self.item_side], dim=1) + first_row  # [n_items, F]: rows of the stacked tables
-        return F.embedding_bag(rows, torch.cat(projected), mode="sum") + self.project.bias  # [n_items, d]
+        W_item, *W_side = self.project.weight.split(widths, dim=1)  # W_f [d, width_f] per feature
+        vectors = torch.addmm(self.project.bias, self.tables["item"].weight, W_item.T)  # [n_items, d]
+        if not W_side:
+            return vectors
+        # The side tables without their padding rows, stacked behind one constant zero row 0 that
+        # every padding id maps to: it adds nothing and takes no gradient, as padding_idx does in
+        # forward (embedding_bag's own padding_idx is 3x slower).
+        side_tables = [self.tables[f].weight[1:] @ W_f.T for f, W_f in zip(self.features[1:], W_side)]  # [V_f - 1, d]
+        stacked = torch.cat([vectors.new_zeros(1, vectors.shape[1]), *side_tables])  # [1 + sum_f (V_f - 1), d]
+        first_row = torch.tensor([0] + [len(table) for table in side_tables[:-1]], device=vectors.device).cumsum(0)  # [S]
+        rows = torch.where(self.item_side > 0, self.item_side + first_row, 0)  # [n_items, S]
+        return vectors.add_(F.embedding_bag(rows, stacked, mode="sum"))  # [n_items, d]
 
 
 class UserEmbedding(nn.Module):
