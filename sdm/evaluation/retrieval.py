@@ -57,6 +57,7 @@ Scores must be finite: -inf marks "no item".
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -204,7 +205,9 @@ def _screened_top_k(queries: Tensor, items: Tensor, search: _Search) -> tuple[Te
     uncertain = (~((floor > 0) & (scores[:, -1] > floor + bound))).nonzero().squeeze(1)  # [U]
     if uncertain.numel():
         exclude = None if search.exclude is None else rows_of(search.exclude, uncertain)
-        scores[uncertain], ids[uncertain] = _top_k(queries[uncertain], items, replace(search, exclude=exclude))
+        # Typically a few dozen queries: one chunk per thread keeps every core on them.
+        query_chunk = min(search.query_chunk, -(-uncertain.numel() // torch.get_num_threads()))
+        scores[uncertain], ids[uncertain] = _top_k(queries[uncertain], items, replace(search, exclude=exclude, query_chunk=query_chunk))
     return scores, ids
 
 
@@ -245,17 +248,35 @@ def _top_k(queries: Tensor, items: Tensor, search: _Search) -> tuple[Tensor, Ten
     plan = _plan(query_chunk, n_items, search.item_chunk, search.item_tile, queries.element_size())
     order = _Order.of(queries.dtype, search.bit_keys)
     starts = range(0, n_cases, query_chunk)
+    # Each thread allocates its buffers once: fresh ones for every query chunk cost page faults
+    # (about 0.01 s per chunk over 1M items).
+    per_thread = threading.local()
 
     def one_chunk(start: int) -> tuple[Tensor, Tensor]:
         stop = min(start + query_chunk, n_cases)
         excluded = _excluded_keys(exclude, start, stop, n_items) if exclude is not None else None
-        return _top_k_for_query_chunk(queries[start:stop], items, k, excluded, plan, skip_padding, order)
+        if not hasattr(per_thread, "buffers"):
+            per_thread.buffers = _level_buffers(plan, query_chunk, queries.dtype, order.key_dtype)
+        levels = [buffer[: buffer.numel() // query_chunk * (stop - start)].view(plan.tiles_per_chunk, stop - start, -1)
+                  for buffer in per_thread.buffers]
+        return _top_k_for_query_chunk(queries[start:stop], items, k, excluded, plan, skip_padding, order, levels)
 
     results = _map_single_threaded(one_chunk, starts)
     if not results:
         return torch.empty(0, k, dtype=queries.dtype), torch.empty(0, k, dtype=torch.int64)
     keys, ids = zip(*results)
     return torch.cat(keys).view(queries.dtype), torch.cat(ids)
+
+
+def _level_buffers(plan: _Plan, n_queries: int, dtype: torch.dtype, key_dtype: torch.dtype) -> list[Tensor]:
+    """Flat buffers for one query chunk of up to n_queries: the scores of a chunk of items by tile,
+    [tiles, Q, width] in `dtype`, then levels l = 1..plan.levels of maxima, [tiles, Q, width /
+    FANOUT**l] in `key_dtype`; entry g of level l is the maximum of its entries g, g + n_l, ...,
+    g + (FANOUT - 1) n_l of level l - 1 (see _candidates). Each tile's scores are one contiguous
+    block: rows of a [Q, tiles * width] buffer lie a power of two apart and compete for the same
+    cache sets, so the tile did not stay in cache for its first reduction."""
+    sizes = [plan.tiles_per_chunk * n_queries * plan.width // FANOUT**level for level in range(plan.levels + 1)]
+    return [torch.empty(size, dtype=dtype if level == 0 else key_dtype) for level, size in enumerate(sizes)]
 
 
 def _plan(n_queries: int, n_items: int, item_chunk: int | None, item_tile: int | None, score_bytes: int) -> _Plan:
@@ -291,22 +312,20 @@ def _top_k_for_query_chunk(
     plan: _Plan,
     skip_padding: bool,
     order: _Order,
+    levels: list[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """Running top-k of one query chunk over all item chunks: ([Q, k] keys, [Q, k] ids).
-    excluded: (keys [E], item ids [E]) of the excluded pairs, key = case * n_items + item, sorted."""
+    excluded: (keys [E], item ids [E]) of the excluded pairs, key = case * n_items + item, sorted.
+    levels: _level_buffers for Q queries, as [tiles, Q, n] views (their contents are overwritten)."""
     n_queries, n_items = queries.shape[0], items.shape[0]
     best_scores = torch.full((n_queries, k), order.bottom, dtype=order.key_dtype)  # [Q, k] keys
     best_ids = torch.full((n_queries, k), -1, dtype=torch.int64)  # [Q, k]
-    tiles_per_chunk, width = plan.tiles_per_chunk, plan.width
-    scores = torch.empty(n_queries, tiles_per_chunk * width, dtype=queries.dtype)  # [Q, tiles * width], reused
-    # levels[0] is the scores seen as [tiles, Q, width]; levels[l] [tiles, Q, width / FANOUT**l]
-    # holds the maxima of the groups of FANOUT entries of level l - 1 (see _candidates).
-    by_tile = scores.view(n_queries, tiles_per_chunk, width).transpose(0, 1)  # [tiles, Q, width]
-    levels = [order.keys(by_tile)]
-    levels += [torch.empty(tiles_per_chunk, n_queries, width // FANOUT**level, dtype=order.key_dtype) for level in range(1, plan.levels + 1)]
+    width = plan.width
+    by_tile, levels = levels[0], [order.keys(levels[0]), *levels[1:]]  # scores [tiles, Q, width], their keys, maxima
     # Merging costs the same however few candidates a chunk yields, so candidates are pooled
-    # until there are about k per case. Between merges the threshold lags behind, which only
-    # lets a few more candidates through.
+    # until there are about k / 2 per case. Between merges the threshold lags behind: pooling up
+    # to k let the second and third chunks through at the first chunk's bar, each with about k
+    # candidates per case and ten times the descents of a later chunk (8% of top_k's time).
     pooled: list[tuple[Tensor, Tensor, Tensor]] = []
     n_pooled = 0
 
@@ -335,7 +354,7 @@ def _top_k_for_query_chunk(
         case, item, score = _candidates([level[:n_tiles] for level in levels], threshold, k, spoilt, plan.tile, order)
         pooled.append((case, item + chunk_start, score))
         n_pooled += case.numel()
-        if n_pooled >= n_queries * k or chunk_start + plan.chunk >= n_items:
+        if n_pooled >= n_queries * k // 2 or chunk_start + plan.chunk >= n_items:
             case, item, score = (torch.cat(parts) for parts in zip(*pooled))
             if excluded is not None:
                 kept = ~torch.isin(case * n_items + item, excluded[0])
@@ -372,14 +391,18 @@ def _candidates(
             per_case = bounding.transpose(0, 1).reshape(n_queries, -1)  # [Q, tiles * n_l]
             floor = torch.maximum(floor, per_case.topk(rank, dim=1, sorted=False).values.amin(dim=1))
 
+    # Groups as flat positions in their (contiguous) level: gathering with one index is several
+    # times faster than indexing [tiles, Q, n] with three.
     tile_of, case, group = (levels[-1] >= floor[:, None]).nonzero(as_tuple=True)  # [G] each: the groups to look into
+    row = tile_of * n_queries + case  # [G]: the (tile, case) row of every level
     for level in range(len(levels) - 1, 0, -1):
-        n_groups = levels[level].shape[2]
-        members = levels[level - 1].unflatten(2, (FANOUT, n_groups))[tile_of, case, :, group]  # [G, FANOUT]
-        row, member = (members >= floor[case].unsqueeze(1)).nonzero(as_tuple=True)
-        tile_of, case, group = tile_of[row], case[row], group[row] + member * n_groups
-    score = levels[0][tile_of, case, group]
-    return case, tile_of * tile + group, score
+        n_groups, below = levels[level].shape[2], levels[level - 1]
+        spread = torch.arange(0, FANOUT * n_groups, n_groups)  # [FANOUT]: a group's members, n_groups apart
+        members = below.take((row * below.shape[2] + group).unsqueeze(1) + spread)  # [G, FANOUT]
+        kept, member = (members >= floor[row % n_queries].unsqueeze(1)).nonzero(as_tuple=True)
+        row, group = row[kept], group[kept] + member * n_groups
+    score = levels[0].take(row * levels[0].shape[2] + group)
+    return row % n_queries, row // n_queries * tile + group, score
 
 
 def _merge(
