@@ -391,8 +391,8 @@ def _candidates(
             per_case = bounding.transpose(0, 1).reshape(n_queries, -1)  # [Q, tiles * n_l]
             floor = torch.maximum(floor, per_case.topk(rank, dim=1, sorted=False).values.amin(dim=1))
 
-    # Groups as flat positions in their (contiguous) level: gathering with one index is several
-    # times faster than indexing [tiles, Q, n] with three.
+    # Groups as rows (tile, case) and positions in them: one flat index per gather (`take`) costs
+    # a fifth less than indexing [tiles, Q, n] with three index tensors.
     tile_of, case, group = (levels[-1] >= floor[:, None]).nonzero(as_tuple=True)  # [G] each: the groups to look into
     row = tile_of * n_queries + case  # [G]: the (tile, case) row of every level
     for level in range(len(levels) - 1, 0, -1):
