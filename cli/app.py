@@ -363,7 +363,7 @@ def train_command(
     out: OutOption,
     model: Annotated[str, typer.Option(help="sdm, youtube-dnn, popularity, gru4rec, sasrec or item-cf (item-based CF, nothing to train).")] = "sdm",
     epochs: Annotated[int, typer.Option(help="Epochs at most (early stopping may end sooner).", rich_help_panel=OPTIMISATION_PANEL)] = 20,
-    batch_size: Annotated[int, typer.Option(help="Sessions per batch and process; 0 = automatic (about 500 steps per epoch, 32 to 256).", rich_help_panel=OPTIMISATION_PANEL)] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sessions per batch and process; 0 = automatic (about 500 steps per epoch, 16 to 256).", rich_help_panel=OPTIMISATION_PANEL)] = 0,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (after the warm-up; cosine decay to 0 by the last epoch).", rich_help_panel=OPTIMISATION_PANEL)] = 3e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW's decoupled weight decay.", rich_help_panel=OPTIMISATION_PANEL)] = 0.1,
     warmup: Annotated[float, typer.Option(help="Share of the planned steps with a linear learning-rate warm-up.", rich_help_panel=OPTIMISATION_PANEL)] = 0.05,

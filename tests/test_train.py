@@ -22,7 +22,7 @@ import cli.app
 from sdm.training.checkpoint import BEST, CONFIG, HISTORY, LAST, load_checkpoint
 from sdm.data.sessions import BLOCK_ROWS, length_grouped_batches, load_cases, load_catalogue, load_training, pad_lists
 from sdm.evaluation.evaluate import evaluate_split
-from sdm.training.train import TrainConfig, load_trained, train
+from sdm.training.train import TrainConfig, auto_batch_size, load_trained, train
 from helpers.cli import run_sdm, run_sdm_ok
 from helpers.logs import DAY_MS
 from helpers.training import (
@@ -452,3 +452,11 @@ def test_sdm_evaluate_reports_the_cut_offs_training_validates_at():
 
     default = inspect.signature(cli.app.evaluate).parameters["k"].default
     assert cli.app.parse_ks(default) == list(KS) == TrainConfig(data="", out="").ks
+
+
+@pytest.mark.parametrize(
+    "n_sessions, batch_size",
+    [(1, 16), (735, 16), (4_196, 16), (8_000, 16), (8_001, 32), (20_000, 64), (10**7, 256)],
+)
+def test_automatic_batch_size_gives_about_500_steps_per_epoch_within_16_to_256(n_sessions, batch_size):
+    assert auto_batch_size(n_sessions) == batch_size

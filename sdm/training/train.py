@@ -155,9 +155,13 @@ class EpochReport:
 
 
 def auto_batch_size(n_sessions: int) -> int:
-    """About 500 steps per epoch, between 32 and 256 sessions per batch: a small log still gets
-    enough steps to move its embeddings, a large one the throughput of big batches."""
-    return int(min(256, max(32, 2 ** math.ceil(math.log2(max(n_sessions, 1) / 500)))))
+    """About 500 steps per epoch, between 16 and 256 sessions per batch: a small log still gets
+    enough steps to move its embeddings, a large one the throughput of big batches. (A floor of 32
+    left REES46, 735 training sessions, at 23 steps per epoch: validation recall@50 with 16
+    instead, seed 0, GRU4Rec 0.728 -> 0.783, YouTube DNN 0.727 -> 0.796, SASRec 0.802 -> 0.782,
+    SDM 0.829 -> 0.824; on MovieLens `u.data` alone, 4,196 sessions, SDM 0.377 -> 0.402,
+    GRU4Rec 0.384 -> 0.386, SASRec 0.380 -> 0.382, YouTube DNN 0.316 -> 0.321.)"""
+    return int(min(256, max(16, 2 ** math.ceil(math.log2(max(n_sessions, 1) / 500)))))
 
 
 def learning_rate(config: TrainConfig, progress: float) -> float:
