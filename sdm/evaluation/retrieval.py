@@ -270,11 +270,10 @@ def _top_k(queries: Tensor, items: Tensor, search: _Search) -> tuple[Tensor, Ten
 
 def _level_buffers(plan: _Plan, n_queries: int, dtype: torch.dtype, key_dtype: torch.dtype) -> list[Tensor]:
     """Flat buffers for one query chunk of up to n_queries: the scores of a chunk of items by tile,
-    [tiles, Q, width] in `dtype`, then levels l = 1..plan.levels of maxima, [tiles, Q, width /
-    FANOUT**l] in `key_dtype`; entry g of level l is the maximum of its entries g, g + n_l, ...,
-    g + (FANOUT - 1) n_l of level l - 1 (see _candidates). Each tile's scores are one contiguous
-    block: rows of a [Q, tiles * width] buffer lie a power of two apart and compete for the same
-    cache sets, so the tile did not stay in cache for its first reduction."""
+    [tiles, Q, width] in `dtype`, then the levels of maxima l = 1..plan.levels (see _candidates),
+    [tiles, Q, width / FANOUT**l] in `key_dtype`. Each tile's scores are one contiguous block:
+    rows of a [Q, tiles * width] buffer lie a power of two apart and compete for the same cache
+    sets, so the tile did not stay in cache for its first reduction."""
     sizes = [plan.tiles_per_chunk * n_queries * plan.width // FANOUT**level for level in range(plan.levels + 1)]
     return [torch.empty(size, dtype=dtype if level == 0 else key_dtype) for level, size in enumerate(sizes)]
 
