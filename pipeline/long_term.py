@@ -7,21 +7,22 @@ start(s) - long_window, most recent first, at most `max_long` of them.
 Building it from flat arrays in event order (users, then time), with one sort per feature and no
 join of events:
 1. records: each session is reduced to the last occurrence of each of its values. One sort by
-   (value, index) finds them, and with them each record's `next`: the position of the user's
-   next record of the same value, in a later session. Items are found among the events; a side
-   value's last occurrence in a session is the last occurrence of some item there, so side
-   features are found among the item records alone (a null value is the value 0: a record, so
-   that every session has at least one, but never a candidate);
+   (value, index) gives every element the index of the next element with the same value, and
+   nothing else: an element is a record when that next occurrence is in a later session (or
+   there is none), and it is where the value comes back, so no user or session has to be looked
+   up in sorted order. Items are found among the events; a side value's last occurrence in a
+   session is the last occurrence of some item there, so side features are found among the item
+   records alone (a null value is the value 0: a record, so that every session has at least
+   one, but never a candidate);
 2. the records L_f(s) draws from are then one contiguous run, read backwards (most recent first):
    from the last record before s down to the first one at or after the user's first event in the
-   window (the first session reaching into the window comes from an as-of join on session end
-   times; only when it starts before the window are its events compared with the cutoff);
+   window, which a binary search of (user, start - window) in the (user, time) order finds;
 3. a record of that run is a candidate when its value is not null and does not occur again
-   before s (its `next` is s's own first record or later): otherwise the later occurrence stands
-   for it. The first `max_long` candidates are L_f(s). Each run is exploded into record
-   positions behind a sentinel, s's own first record: the running maximum of the positions is
-   that sentinel, which both tests `next` and groups the rows by session, in order and with the
-   empty sets.
+   before s (its next occurrence is at s's own first record or later; one in a later user is
+   past all of them): otherwise the later occurrence stands for it. The first `max_long`
+   candidates are L_f(s). Each run is exploded into record positions behind a sentinel, s's own
+   first record: the running maximum of the positions is that sentinel, which both tests `until`
+   and groups the rows by session, in order and with the empty sets.
 Side features with nearly as many records as the items are read in the item records' runs, where
 an item record that is no record of theirs is never a candidate: one explode serves them all
 (shop and brand on the synthetic logs). Coarser ones (leaf, category) have runs of their own
@@ -50,77 +51,48 @@ def first_positions(lengths: pl.Series) -> pl.Series:
 
 
 def window_starts(events: pl.DataFrame, sessions: pl.DataFrame, long_window_ms: int | None) -> pl.Series:
-    """Per session: the position of its user's first event at or after start - long_window."""
-    frame = sessions.select("user", "start", "end", "length", first_event=first_positions(sessions.get_column("length")))
-    cutoffs = frame.with_row_index("row").select(
-        "row", "user",
-        cutoff=(pl.col("start") - long_window_ms) if long_window_ms is not None else pl.lit(-(2**63), pl.Int64),
-    )
-    first_prior = cutoffs.sort("cutoff").join_asof(
-        frame.sort("end", "first_event"), left_on="cutoff", right_on="end", by="user", strategy="forward",
-        check_sortedness=False,  # sorted just above; polars cannot verify it per group
-    ).sort("row")
-    before_cutoff = (
-        first_prior.filter(pl.col("start") < pl.col("cutoff"))
-        .select("row", "cutoff", event=pl.int_ranges("first_event", pl.col("first_event") + pl.col("length"), dtype=pl.UInt32))
-        .explode("event")
-        .filter(pl.lit(events.get_column("time")).gather(pl.col("event")) < pl.col("cutoff"))
-        .group_by("row", maintain_order=True)
-        .agg(pl.len().alias("before"))
-    )
-    return (
-        first_prior.join(before_cutoff, on="row", how="left", maintain_order="left")
-        .select(pl.col("first_event") + pl.col("before").fill_null(0))
-        .to_series()
-    )
+    """Per session: the position of its user's first event at or after start - long_window. The
+    events are sorted by (user, time), so a binary search for (user, cutoff) finds it."""
+    cutoff = (pl.col("start") - long_window_ms) if long_window_ms is not None else pl.lit(-(2**63), pl.Int64)
+    keys = events.select(pl.struct("user", "time")).to_series()
+    return keys.search_sorted(sessions.select(pl.struct("user", time=cutoff)).to_series(), side="left")
 
 
-def links(sequence: pl.DataFrame, values: pl.Series) -> pl.DataFrame:
-    """(is_record, next) per element of a sequence of (user, session) in (user, time) order with
-    these values: whether it is the last of its value in its session (a record), and for a record
-    the index of its user's next record of the same value, in a later session (null: none).
-
-    Sorted by (value, index), a user's occurrences of a value are adjacent and in time order: a
-    record is an occurrence whose successor is in another session, and its `next` is the next
-    record when that is still the same value and user."""
+def next_occurrences(values: pl.Series) -> pl.Series:
+    """Per element, the index of the next element with the same value (null: none). Whose user or
+    session it is does not matter: a later user's index is past every session of this user, so
+    the value stays a candidate for all of them, and an index in the element's own session only
+    makes it no record."""
     by_value = (
         pl.DataFrame({"value": values})
         .select(key=(pl.col("value").cast(pl.UInt64) * SHIFT + pl.int_range(pl.len(), dtype=pl.UInt64)).sort())
         .select(value=pl.col("key") // SHIFT, index=(pl.col("key") % SHIFT).cast(pl.UInt32))
-        .with_columns(
-            session=pl.lit(sequence.get_column("session")).gather(pl.col("index")),
-            user=pl.lit(sequence.get_column("user")).gather(pl.col("index")),
-        )
+        .select("index", next=pl.when(pl.col("value") == pl.col("value").shift(-1)).then(pl.col("index").shift(-1)))
     )
-    same_value = pl.col("value") == pl.col("value").shift(-1)
-    linked = by_value.filter((~same_value | (pl.col("session") != pl.col("session").shift(-1))).fill_null(True)).select(
-        "index", next=pl.when(same_value & (pl.col("user") == pl.col("user").shift(-1))).then(pl.col("index").shift(-1))
-    )
-    record_indices = linked.get_column("index")
-    n = sequence.height
-    return pl.DataFrame({
-        "is_record": pl.Series(dtype=pl.Boolean).extend_constant(False, n).scatter(record_indices, True),
-        "next": pl.Series(dtype=pl.UInt32).extend_constant(None, n).scatter(record_indices, linked.get_column("next")),
-    })
+    return pl.Series(dtype=pl.UInt32).extend_constant(None, values.len()).scatter(by_value.get_column("index"), by_value.get_column("next"))
 
 
-def compacted(values: pl.Series, links_frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series]:
+def is_record(sessions: pl.Series, following: pl.Series) -> pl.Series:
+    """Whether each element is the last of its value in its session: its next occurrence (from
+    next_occurrences) is in a later session, or there is none."""
+    return (sessions.gather(following) != sessions).fill_null(True)
+
+
+def compacted(values: pl.Series, records: pl.Series, following: pl.Series) -> tuple[pl.DataFrame, pl.Series]:
     """((value, until) per record; the number of records before each element of the sequence).
-    `until` is the position of the value's next record (NEVER when none), or 0 when the value is
-    null: a record is a candidate for a later session whose first record is `own` (so own >= 1)
-    exactly when own <= until, the window and the cap aside."""
-    is_record = links_frame.get_column("is_record")
-    records_before = is_record.cast(pl.UInt32).cum_sum() - is_record.cast(pl.UInt32)
-    until = pl.when(values != 0).then(records_before.gather(links_frame.get_column("next")).fill_null(NEVER)).otherwise(0)
-    return pl.DataFrame({"value": values}).select("value", until=until).filter(is_record), records_before
+    `until` is the record position of the value's next occurrence (NEVER when none), or 0 when
+    the value is null: a record is a candidate for a later session whose first record is `own`
+    (so own >= 1) exactly when own <= until, the window and the cap aside."""
+    records_before = records.cast(pl.UInt32).cum_sum() - records.cast(pl.UInt32)
+    until = pl.when(values != 0).then(records_before.gather(following).fill_null(NEVER)).otherwise(0)
+    return pl.DataFrame({"value": values}).select("value", until=until).filter(records), records_before
 
 
-def uncompacted(values: pl.Series, links_frame: pl.DataFrame) -> pl.DataFrame:
-    """(value, until) per element, as `compacted` but keeping the elements that are not records,
-    with an `until` of 0 (never a candidate): positions stay those of the sequence."""
-    is_record = links_frame.get_column("is_record")
-    until = pl.when(is_record & (values != 0)).then(links_frame.get_column("next").fill_null(NEVER)).otherwise(0)
-    return pl.DataFrame({"value": values}).select("value", until=until)
+def uncompacted(values: pl.Series, following: pl.Series) -> pl.DataFrame:
+    """(value, until) per element, as `compacted` but keeping the elements that are not records:
+    their next occurrence is in their own session, before any later session's first record, so
+    they are never candidates, and positions stay those of the sequence."""
+    return pl.DataFrame({"value": values}).select("value", until=pl.when(values != 0).then(following.fill_null(NEVER)).otherwise(0))
 
 
 def candidate_sets(tables: dict[str, pl.DataFrame], runs: pl.DataFrame, max_long: int) -> pl.DataFrame:
@@ -176,21 +148,23 @@ def feature_sets(events: pl.DataFrame, sessions: pl.DataFrame, items: pl.DataFra
     side feature's records are found among the item records alone. One with nearly as many records
     as the items (at least DENSE_SHARE of them) is read in the item records' runs, sharing their
     explode; a coarser one in runs of its own records, which are much shorter."""
-    item_links = links(events, events.get_column("item"))
-    items_table, events_before = compacted(events.get_column("item"), item_links)
+    item_following = next_occurrences(events.get_column("item"))
+    item_records = is_record(events.get_column("session"), item_following)
+    items_table, events_before = compacted(events.get_column("item"), item_records, item_following)
     item_runs = pl.DataFrame({
         "own": events_before.gather(first_positions(sessions.get_column("length"))),
         "first": events_before.gather(window_first_events),
     })
-    records = events.select("user", "session", "item").filter(item_links.get_column("is_record"))
+    records = events.select("session", "item").filter(item_records)
     shared, own_spaces = {long_term_column("item"): items_table}, []
     for feature in features[1:]:
         values = side_values(items, feature, records.get_column("item"))
-        feature_links = links(records, values)
-        if feature_links.get_column("is_record").mean() >= DENSE_SHARE:
-            shared[long_term_column(feature)] = uncompacted(values, feature_links)
+        following = next_occurrences(values)
+        feature_records = is_record(records.get_column("session"), following)
+        if feature_records.mean() >= DENSE_SHARE:
+            shared[long_term_column(feature)] = uncompacted(values, following)
         else:
-            table, records_before = compacted(values, feature_links)
+            table, records_before = compacted(values, feature_records, following)
             runs = item_runs.select(pl.lit(records_before).gather(pl.col(name)).alias(name) for name in ("own", "first"))
             own_spaces.append(({long_term_column(feature): table}, runs))
     sets = pl.concat(
