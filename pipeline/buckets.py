@@ -79,9 +79,19 @@ class Layout:
         return directory / f"{name}.parquet" / f"{PART_NAME.format(bucket)}.parquet"
 
     def write(self, frame: pl.DataFrame, directory: Path, name: str, bucket: int) -> None:
-        path = self.table(directory, name, bucket)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        frame.write_parquet(path, statistics=True)
+        write_table(frame, self.table(directory, name, bucket))
+
+
+# Stage tables are a cache the next stage reads back straight away: zstd's fastest level writes
+# them in about 60% of the time of polars' default level, for files 2-3% larger (each table of
+# a 2M-event log; reading is as fast).
+PARQUET_COMPRESSION = {"compression": "zstd", "compression_level": 1}
+
+
+def write_table(frame: pl.DataFrame, path: Path) -> None:
+    """A stage table (or a bucket's part of one), with the statistics that filtered scans use."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(path, statistics=True, **PARQUET_COMPRESSION)
 
 
 def part_dir(out: Path, stage: str, bucket: int) -> Path:

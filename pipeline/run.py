@@ -27,6 +27,7 @@ from pipeline.buckets import (
     ensure_part,
     link_parts,
     part_dir,
+    write_table,
 )
 from pipeline.cache import (
     build_stage,
@@ -94,21 +95,16 @@ def choose_layout(config: PreprocessConfig, out: Path, inputs: dict[str, Any], c
     return Layout(bucket_count(rows, config.memory_limit // concurrent))
 
 
-def _write(frame: pl.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.write_parquet(path, statistics=True)
-
-
 def events_stage(config: PreprocessConfig, layout: Layout) -> Callable[[Path], dict[str, Any]]:
     def build(directory: Path) -> dict[str, Any]:
         tables = build_events(config, layout, directory)
-        _write(tables.items, directory / "items.parquet")
-        _write(tables.users, directory / "users.parquet")
+        write_table(tables.items, directory / "items.parquet")
+        write_table(tables.users, directory / "users.parquet")
         for field in tables.profile_fields:
             if not is_plain_name(field):
                 raise InputError(f"{config.users}: column {field!r} cannot name a file (it holds a path separator); rename it")
         for name, vocabulary in tables.vocabularies.items():
-            _write(vocabulary, directory / "vocab" / f"{name}.parquet")
+            write_table(vocabulary, directory / "vocab" / f"{name}.parquet")
         return {**tables.stats, "side_features": tables.side_features, "profile_fields": tables.profile_fields}
 
     return build
@@ -144,7 +140,7 @@ def session_starts_stage(config: PreprocessConfig, sources: Sources) -> Callable
             session_counts(pl.scan_parquet(sources.events(bucket)), config.session_gap_ms, config.max_session_length)
             for bucket in range(sources.layout.n_buckets)
         ])
-        _write(first_sessions(counts), directory / "first_sessions.parquet")
+        write_table(first_sessions(counts), directory / "first_sessions.parquet")
         return {"sessions": int(counts.get_column("sessions").sum())}
 
     return build
@@ -160,8 +156,8 @@ def sessions_part(config: PreprocessConfig, sources: Sources, bucket: int) -> Pa
         events = pl.read_parquet(sources.events(bucket))
         session_events = assign_sessions(events, config.session_gap_ms, config.max_session_length, sources.session_starts())
         sessions = summarise_sessions(session_events)
-        _write(session_events, directory / "events.parquet")
-        _write(sessions, directory / "sessions.parquet")
+        write_table(session_events, directory / "events.parquet")
+        write_table(sessions, directory / "sessions.parquet")
         return {"sessions": sessions.height, "session_events": session_events.height, **session_measures(session_events, sessions)}
 
     return build
@@ -191,7 +187,7 @@ def long_term_part(config: PreprocessConfig, sources: Sources, bucket: int) -> P
             config.long_window_ms,
             config.max_long,
         )
-        _write(long_term, directory / "long_term.parquet")
+        write_table(long_term, directory / "long_term.parquet")
         features = ["item", *side_features]
         return {
             "sessions": long_term.height,
@@ -223,7 +219,7 @@ def splits_part(config: PreprocessConfig, sources: Sources, bucket: int) -> Part
             read_manifest(sources.out / "events")["stats"]["time_max_ms"],
         )
         for name, frame in splits.items():
-            _write(frame, directory / f"{name}.parquet")
+            write_table(frame, directory / f"{name}.parquet")
         train = splits["train"]
         return {
             "train_sessions": train.height,
