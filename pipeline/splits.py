@@ -31,15 +31,18 @@ CASE_SCHEMA = {"user": ID, "session": ID, "items": pl.List(ID), "targets": pl.Li
                "first_target_order": pl.UInt32}
 
 
-def training_rows(train_events: pl.DataFrame) -> pl.DataFrame:
+def training_rows(train_events: pl.LazyFrame) -> pl.DataFrame:
     """Sessions of the training events, with the first item of the user's next training session;
-    rows with nothing to predict (one item, no next session) are dropped."""
+    rows with nothing to predict (one item, no next session) are dropped. Lazy, so that the
+    events' filter is fused with the grouping instead of copying every column of every event."""
     return (
-        train_events.group_by("session", maintain_order=True)
+        train_events.select("session", "user", "item")
+        .group_by("session", maintain_order=True)
         .agg(pl.col("user").first(), pl.col("item").alias("items"))
         .with_columns(next_item=pl.col("items").list.first().shift(-1).over("user").fill_null(0))
         .filter((pl.col("items").list.len() >= 2) | (pl.col("next_item") != 0))
         .select(pl.col(name).cast(dtype) for name, dtype in TRAIN_SCHEMA.items())
+        .collect()
     )
 
 
@@ -78,7 +81,7 @@ def leave_last_out(session_events: pl.DataFrame, sessions: pl.DataFrame) -> dict
         )
 
     return {
-        "train": training_rows(events.filter(~held_out)),
+        "train": training_rows(events.lazy().filter(~held_out)),
         "valid": cases(from_end=1),
         "test": cases(from_end=0),
     }
@@ -109,7 +112,7 @@ def temporal(
         )
 
     return {
-        "train": training_rows(session_events.filter(pl.col("time") < valid_start)),
+        "train": training_rows(session_events.lazy().filter(pl.col("time") < valid_start)),
         "valid": cases(pl.col("start").is_between(valid_start, test_start, closed="left")),
         "test": cases(pl.col("start") >= test_start),
     }
