@@ -33,12 +33,15 @@ Most sets are full long before the end of a heavy user's run, so runs are first 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import polars as pl
 
 from pipeline.contract import long_term_column
 from pipeline.events import ID
 
-EXPLODED_ROWS_PER_BATCH = 4_000_000  # about 32 MB of exploded (position, own)
+EXPLODED_ROWS_PER_BATCH = 2_000_000  # about 16 MB of exploded (position, own), per chunk being built
+CHUNKS_AT_ONCE = 2  # user-aligned chunks built concurrently (see build_long_term)
 SCAN_FACTOR = 2
 SHIFT = 1 << 32  # packs (value, index) into one UInt64 sort key
 DENSE_SHARE = 0.75  # see feature_sets
@@ -204,15 +207,16 @@ def build_long_term(
     side_features: list[str],
     long_window_ms: int | None,
     max_long: int,
-    events_per_chunk: int = 2_000_000,
+    events_per_chunk: int = 750_000,
 ) -> pl.DataFrame:
     """One row per session: `session` and a list column per feature (empty when nothing qualifies).
     Expects whole users, sessions numbered consecutively within each user in (user, time) order,
     and events sorted the same way."""
     features = ["item", *side_features]
     event_offsets = [0, *sessions.get_column("length").cum_sum().to_list()]
-    parts = []
-    for first, stop in user_aligned_chunks(sessions, events_per_chunk):
+
+    def chunk_sets(bounds: tuple[int, int]) -> pl.DataFrame:
+        first, stop = bounds
         # rechunked: a gather from a column of many chunks (one per Parquet row group) is several times slower
         chunk_sessions = sessions.select("session", "user", "start", "end", "length").slice(first, stop - first).rechunk()
         chunk_events = session_events.select("user", "item", "time", "session").slice(
@@ -220,7 +224,13 @@ def build_long_term(
         ).rechunk()
         window_first_events = window_starts(chunk_events, chunk_sessions, long_window_ms)
         sets = feature_sets(chunk_events, chunk_sessions, items, features, window_first_events, max_long)
-        parts.append(pl.concat([chunk_sessions.select("session"), sets], how="horizontal"))
+        return pl.concat([chunk_sessions.select("session"), sets], how="horizontal")
+
+    # A chunk is a sequence of many short polars calls, each parallel only within itself: two
+    # chunks at a time keep the cores busy between them (polars releases the GIL). 10M events in
+    # memory: long_term 4.0-4.5 s instead of 6.4-6.9, the same peak RSS with chunks half as large.
+    with ThreadPoolExecutor(CHUNKS_AT_ONCE) as pool:
+        parts = list(pool.map(chunk_sets, user_aligned_chunks(sessions, events_per_chunk)))
     if not parts:  # a user bucket without users
         return pl.DataFrame(schema={"session": ID, **{long_term_column(f): pl.List(ID) for f in features}})
     return pl.concat(parts, rechunk=False)
