@@ -432,7 +432,7 @@ def tune(
     except ImportError:
         raise InputError("sdm tune needs Optuna: pip install 'sdm[tune]'") from None
     from sdm.training.train import TrainConfig
-    from sdm.training.tune import BEST, SEARCH_SPACE, tune as run_tune
+    from sdm.training.tune import BEST, SEARCHED, tune as run_tune
 
     base = TrainConfig(data=str(data), out=str(out), model=model, epochs=epochs, seed=seed, threads=threads)
     metric = base.select_metric
@@ -442,12 +442,12 @@ def tune(
 
     study = run_tune(base, out, trials, on_trial=report)
     table = Table(title=f"sdm tune {model}: validation {metric}, best in bold", header_style="bold")
-    for column in ("trial", metric, *SEARCH_SPACE, "state"):
+    for column in ("trial", metric, *SEARCHED, "state"):
         table.add_column(column.replace("_", " "), justify="right")
     best = study.best_trial.number
     for trial in study.trials:
         cells = [f"{trial.value:.4f}" if trial.value is not None else "-"]
-        cells += [f"{trial.params[name]:.3g}" if name in trial.params else "-" for name in SEARCH_SPACE]
+        cells += [f"{trial.params[name]:.3g}" if name in trial.params else "-" for name in SEARCHED]
         table.add_row(str(trial.number), *cells, trial.state.name.lower(), style="bold" if trial.number == best else None)
     console.print(table)
     console.print(f"best options in {out / BEST}; next: sdm train --data {data} --out RUN --config {out / BEST}")

@@ -43,7 +43,7 @@ from pipeline.run import run_preprocess
 from sdm.evaluation.evaluate import evaluate_split
 from sdm.evaluation.report import ABLATIONS, TEST_COLUMNS, VALID_COLUMN, read_results
 from sdm.training.train import TrainConfig, load_trained, train
-from sdm.training.tune import SEARCH_SPACE
+from sdm.training.tune import SEARCHED
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 25
@@ -175,7 +175,7 @@ def run_toy(quality, grid, fake: FakeTraining, data: Path) -> pl.DataFrame:
 
 
 def options_of(config: TrainConfig) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in SEARCH_SPACE}
+    return {name: getattr(config, name) for name in SEARCHED}
 
 
 def test_every_model_gets_the_same_trials_and_defaults_runs_take_no_options(tiny_data: Path, tmp_path: Path) -> None:
