@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tomllib
 from dataclasses import replace
@@ -98,8 +99,13 @@ def test_a_study_continues_only_with_the_options_it_started_with(tiny_data, samp
     shutil.copytree(tiny_data, moved)  # the same data elsewhere is the same study
     assert len(tune(replace(base, data=str(moved)), out, 3, train_trial=fake_trial([])).trials) == 3
 
-    for changed, named in [({"epochs": 2}, "--epochs"), ({"data": str(sample_data)}, "--data"), ({"fusion": "add"}, "--fusion")]:
-        with pytest.raises(InputError, match=f"another {named}; continue it with the same options"):
+    refused = [
+        ({"epochs": 2}, "--epochs 1 (not 2)"),
+        ({"data": str(sample_data)}, "other --data"),
+        ({"fusion": "add"}, "--fusion gated (not add)"),
+    ]
+    for changed, named in refused:
+        with pytest.raises(InputError, match=rf"began with {re.escape(named)}; continue it with those options"):
             tune(replace(base, **changed), out, 4, train_trial=fake_trial([]))
     with pytest.raises(InputError, match="holds the study of --model sdm"):
         tune(replace(base, model="gru4rec"), out, 4, train_trial=fake_trial([]))
@@ -108,7 +114,7 @@ def test_a_study_continues_only_with_the_options_it_started_with(tiny_data, samp
 
     # As the CLI reports it: one line, exit code 2.
     outcome = run_sdm(*tune_args(tiny_data, out, 4)[:-2], "--threads", 1, "--seed", 7)
-    assert outcome.exit_code == 2 and "another --seed" in outcome.stderr and "Traceback" not in outcome.output
+    assert outcome.exit_code == 2 and "began with --seed 0 (not 7)" in outcome.stderr and "Traceback" not in outcome.output
 
 
 def test_a_study_of_an_earlier_sdm_tune_is_not_continued(tiny_data, tmp_path):
@@ -128,5 +134,5 @@ def test_a_study_of_an_earlier_sdm_tune_is_not_continued(tiny_data, tmp_path):
     signature = study.user_attrs["signature"]
     signature["space"]["dim"]["attributes"]["choices"] = [16, 32]
     study.set_user_attr("signature", signature)
-    with pytest.raises(InputError, match=r"another search space \(the study is from another sdm version\)"):
+    with pytest.raises(InputError, match=r"began with another search space \(the study is from another sdm version\)"):
         tune(base, later, 2, train_trial=fake_trial([]))

@@ -97,15 +97,16 @@ def check_same_study(out: Path, study: optuna.Study, signature: dict[str, Any]) 
     if saved is None and study.trials:
         raise InputError(f"{out}: a study of an earlier sdm tune, with another search space; tune in a new --out")
     if saved is not None and saved != signature:
-        differing = ["--data"] if saved["data"] != signature["data"] else []
+        differing = ["other --data"] if saved["data"] != signature["data"] else []
         differing += [
-            f"--{name.replace('_', '-')}" for name, value in signature["options"].items() if saved["options"].get(name) != value
+            f"--{name.replace('_', '-')} {saved['options'].get(name)} (not {value})"
+            for name, value in signature["options"].items()
+            if saved["options"].get(name) != value
         ]
         # The batch sizes searched follow the data; with the same data, the space changed with sdm.
-        differing = differing or ["search space (the study is from another sdm version)"]
+        differing = differing or ["another search space (the study is from another sdm version)"]
         raise InputError(
-            f"{out}: this study was started with another {', '.join(differing)}; "
-            "continue it with the same options, or tune in a new --out"
+            f"{out}: this study began with {', '.join(differing)}; continue it with those options or tune in a new --out"
         )
     if saved is None:
         study.set_user_attr(SIGNATURE, signature)
