@@ -418,7 +418,7 @@ def train_command(
 @app.command()
 def tune(
     data: Annotated[Path, typer.Option(help="A `sdm preprocess` output directory.")],
-    out: Annotated[Path, typer.Option(help="Study directory: study.db (resumable), trials/, best.toml.")],
+    out: Annotated[Path, typer.Option(help="Study directory: study.db (resumable with the same options; one model per directory), trials/, best.toml.")],
     model: Annotated[str, typer.Option(help="The model to tune: sdm, youtube-dnn, gru4rec or sasrec.")] = "sdm",
     trials: Annotated[int, typer.Option(help="Finished trials the study should hold (a rerun adds the missing ones).")] = 12,
     epochs: Annotated[int, typer.Option(help="Epochs at most per trial (the same for every model).")] = 20,
