@@ -31,8 +31,6 @@ from sdm.training.train import TrainConfig, auto_batch_size, data_fingerprint, t
 STUDY = "study.db"
 BEST = "best.toml"
 UNTRAINED_MODELS = ("popularity", "item-cf")
-
-
 BATCH_FACTORS = (0.25, 0.5, 1, 2, 4)  # of the automatic batch size
 SIGNATURE = "signature"  # the study's user attribute: what its trials were run with
 
