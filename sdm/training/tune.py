@@ -66,12 +66,12 @@ def suggest_options(trial: optuna.Trial, space: dict[str, BaseDistribution]) -> 
     return {name: draw(name, distribution) for name, distribution in space.items()}
 
 
-def study_signature(base: TrainConfig, space: dict[str, BaseDistribution]) -> dict[str, Any]:
+def study_signature(base: TrainConfig, fingerprint: str, space: dict[str, BaseDistribution]) -> dict[str, Any]:
     """What a study's trials depend on: every option but where it writes and its threads (the data
     by its fingerprint, so a moved directory is the same data), and the search space."""
     options = {name: value for name, value in asdict(base).items() if name not in ("data", "out", "threads", *space)}
     signature = {
-        "data": data_fingerprint(Path(base.data)),
+        "data": fingerprint,
         "options": options,
         "space": {name: json.loads(distribution_to_json(distribution)) for name, distribution in space.items()},
     }
@@ -138,7 +138,7 @@ def tune(
     if trials < 1:
         raise InputError("--trials must be at least 1")
     # Data a trial would refuse is refused here, as one line, not as a failed trial Optuna logs.
-    data_fingerprint(Path(base.data))
+    fingerprint = data_fingerprint(Path(base.data))
     load_catalogue(Path(base.data))
     space = search_space(auto_batch_size(require_stage(Path(base.data), "splits")["stats"]["train_sessions"]))
     ensure_output_dir(out)
@@ -150,7 +150,7 @@ def tune(
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = open_study(out, base.model)
-        check_same_study(out, study, study_signature(base, space))
+        check_same_study(out, study, study_signature(base, fingerprint, space))
         retry_abandoned_trials(study)
         # Optuna does not store the sampler's state: seeded as the first run's, a resumed study's
         # sampler would draw that run's options again. Seeded past the trials the study holds, an
