@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import typing
@@ -502,7 +503,15 @@ def launch_ranks(config, nproc: int, *, resume: bool, quiet: bool) -> None:
 
 def train_rank(config, resume: bool, quiet: bool) -> None:
     """One rank of `sdm train --nproc N`, in a process the launcher started."""
+    signal.signal(signal.SIGINT, interrupt_once)
     guarded(lambda: run_training(config, resume=resume, quiet=quiet or rank_of_this_process() != 0))
+
+
+def interrupt_once(signum: int, frame: Any) -> None:
+    """A rank's Ctrl-C: the launcher forwards the one the terminal already sent to the whole group,
+    and that second copy, landing while the rank exits, printed a traceback from an atexit callback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 class ReportedByRanks(SystemExit):

@@ -8,9 +8,11 @@ uninterrupted result.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from helpers.processes import (
     train_args,
     TrainReference,
 )
-from sdm.training.checkpoint import LAST
+from sdm.training.checkpoint import LAST, interrupts_deferred
 
 HOLD_LOCK = "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)"
 
@@ -108,3 +110,21 @@ def test_second_train_is_refused_and_ctrl_c_leaves_a_resumable_run(
     resumed = run_sdm("train", "--data", tiny_data, "--out", run, *TRAIN_ARGS, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert_same_run(run, train_reference.run)
+
+
+def test_ctrl_c_while_an_epoch_is_saved_acts_once_the_save_is_done() -> None:
+    """An epoch is saved in two files (last.pt, history.json): a Ctrl-C between them left a run
+    whose history.json was missing or an epoch behind. The interrupt now waits for the save."""
+    assert threading.current_thread() is threading.main_thread(), "signals reach the main thread only"
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in `sdm train`, whatever the runner set
+    steps = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler has run by now: without the deferral the block ends here
+                steps.append("saved")
+        assert steps == ["saved"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outside)

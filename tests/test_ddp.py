@@ -257,7 +257,6 @@ def test_nproc_inside_torchrun_is_refused(tiny_data, tmp_path, monkeypatch):
     assert outcome.exit_code == 2 and "--nproc-per-node" in outcome.stderr, outcome.output
 
 
-@pytest.mark.slow  # 17 s, over the 5-minute budget of the default suite; python -m pytest -m slow
 def test_ctrl_c_stops_every_rank_with_one_message_and_a_resumable_run(tiny_data, tmp_path):
     run = tmp_path / "run"
     options = (*ddp_options(tiny_data, 50, "sampled"), "--out", str(run), "--nproc", "2", "--quiet")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +35,23 @@ LOCK = ".sdm.lock"
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """torch.save, atomically: a kill leaves the old file or the new one."""
     write_atomic(path, lambda handle: torch.save(state, handle))
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C waits for the block to end, then acts as it would have: an epoch that finished is
+    saved whole (last.pt and history.json), not cut off between the two files."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)
 
 
 @contextmanager

@@ -40,6 +40,7 @@ from sdm.training.checkpoint import (
     HISTORY,
     LAST,
     check_same_run,
+    interrupts_deferred,
     load_checkpoint,
     read_run_config,
     restore,
@@ -424,7 +425,8 @@ def train_ranks(
         report = EpochReport(epoch + 1, mean_loss, total_targets / seconds if optimizer else 0.0, seconds, metrics, improved)
         history.append(asdict(report))
         if ranks.is_main:
-            save_epoch(run, model, optimizer, epoch, history, run_config, best_value, bad_epochs, improved)
+            with interrupts_deferred():
+                save_epoch(run, model, optimizer, epoch, history, run_config, best_value, bad_epochs, improved)
             if on_epoch is not None:
                 on_epoch(report)
     return history
