@@ -86,6 +86,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, flo
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("sample-quality")  # one worker trains the shared `results`, not each
 @pytest.mark.parametrize(("split", "other"), [(split, other) for split, others in CLAIMS.items() for other in others])
 def test_sdm_beats(results: dict[str, dict[str, float]], split: str, other: str) -> None:
     assert results[split]["sdm"] > results[split][other], results[split]

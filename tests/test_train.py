@@ -421,9 +421,7 @@ def bare_popularity_hit_rate(bare_sample_data, tmp_path_factory) -> float:
     return train(TrainConfig(data=str(bare_sample_data), out=str(run), model="popularity"))[0]["valid"]["hit_rate@50"]
 
 
-# gru4rec and sasrec take 6 s each: over the default suite's 5-minute budget, run with -m slow.
-@pytest.mark.parametrize("model", ["sdm", "youtube-dnn", pytest.param("gru4rec", marks=pytest.mark.slow),
-                                   pytest.param("sasrec", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", ["sdm", "youtube-dnn", "gru4rec", "sasrec"])
 def test_every_model_learns_from_a_bare_log_within_one_epoch(bare_sample_data, bare_popularity_hit_rate, tmp_path, model):
     """At the defaults, one epoch takes the mean training loss clearly below ln(n_items), the loss
     of scoring every item alike, and validation hit rate@50 to at least 90% of popularity's: the
