@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 import optuna
 import polars as pl
+from filelock import FileLock
 
 from pipeline.config import PreprocessConfig
 from pipeline.run import load_summary, run_preprocess
@@ -196,7 +197,11 @@ def preprocess_dataset(dataset: str, protocol: str, work: Path) -> Path | None:
         test_days, valid_days = TEMPORAL_DAYS[dataset]
         options |= {"test_days": test_days, "valid_days": valid_days, "input_fraction": INPUT_FRACTION}
     out = work / "data" / f"{dataset}-{protocol}"
-    run_preprocess(PreprocessConfig(out=out, split=protocol, **options))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Grid processes started together on one dataset take turns, and the later ones find the stages
+    # cached: `sdm preprocess` refuses a directory that another process is writing, even to reuse it.
+    with FileLock(out.parent / f".{out.name}.lock"):
+        run_preprocess(PreprocessConfig(out=out, split=protocol, **options))
     return out
 
 

@@ -28,7 +28,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from helpers.cli import run_sdm
 
 from cli.app import DEMO_TEST_DAYS, DEMO_VALID_DAYS, SAMPLE_DIR
 from pipeline.config import PreprocessConfig
-from pipeline.run import run_preprocess
+from pipeline.run import load_summary, run_preprocess
 from sdm.evaluation.evaluate import evaluate_split
 from sdm.evaluation.report import ABLATIONS, TEST_COLUMNS, VALID_COLUMN, read_results
 from sdm.training.train import TrainConfig, load_trained, train
@@ -286,6 +288,24 @@ def test_grid_skips_a_dataset_whose_files_are_missing(
     table = quality.run_grid(toy_grid(quality, tmp_path), fake.runner, train_trial=fake.train_trial)
     assert fake.runs == fake.trials == [] and table.is_empty()
     assert f"skipping toy: missing {tmp_path / 'absent.csv'}" in capsys.readouterr().out
+
+
+def test_grid_processes_started_together_preprocess_one_dataset_in_turn(
+    tiny_log: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two grids on one --work (e.g. one per model) both preprocess their dataset; `sdm preprocess`
+    refuses a directory another process is writing, and one grid used to stop there."""
+    quality = load_quality()
+    monkeypatch.setitem(quality.DATASETS, "toy", {"logs": tiny_log["events"], "items": tiny_log["items"]})
+    start = threading.Barrier(2)
+
+    def preprocess() -> Path:
+        start.wait(timeout=30)
+        return quality.preprocess_dataset("toy", "leave-last-out", tmp_path)
+
+    with ThreadPoolExecutor(2) as pool:  # two threads hold two handles on the lock file, as two processes do
+        outs = [future.result(timeout=120) for future in [pool.submit(preprocess) for _ in range(2)]]
+    assert outs[0] == outs[1] and load_summary(outs[0])["splits"]["test_cases"] > 0
 
 
 @pytest.mark.slow  # a minute of real training; python -m pytest -m slow
