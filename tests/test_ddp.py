@@ -98,7 +98,8 @@ def launch_all(commands: dict[str, list[list[str]]], root: Path) -> dict[str, Pa
     launched = {loss: [start(command, root) for command in group] for loss, group in commands.items()}
     for loss, launchers in launched.items():
         finished = finish(launchers)
-        assert all(process.returncode == 0 for process in finished), [process.stderr for process in finished]
+        # the launchers' whole stderr as text: a list's repr is cut to its two ends in the report
+        assert all(process.returncode == 0 for process in finished), "\n".join(process.stderr for process in finished)
         runs[loss], runs[f"{loss}-stdout"] = root / loss, finished[0].stdout
     return runs
 
