@@ -66,6 +66,15 @@ def warnings(summary: dict[str, dict[str, Any]]) -> list[str]:
         lines.append("every time falls in 1970 when read as a unix time: if the time column holds dates such as "
                      "MMDD (829 = Aug 29), rerun with --time-format, e.g. --time-format '%m%d'")
         return lines  # sessions, windows and splits computed from such times say nothing
+    from_sessions = events.get("users_from_sessions", 0)
+    if from_sessions and events.get("user_column") is None:
+        # No window can help either: every user has exactly one session.
+        lines.append("no user column: each session is its own user, so there are no long-term sets and SDM reads "
+                     "the session alone; if the log has users, name their column with --column user=NAME")
+        empty = 0.0
+    elif from_sessions:
+        lines.append(f"{from_sessions:,} events ({from_sessions / max(events.get('rows_read', 1), 1):.0%} of the rows) have no "
+                     f"{events['user_column']!r}: each is taken as the user of its session, with no long-term sets")
     if empty > DEGENERATE_SHARE and span_ms < SHORT_LOG_MS:
         # No window can help: most users have no earlier session at all in so short a log.
         lines.append(f"{empty:.0%} of sessions have no earlier session of their user (the log spans "
@@ -85,7 +94,10 @@ def warnings(summary: dict[str, dict[str, Any]]) -> list[str]:
                      f"for rating or review logs try `{RATING_LOG_FLAGS}`")
     for name in ("valid_cases", "test_cases"):
         cases = splits.get(name)
-        if cases is not None and cases < FEW_CASES:
+        advice = "try `--split leave-last-out` or more --valid-days/--test-days"
+        if cases == 0:
+            lines.append(f"no {name.replace('_', ' ')}: there is nothing to measure on; {advice}")
+        elif cases is not None and cases < FEW_CASES:
             lines.append(f"only {cases} {name.replace('_', ' ')}: metrics will be noisy (a hit rate's standard error is "
-                         f"about {0.5 / max(cases, 1) ** 0.5:.2f}); try `--split leave-last-out` or more --valid-days/--test-days")
+                         f"about {0.5 / cases ** 0.5:.2f}); {advice}")
     return lines

@@ -21,6 +21,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -53,16 +54,17 @@ class EventTables:
     stats: dict[str, int]
 
 
-def code(column: str) -> pl.Expr:
+def code(column: str | pl.Expr) -> pl.Expr:
     """The 64-bit hash standing in for a raw string value; null stays null."""
-    return pl.when(pl.col(column).is_not_null()).then(pl.col(column).hash())
+    value = pl.col(column) if isinstance(column, str) else column
+    return pl.when(value.is_not_null()).then(value.hash())
 
 
-def dictionary(frame: pl.LazyFrame, column: str) -> pl.LazyFrame:
+def dictionary(frame: pl.LazyFrame, column: str | pl.Expr) -> pl.LazyFrame:
     """(code, raw, collides): every distinct raw value of a column under its code. Codes are
     computed on the distinct values only, where two of them sharing one is a collision."""
     return (
-        frame.select(pl.col(column).alias("raw"))
+        frame.select((pl.col(column) if isinstance(column, str) else column).alias("raw"))
         .drop_nulls()
         .unique()
         .select(code("raw").alias("code"), "raw")
@@ -79,26 +81,32 @@ def checked(dictionary_frame: pl.DataFrame, table: Table, column: str) -> pl.Dat
     return dictionary_frame.select("code", "raw")
 
 
-def read_events(config: PreprocessConfig, n_buckets: int, scratch: Path) -> tuple[list[pl.LazyFrame], dict[str, pl.DataFrame], int, str | None]:
+def read_events(
+    config: PreprocessConfig, n_buckets: int, scratch: Path
+) -> tuple[list[pl.LazyFrame], dict[str, pl.DataFrame], int, dict[str, Any]]:
     """Events as codes (user, item, time in ms, optional roles, `row` = input order), one frame
     per user bucket (kept in memory for one bucket, else written under `scratch`), each
-    categorical role's dictionary, the number of rows read, and the log's rating column (a log
-    with one and no session or behaviour column is a rating log; see pipeline/diagnostics.py)."""
+    categorical role's dictionary, the number of rows read, and facts for the summary: the log's
+    rating column (a log with one and no session or behaviour column is a rating log; see
+    pipeline/diagnostics.py), its user column, and how many events took their session as user."""
     table = scan_table(config.logs, sep=config.sep, header=config.header, columns=config.columns)
     # Genres (--flag-columns or a list column) are read from the items file when there is one, else from the log.
     table, flag_roles = (table, {}) if config.items else with_genre_features(table, config.flag_columns, config.column_map)
     roles = resolve_roles(table, log_column_map(table, config) | flag_roles, ALL_ROLES)
     time_column = roles["time"]
     time = time_expression(time_column, config.time_format, time_kind(table, time_column))
-    categorical = {role: column for role, column in roles.items() if role in CATEGORICAL_ROLES}
+    categorical = {role: id_value(column) for role, column in roles.items() if role in CATEGORICAL_ROLES}
+    if "session" in roles:
+        categorical["user"] = user_or_session(roles["user"], roles["session"])
     # `time_given` (the raw time is not empty) lets the problems be counted on the coded events:
     # a scan of its own would parse every time a second time
     events_query = table.frame.select(
-        *(code(column).alias(role) for role, column in categorical.items()),
+        *(code(value).alias(role) for role, value in categorical.items()),
         time.alias("time"),
         pl.col(time_column).is_not_null().alias("time_given"),
+        user_missing=id_value(roles["user"]).is_null() if roles.get("session") != roles["user"] else pl.lit(True),
     ).with_row_index("row")
-    dictionary_queries = [dictionary(table.frame, column) for column in categorical.values()]
+    dictionary_queries = [dictionary(table.frame, value) for value in categorical.values()]
     if n_buckets == 1:
         events, *dictionaries = table.collect([events_query, *dictionary_queries])
         parts = [events.lazy()]
@@ -117,20 +125,42 @@ def read_events(config: PreprocessConfig, n_buckets: int, scratch: Path) -> tupl
             else pl.LazyFrame(schema=schema)  # no user hashed here
             for bucket in range(n_buckets)
         ]
-    unparsed_times, missing_ids, rows_read = pl.concat(parts).select(
+    unparsed_times, missing_ids, users_from_sessions, rows_read = pl.concat(parts).select(
         (pl.col("time_given") & pl.col("time").is_null()).sum(),
         # a code is null exactly where its raw value is
         (pl.col("user").is_null() | pl.col("item").is_null() | ~pl.col("time_given")).sum(),
+        (pl.col("user_missing") & pl.col("user").is_not_null()).sum(),
         pl.len(),
     ).collect(engine="streaming").row(0)
-    parts = [part.drop("time_given") for part in parts]
+    parts = [part.drop("time_given", "user_missing") for part in parts]
     if unparsed_times:
         raise unparsed_time_error(table, time_column, time, unparsed_times, config.time_format)
     if missing_ids and (malformed := table.locate_malformed_line()):
         raise InputError(f"{table.path}: malformed input ({malformed})")
+    facts = {"rating_column": rating_column(table.columns, roles), "users_from_sessions": users_from_sessions,
+             "user_column": None if roles.get("session") == roles["user"] else roles["user"]}
     return parts, {
-        role: checked(frame, table, column) for (role, column), frame in zip(categorical.items(), dictionaries, strict=True)
-    }, rows_read, rating_column(table.columns, roles)
+        role: checked(frame, table, roles[role]) for role, frame in zip(categorical, dictionaries, strict=True)
+    }, rows_read, facts
+
+
+# How logs write a missing id as text: R's NA, pandas' NaN, SQL's NULL, Python's None.
+MISSING_ID_MARKERS = ("NA", "N/A", "NaN", "nan", "null", "NULL", "None")
+
+
+def id_value(column: str) -> pl.Expr:
+    """A column's raw ids, null where the log writes a missing value as text."""
+    return pl.when(~pl.col(column).is_in(MISSING_ID_MARKERS)).then(pl.col(column))
+
+
+def user_or_session(user_column: str, session_column: str) -> pl.Expr:
+    """The raw user, or for an event with none (Diginetica's anonymous sessions, or a log with no
+    user column at all, as YOOCHOOSE) the user of its own session: "session <id>", apart from the
+    log's users (a log with no user column keeps the session ids as they are). Such a user has one
+    session, so no long-term sets."""
+    if user_column == session_column:
+        return id_value(session_column)
+    return pl.coalesce(id_value(user_column), pl.concat_str(pl.lit("session "), id_value(session_column)))
 
 
 def log_column_map(table: Table, config: PreprocessConfig) -> dict[str, str]:
@@ -194,7 +224,7 @@ def check_strict(parts: list[pl.LazyFrame], config: PreprocessConfig) -> None:
     count, first_row = missing.select(pl.len(), pl.col("row").min()).collect(engine="streaming").row(0)
     if count:
         raise InputError(
-            f"{config.logs}: {count} rows have an empty user, item or time "
+            f"{config.logs}: {count} rows have an empty or missing (NA, null, ...) user, item or time "
             f"(first at data row {first_row + 1}); drop --strict to skip them"
         )
 
@@ -380,7 +410,7 @@ class KeptEvents:
 def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> EventTables:
     """Write the typed events of every bucket into `directory` (see Layout) and return the rest."""
     scratch = directory / ".scratch"
-    parts, dictionaries, rows_read, rating = read_events(config, layout.n_buckets, scratch)
+    parts, dictionaries, rows_read, facts = read_events(config, layout.n_buckets, scratch)
     items_file, item_dictionaries = read_items_file(config) if config.items else (None, {})
     if config.strict:
         check_strict(parts, config)
@@ -413,7 +443,7 @@ def build_events(config: PreprocessConfig, layout: Layout, directory: Path) -> E
         **item_stats,
         "time_min_ms": kept.time_min_ms,
         "time_max_ms": kept.time_max_ms,
-        "rating_column": rating,
+        **facts,
     }
     return EventTables(
         items.sort("item"),

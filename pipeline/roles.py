@@ -63,11 +63,17 @@ def resolve_roles(table: Table, explicit: Mapping[str, str], roles: Sequence[str
             )
         if column is not None and column not in found.values():
             found[role] = column
+    if "user" not in found and "session" in found:
+        # A session-based log (YOOCHOOSE, Diginetica) has no users: each session is its own user,
+        # with no earlier sessions, so no long-term sets; pipeline/events.py tells the user so.
+        found["user"] = found["session"]
     missing = [role for role in REQUIRED_ROLES if role in roles and role not in found]
     if missing:
         hint = "set it with --column ROLE=NAME"
         if not any(normalise_name(c) in EVENT_ROLES["user"] + EVENT_ROLES["item"] for c in columns):
             hint += " (if the file has no header, pass --no-header --columns a,b,c)"
+        elif "user" in missing:
+            hint += " (a log of anonymous sessions: name its session column, --column session=NAME)"
         raise InputError(
             f"{path}: missing required column{'s' if len(missing) > 1 else ''} "
             f"{', '.join(missing)}; columns found: {', '.join(columns)}; {hint}"

@@ -21,6 +21,8 @@ def test_a_day_resolution_log_is_reported_with_the_flags_that_fit(tmp_path):
     assert stats(out, "long_term")["empty_long_term_share"] == 1.0
     warning = next(line for line in outcome.stderr.splitlines() if "warning" in line)
     assert "day resolution" in warning and "100% of sessions hold one item" in warning and RATING_FLAGS in outcome.stderr
+    # One-item sessions have no input to hold out from: the temporal split is left with no case at all.
+    assert "no test cases: there is nothing to measure on" in outcome.stderr
     assert RATING_FLAGS in run_sdm_ok("info", out).stderr  # sdm info repeats it
     described = json.loads(run_sdm_ok("info", out, "--json").stdout)
     assert described["sessions"]["single_item_share"] == 1.0

@@ -280,6 +280,40 @@ def test_null_ids_are_dropped_and_counted(tmp_path: Path) -> None:
     assert stats(tmp_path / "out")["rows_read"] == 5
 
 
+def test_missing_value_markers_in_id_columns_are_missing(tmp_path: Path) -> None:
+    # R writes NA, pandas NaN, SQL NULL: as an id they would merge every such row into one user or item.
+    rows = [("u1", "a", BASE_MS), ("NA", "a", BASE_MS + 1), ("u1", "NULL", BASE_MS + 2), ("None", "b", BASE_MS + 3),
+            ("u1", "NaN", BASE_MS + 4), ("u1", "b", BASE_MS + 5), ("NAN", "b", BASE_MS + 6)]
+    preprocess(write_log(tmp_path / "events.csv", rows), tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert sorted(raw_events(tmp_path / "out").iter_rows()) == [("NAN", "b", BASE_MS + 6), ("u1", "a", BASE_MS), ("u1", "b", BASE_MS + 5)]
+    assert stats(tmp_path / "out")["dropped_null_ids"] == 4
+
+
+def test_a_log_without_users_takes_each_session_as_its_user(tmp_path: Path) -> None:
+    # YOOCHOOSE's clicks: no header, session, time, item, category and no user column.
+    rows = [(session, BASE_MS + session * DAY_MS + click * MINUTE_MS, f"i{(session + click) % 4}", "c1")
+            for session in (11, 12, 13) for click in range(3)]
+    logs = write_log(tmp_path / "clicks.dat", rows, header=None)
+    outcome = preprocess(logs, tmp_path / "out", "--no-header", "--columns", "session,time,item,category", *KEEP_ALL_ITEMS)
+    assert sorted(vocabulary(tmp_path / "out", "user").values()) == ["11", "12", "13"]
+    for session in (11, 12, 13):
+        assert sessions_of(tmp_path / "out", str(session)) == [[f"i{(session + click) % 4}" for click in range(3)]]
+    assert stats(tmp_path / "out")["user_column"] is None and stats(tmp_path / "out")["users_from_sessions"] == 9
+    assert "no user column: each session is its own user" in outcome.stderr
+
+
+def test_events_without_a_user_are_the_user_of_their_session(tmp_path: Path) -> None:
+    # Diginetica: a logged-in user's sessions carry their id, an anonymous session's "NA".
+    rows = [(session, user, f"i{(session + click) % 4}", BASE_MS + session * DAY_MS + click * MINUTE_MS)
+            for session, user in ((1, "u7"), (2, "NA"), (3, "u7"), (4, "")) for click in range(2)]
+    logs = write_log(tmp_path / "views.csv", rows, header=("sessionId", "userId", "itemId", "timestamp"), sep=";")
+    outcome = preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    users = raw_events(tmp_path / "out").group_by("user").len()
+    assert dict(users.iter_rows()) == {"u7": 4, "session 2": 2, "session 4": 2}
+    assert stats(tmp_path / "out")["users_from_sessions"] == 4 and stats(tmp_path / "out")["user_column"] == "userId"
+    assert "4 events (50% of the rows) have no 'userId': each is taken as the user of its session" in outcome.stderr
+
+
 def test_strict_makes_null_ids_an_error(tmp_path: Path) -> None:
     logs = write_log(tmp_path / "events.csv", [("u1", "a", BASE_MS), (None, "a", BASE_MS + 1)])
     outcome = run_sdm("preprocess", logs, "--out", tmp_path / "out", "--strict", *KEEP_ALL_ITEMS)
