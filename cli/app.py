@@ -66,7 +66,8 @@ def parse_column_map(pairs: list[str], option: str = "--column") -> dict[str, st
 # A config file holds a command's options in their command-line types (an option declared int
 # takes a TOML integer, and so on), except these, whose strings the command parses.
 KIND_OF_TYPE = {int: INTEGER, float: NUMBER, str: TEXT, bool: BOOLEAN}
-SPECIAL_KINDS = {"session_gap": DURATION, "long_window": DURATION_OR_NONE, "memory_limit": SIZE, "columns": NAMES, "column": ROLE_TABLE}
+SPECIAL_KINDS = {"session_gap": DURATION, "long_window": DURATION_OR_NONE, "memory_limit": SIZE, "columns": NAMES, "items_columns": NAMES, "users_columns": NAMES,
+                 "column": ROLE_TABLE}
 # Not settings of a config file: where the input and output are (a config file must not redirect
 # them), the config file itself, and what one invocation does (--force, --bucket, --resume, ...).
 NOT_SETTINGS = {"logs", "out", "items", "users", "data", "config_file", "force", "bucket", "resume", "quiet", "nproc", "ctx",
@@ -111,6 +112,8 @@ def preprocess(
     sep: Annotated[Optional[str], typer.Option(help="CSV delimiter of the event log. \\[default: detected]", rich_help_panel=READING_PANEL)] = None,
     header: Annotated[Optional[bool], typer.Option("--header/--no-header", help="Whether the first CSV line is a header. \\[default: header]", rich_help_panel=READING_PANEL)] = None,
     columns: Annotated[Optional[str], typer.Option(help="Column names for a headerless file, comma-separated.", rich_help_panel=READING_PANEL)] = None,
+    items_columns: Annotated[Optional[str], typer.Option(help="Column names for a headerless --items file, comma-separated (e.g. MovieLens 1M's movies.dat: item,title,genres).", rich_help_panel=READING_PANEL)] = None,
+    users_columns: Annotated[Optional[str], typer.Option(help="Column names for a headerless --users file, comma-separated.", rich_help_panel=READING_PANEL)] = None,
     column: Annotated[Optional[list[str]], typer.Option(help="ROLE=NAME: which column plays a role (user, item, time, session, behavior, leaf, category, shop, brand), in the file that has it: the log, --items (item, side features, e.g. category=genres) or --users (user). Repeatable.", rich_help_panel=READING_PANEL)] = None,
     time_format: Annotated[Optional[str], typer.Option(help="strftime format of the time column, e.g. '%d.%m.%Y %H:%M' or '%m%d'. \\[default: unix s/ms or ISO-like, detected]", rich_help_panel=READING_PANEL)] = None,
     flag_columns: Annotated[Optional[str], typer.Option(help="One-hot flag columns (e.g. genres) as item features: a range FIRST..LAST and/or a comma list, e.g. unknown..Western. category = the first set flag, leaf = all set flags joined by '|'. Read from --items if given, else from the log.", rich_help_panel=READING_PANEL)] = None,
@@ -147,7 +150,8 @@ def preprocess(
         "max_session_length": max_session_length, "max_long": max_long, "split": split,
         "test_days": test_days, "valid_days": valid_days, "input_fraction": input_fraction,
         "session_gap": session_gap, "long_window": long_window,
-        "columns": columns, "memory_limit": memory_limit, "buckets": buckets,
+        "columns": columns, "items_columns": items_columns, "users_columns": users_columns,
+        "memory_limit": memory_limit, "buckets": buckets,
     }
     settings |= {name: value for name, value in given.items() if value is not None}
 
@@ -158,9 +162,10 @@ def preprocess(
 
     config_pairs = [f"{role}={name}" for role, name in settings.pop("column", {}).items()]
     column_map = {**parse_column_map(config_pairs, f"{config_file}: column"), **parse_column_map(column or [])}
-    if "columns" in settings:
-        names = settings["columns"].split(",") if isinstance(settings["columns"], str) else settings["columns"]
-        settings["columns"] = tuple(name.strip() for name in names)
+    for names_of in ("columns", "items_columns", "users_columns"):
+        if names_of in settings:
+            names = settings[names_of].split(",") if isinstance(settings[names_of], str) else settings[names_of]
+            settings[names_of] = tuple(name.strip() for name in names)
     if "memory_limit" in settings:
         settings["memory_limit"] = parse_size(settings["memory_limit"], option=source("memory_limit"))
     if "session_gap" in settings:

@@ -78,6 +78,8 @@ class PreprocessConfig:
     sep: str | None = None
     header: bool = True
     columns: tuple[str, ...] | None = None
+    items_columns: tuple[str, ...] | None = None  # names for a headerless --items file
+    users_columns: tuple[str, ...] | None = None  # names for a headerless --users file
     column_map: dict[str, str] = field(default_factory=dict)
     time_format: str | None = None
     flag_columns: str | None = None  # one-hot flag columns -> category and leaf, see pipeline/flags.py
@@ -116,6 +118,8 @@ class PreprocessConfig:
                 self.flag_columns is None or not {"category", "leaf"} & set(self.column_map),
                 "--flag-columns fills category and leaf; drop --column category=/leaf=",
             ),
+            (self.items is not None or self.items_columns is None, "--items-columns names the columns of --items; add --items FILE"),
+            (self.users is not None or self.users_columns is None, "--users-columns names the columns of --users; add --users FILE"),
             (self.memory_limit >= 10**8, "--memory-limit must be at least 100MB"),
             (self.buckets is None or 1 <= self.buckets <= MAX_BUCKETS, f"--buckets must be from 1 to {MAX_BUCKETS:,}"),
         ]
@@ -127,6 +131,11 @@ class PreprocessConfig:
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+
+    def side_file(self, path: Path) -> dict[str, Any]:
+        """How to read --items or --users (`path`): with a header, or with the names given."""
+        names = self.items_columns if path == self.items else self.users_columns
+        return {"header": names is None, "columns": names}
 
     def stage_params(self, stage: str) -> dict[str, Any]:
         """The JSON-safe parameters that decide whether `stage` must be rebuilt."""
@@ -143,7 +152,7 @@ def _json_safe(value: Any) -> Any:
 
 
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "events": ("sep", "header", "columns", "column_map", "time_format", "flag_columns",
+    "events": ("sep", "header", "columns", "items_columns", "users_columns", "column_map", "time_format", "flag_columns",
                "min_item_count", "max_user_events", "keep_duplicates", "strict"),
     "sessions": ("session_gap_ms", "max_session_length"),
     "long_term": ("long_window_ms", "max_long"),

@@ -105,6 +105,7 @@ def read_events(
         time.alias("time"),
         pl.col(time_column).is_not_null().alias("time_given"),
         user_missing=id_value(roles["user"]).is_null() if roles.get("session") != roles["user"] else pl.lit(True),
+        not_utf8=not_utf8(roles),
     ).with_row_index("row")
     dictionary_queries = [dictionary(table.frame, value) for value in categorical.values()]
     if n_buckets == 1:
@@ -125,14 +126,18 @@ def read_events(
             else pl.LazyFrame(schema=schema)  # no user hashed here
             for bucket in range(n_buckets)
         ]
-    unparsed_times, missing_ids, users_from_sessions, rows_read = pl.concat(parts).select(
+    unparsed_times, missing_ids, users_from_sessions, first_not_utf8, rows_read = pl.concat(parts).select(
         (pl.col("time_given") & pl.col("time").is_null()).sum(),
         # a code is null exactly where its raw value is
         (pl.col("user").is_null() | pl.col("item").is_null() | ~pl.col("time_given")).sum(),
         (pl.col("user_missing") & pl.col("user").is_not_null()).sum(),
+        pl.col("row").filter("not_utf8").min(),
         pl.len(),
     ).collect(engine="streaming").row(0)
-    parts = [part.drop("time_given", "user_missing") for part in parts]
+    parts = [part.drop("time_given", "user_missing", "not_utf8") for part in parts]
+    if first_not_utf8 is not None:
+        raise InputError(f"{table.path}: an id on data row {first_not_utf8 + 1} is not UTF-8 text (Latin-1?), and replacing "
+                         "its bytes could merge distinct ids; re-encode the file, e.g. iconv -f latin1 -t utf-8")
     if unparsed_times:
         raise unparsed_time_error(table, time_column, time, unparsed_times, config.time_format)
     if missing_ids and (malformed := table.locate_malformed_line()):
@@ -153,6 +158,13 @@ def id_value(column: str) -> pl.Expr:
     return pl.when(~pl.col(column).is_in(MISSING_ID_MARKERS)).then(pl.col(column))
 
 
+def not_utf8(roles: dict[str, str]) -> pl.Expr:
+    """True where a user, item or session id held bytes that are not UTF-8: the reader replaced
+    them by U+FFFD (pipeline/reading.py), which is fine in a title but not in an id."""
+    ids = [roles[role] for role in ("user", "item", "session") if role in roles]
+    return pl.any_horizontal(pl.col(column).str.contains("\ufffd", literal=True) for column in ids).fill_null(False)
+
+
 def user_or_session(user_column: str, session_column: str) -> pl.Expr:
     """The raw user, or for an event with none (Diginetica's anonymous sessions, or a log with no
     user column at all, as YOOCHOOSE) the user of its own session: "session <id>", apart from the
@@ -169,7 +181,7 @@ def log_column_map(table: Table, config: PreprocessConfig) -> dict[str, str]:
     the users file (its user id) and not of the log is that file's; one that names no column of
     any file is refused, naming every file's columns."""
     roles_of = {config.items: ("item", *SIDE_FEATURES), config.users: ("user",)}
-    columns_of = {table.path: table.columns} | {path: scan_table(path).columns for path in roles_of if path is not None}
+    columns_of = {table.path: table.columns} | {path: scan_table(path, **config.side_file(path)).columns for path in roles_of if path is not None}
     elsewhere = set()
     for role, column in config.column_map.items():
         if column in table.columns:
@@ -190,7 +202,7 @@ def rating_column(columns: list[str], roles: dict[str, str]) -> str | None:
 
 def read_items_file(config: PreprocessConfig) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
     """Items file as codes: item -> side feature codes, with the side features' dictionaries."""
-    table, flag_roles = with_genre_features(scan_table(config.items), config.flag_columns, config.column_map)
+    table, flag_roles = with_genre_features(scan_table(config.items, **config.side_file(config.items)), config.flag_columns, config.column_map)
     key = key_column(table, config, "item")
     roles = {
         role: column for role in SIDE_FEATURES
@@ -304,7 +316,7 @@ def build_users(config: PreprocessConfig, vocabularies: dict[str, pl.DataFrame])
     user_ids = vocabularies["user"].select(pl.col("id").alias("user"), "code")
     if config.users is None:
         return user_ids.select("user").sort("user"), []
-    table = scan_table(config.users)
+    table = scan_table(config.users, **config.side_file(config.users))
     key = key_column(table, config, "user")
     profile_fields = [column for column in table.columns if column != key]
     (profiles,) = table.collect(

@@ -2,7 +2,9 @@
 in pipeline/roles.py, timestamps in pipeline/times.py).
 
 Every column is read as a string so that raw ids keep their exact spelling ("007" stays "007");
-only the time column is converted, to Int64 milliseconds since the Unix epoch (UTC).
+only the time column is converted, to Int64 milliseconds since the Unix epoch (UTC). Text is UTF-8;
+bytes that are not (MovieLens's Latin-1 titles, "Mis\xe9rables") are read as U+FFFD, which
+pipeline/events.py refuses in an id (two ids could become one) and accepts elsewhere.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import polars as pl
 from pipeline.errors import InputError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
-DELIMITERS = (",", "\t", "|", ";")
+# "::" is MovieLens 1M's and 10M's (`1::1193::5::978300760`): polars reads one-byte separators
+# only, so such a file is read as lines and split (`_split_lines`).
+DELIMITERS = (",", "\t", "|", ";", "::")
 SNIFF_BYTES = 1 << 16
 READ_CHUNK = 1 << 22
 
@@ -58,17 +62,17 @@ def sniff_delimiter(head: bytes, path: Path) -> str:
         if typical > 1 and counts.count(typical) * 2 > len(counts) and score > best_score:
             best, best_score = delimiter, score
     if best is None:
-        raise InputError(f"{path}: cannot detect the delimiter (tried , tab | ;); pass --sep")
+        raise InputError(f"{path}: cannot detect the delimiter (tried , tab | ; ::); pass --sep")
     return best
 
 
 def checked_separator(sep: str | None) -> str | None:
-    """--sep as typed: one character, or an escape like \\t."""
+    """--sep as typed: one character, an escape like \\t, or a few characters such as ::."""
     if sep is None:
         return None
     unescaped = {"\\t": "\t", "tab": "\t", "\\|": "|"}.get(sep, sep)
-    if len(unescaped) != 1 or unescaped in "\"\r\n":
-        raise InputError(f"--sep {sep!r}: expected a single character such as , ; | or \\t")
+    if not 1 <= len(unescaped) <= 4 or any(char in unescaped for char in "\"\r\n"):
+        raise InputError(f"--sep {sep!r}: expected a character such as , ; | or \\t, or a few such as ::")
     return unescaped
 
 
@@ -141,7 +145,7 @@ class Table:
         try:
             lines = pl.read_csv(
                 file, has_header=False, separator="\x1f", quote_char=None, new_columns=["line"],
-                infer_schema=False, truncate_ragged_lines=True,
+                infer_schema=False, truncate_ragged_lines=True, encoding="utf8-lossy",
             )
         except pl.exceptions.PolarsError:
             return None
@@ -176,13 +180,17 @@ def scan_table(
         delimiter = checked_separator(sep) or sniff_delimiter(heads[0], files[0])
         schemas = [_csv_names(file, head, delimiter, header, columns) for file, head in zip(files, heads, strict=True)]
         sources = [_csv_source(file, head) for file, head in zip(files, heads, strict=True)]
-        frame = pl.scan_csv(
-            sources[0] if len(sources) == 1 else sources,
-            separator=delimiter,
-            has_header=header,
-            new_columns=list(columns) if columns else None,
-            infer_schema=False,
-        )
+        if len(delimiter) > 1:
+            frame = pl.concat([_split_lines(source, delimiter, schemas[0], header) for source in sources])
+        else:
+            frame = pl.scan_csv(
+                sources[0] if len(sources) == 1 else sources,
+                separator=delimiter,
+                has_header=header,
+                new_columns=list(columns) if columns else None,
+                infer_schema=False,
+                encoding="utf8-lossy",
+            )
     names = schemas[0]
     for file, other in zip(files[1:], schemas[1:]):
         if other != names:
@@ -205,17 +213,35 @@ def _parquet_names(path: Path) -> list[str]:
 
 
 def _csv_names(path: Path, head: bytes, delimiter: str, header: bool, columns: Sequence[str] | None) -> list[str]:
-    first_line_fields = re.split(rb"\r\n|\r|\n", head, maxsplit=1)[0].decode("utf-8", "replace").count(delimiter) + 1
+    first_line = re.split(rb"\r\n|\r|\n", head, maxsplit=1)[0].decode("utf-8", "replace")
+    first_line_fields = first_line.count(delimiter) + 1
     if columns and len(columns) != first_line_fields:
         raise InputError(f"{path}: --columns names {len(columns)} columns but the first line has {first_line_fields} fields")
+    if len(delimiter) > 1:
+        names = list(columns) if columns else first_line.split(delimiter) if header else [f"column_{i}" for i in range(1, first_line_fields + 1)]
+        # as polars names a repeated header name, so that scan_table refuses it the same way
+        return [name if name not in names[:i] else f"{name}{DUPLICATE_SUFFIX}{names[:i].count(name) - 1}" for i, name in enumerate(names)]
     frame = pl.scan_csv(
         _csv_source(path, head), separator=delimiter, has_header=header,
-        new_columns=list(columns) if columns else None, infer_schema=False,
+        new_columns=list(columns) if columns else None, infer_schema=False, encoding="utf8-lossy",
     )
     try:
         return frame.collect_schema().names()
     except pl.exceptions.PolarsError as error:
         raise InputError(f"{path}: malformed CSV ({_first_line(error)})") from None
+
+
+def _split_lines(source: Path | io.BytesIO, delimiter: str, names: Sequence[str], header: bool) -> pl.LazyFrame:
+    """A file with a several-character delimiter as string columns: its lines read whole, then
+    split (no quoting: MovieLens writes none). Empty fields are null, as polars reads them."""
+    lines = pl.scan_csv(source, separator="\x1f", has_header=False, quote_char=None, new_columns=["line"],
+                        infer_schema=False, skip_rows=int(header), encoding="utf8-lossy")
+    fields = pl.col("line").str.strip_chars_end("\r").str.split(delimiter)
+    return lines.select(
+        pl.when(field != "").then(field).alias(name)
+        for i, name in enumerate(names) if name.strip()
+        for field in [fields.list.get(i, null_on_oob=True)]
+    )
 
 
 def count_rows(table: Table, header: bool) -> int:

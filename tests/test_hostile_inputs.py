@@ -337,7 +337,8 @@ def test_a_checkpoint_from_elsewhere_is_refused_on_resume_and_on_load(tiny_data,
 # A value of the wrong type for each kind of setting (what a config file may hold is derived from
 # the command's options, so a new option is checked here without a change).
 WRONG_VALUE = {"an integer": "1.5", "a finite number": '"0.5"', "a string": "5", "true or false": "1"}
-WRONG_SPECIAL = {"session_gap": "1.5", "long_window": "5", "memory_limit": "-1", "columns": "5", "column": '"user=uid"'}
+WRONG_SPECIAL = {"session_gap": "1.5", "long_window": "5", "memory_limit": "-1", "columns": "5", "items_columns": "5",
+                 "users_columns": "5", "column": '"user=uid"'}
 
 
 def assert_config_refused(outcome, *words: str) -> None:

@@ -257,7 +257,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[object], list[str]]]:
         "unknown-column-role": ([good, "--column", "colour=brand"], ["colour"]),
         "named-column-absent": ([good, "--column", "item=sku"], ["sku", "user", "item", "time"]),
         "bad-duration": ([good, "--session-gap", "ten minutes"], ["ten minutes"]),
-        "multi-character-sep": ([good, "--sep", ",,"], ["sep"]),
+        "overlong-sep": ([good, "--sep", ",,,,,"], ["sep"]),
     }
 
 
@@ -265,7 +265,7 @@ BAD_INPUTS = [
     "missing-file", "corrupt-gzip", "corrupt-parquet", "empty-file", "header-only", "missing-column",
     "bad-timestamps", "extra-field-line-61", "missing-field-line-61", "extra-field-line-3", "items-without-id",
     "users-without-id", "strict-null-id", "unknown-column-role", "named-column-absent", "bad-duration",
-    "multi-character-sep",
+    "overlong-sep",
 ]
 
 

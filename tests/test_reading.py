@@ -38,7 +38,7 @@ def events_as_rows(out: Path) -> set[tuple[str, str, int]]:
 # --- formats and delimiters ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sep", [",", "\t", "|", ";"], ids=["comma", "tab", "pipe", "semicolon"])
+@pytest.mark.parametrize("sep", [",", "\t", "|", ";", "::"], ids=["comma", "tab", "pipe", "semicolon", "double-colon"])
 def test_delimiter_is_detected(tmp_path: Path, sep: str) -> None:
     logs = write_log(tmp_path / "events.csv", ROWS, sep=sep)
     preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
@@ -70,6 +70,38 @@ def test_headerless_file_with_columns_keeps_its_first_row(tmp_path: Path) -> Non
     logs = write_log(tmp_path / "events.csv", [(u, i, "pv", t) for u, i, t in ROWS], header=None)
     preprocess(logs, tmp_path / "out", "--no-header", "--columns", "user,item,behavior,time", *KEEP_ALL_ITEMS)
     assert events_as_rows(tmp_path / "out") == set(ROWS)
+
+
+def test_movielens_1m_files_are_read_as_grouplens_ships_them(tmp_path: Path) -> None:
+    # `::` between fields, no header in any file, and Latin-1 titles in movies.dat.
+    (tmp_path / "ratings.dat").write_text("".join(f"{u}::{i}::4::{BASE_MS // 1000 + 60 * k}\n" for k, (u, i) in
+                                                  enumerate([(1, 10), (1, 20), (2, 10), (2, 30)])))
+    (tmp_path / "movies.dat").write_bytes("10::Toy Story (1995)::Animation|Comedy\n20::Misérables, Les (1995)::Drama\n"
+                                          "30::Heat (1995)::Action|Crime\n".encode("latin-1"))
+    (tmp_path / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
+    preprocess(tmp_path / "ratings.dat", tmp_path / "out", "--no-header", "--columns", "user,item,rating,time",
+               "--items", tmp_path / "movies.dat", "--items-columns", "item,title,genres",
+               "--users", tmp_path / "users.dat", "--users-columns", "user,gender,age,occupation,zip", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == {("1", "10", BASE_MS), ("1", "20", BASE_MS + 60_000),
+                                                 ("2", "10", BASE_MS + 120_000), ("2", "30", BASE_MS + 180_000)}
+    assert stats(tmp_path / "out")["side_features"] == ["leaf", "category"]
+    assert stats(tmp_path / "out")["profile_fields"] == ["gender", "age", "occupation", "zip"]
+    categories = vocabulary(tmp_path / "out", "category").values()
+    assert {"Animation", "Drama", "Action"} <= set(categories)  # the Latin-1 title's row is read, not refused
+
+
+def test_sep_takes_a_few_characters_but_not_a_sentence(tmp_path: Path) -> None:
+    logs = write_log(tmp_path / "events.txt", ROWS, sep="||")
+    preprocess(logs, tmp_path / "out", "--sep", "||", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == set(ROWS)
+    refused = run_sdm("preprocess", logs, "--out", tmp_path / "refused", "--sep", "|||||")
+    assert refused.exit_code == 2 and "--sep '|||||'" in refused.stderr
+
+
+def test_side_file_columns_need_their_file(tmp_path: Path) -> None:
+    logs = write_log(tmp_path / "events.csv", ROWS)
+    refused = run_sdm("preprocess", logs, "--out", tmp_path / "out", "--items-columns", "item,genres")
+    assert refused.exit_code == 2 and "--items-columns names the columns of --items" in refused.stderr
 
 
 def test_gzipped_csv(tmp_path: Path) -> None:
