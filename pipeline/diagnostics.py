@@ -86,7 +86,7 @@ def warnings(summary: dict[str, dict[str, Any]]) -> list[str]:
                    and long_term.get("window_days", paper_window_days) == paper_window_days)
     rating = events.get("rating_column")
     if paper_rules and (single > DEGENERATE_SHARE or empty > DEGENERATE_SHARE or resolution == "day" or rating):
-        facts = [f"a {rating!r} column and no session or behaviour column"] if rating else []
+        facts = [f"a rating column ({rating!r}) and no session or behaviour column"] if rating else []
         facts += [f"times at {resolution} resolution"] if resolution in ("day", "hour") else []
         facts += [f"{single:.0%} of sessions hold one item"] if single > DEGENERATE_SHARE else []
         facts += [f"{empty:.0%} have empty long-term sets"] if empty > DEGENERATE_SHARE else []

@@ -22,6 +22,8 @@ import polars as pl
 from pipeline.errors import InputError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
+JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
+JSON_SCHEMA_ROWS = 10_000  # lines read to find a JSON log's fields and their types
 # "::" is MovieLens 1M's and 10M's (`1::1193::5::978300760`): polars reads one-byte separators
 # only, so such a file is read as lines and split (`_split_lines`).
 DELIMITERS = (",", "\t", "|", ";", "::")
@@ -166,14 +168,18 @@ def scan_table(
     header: bool = True,
     columns: Sequence[str] | None = None,
 ) -> Table:
-    """Open CSV (plain or gzip'd) or Parquet lazily, as string columns; check it has rows.
+    """Open CSV or JSON lines (plain or gzip'd) or Parquet lazily, as string columns; check it has rows.
     `path` may be a file, a directory or a glob; several files must have the same columns."""
     files = input_files(path)
+    heads = [b"" if is_parquet(file) else _read_head(file) for file in files]
     if is_parquet(files[0]):
         schemas = [_parquet_names(file) for file in files]
-        frame, delimiter = pl.scan_parquet(files).select(pl.all().cast(pl.String)), None
+        frame, delimiter = as_text(pl.scan_parquet(files)), None
+    elif is_json(files[0], heads[0]):
+        frames = [_scan_json(file, head) for file, head in zip(files, heads, strict=True)]
+        schemas = [frame.collect_schema().names() for frame in frames]
+        frame, delimiter = (pl.concat(frames) if len(set(map(tuple, schemas))) == 1 else frames[0]), None
     else:
-        heads = [_read_head(file) for file in files]
         for file, head in zip(files, heads, strict=True):
             if not head.strip():
                 raise InputError(f"{file}: the file is empty")
@@ -203,6 +209,36 @@ def scan_table(
     if table.collect([table.frame.head(1)])[0].height == 0:
         raise InputError(f"{path}: has a header but no rows")
     return table
+
+
+def is_json(path: Path, head: bytes) -> bool:
+    """JSON lines (Amazon's and Yelp's reviews) or a JSON array of objects, by name or by content."""
+    return path.name.lower().removesuffix(".gz").endswith(JSON_SUFFIXES) or head.lstrip()[:1] == b"{"
+
+
+def _scan_json(path: Path, head: bytes) -> pl.LazyFrame:
+    if not head.strip():
+        raise InputError(f"{path}: the file is empty")
+    try:
+        if head.lstrip()[:1] == b"[":  # one array: read whole, as polars has no lazy reader for it
+            return as_text(pl.read_json(path).lazy())
+        return as_text(pl.scan_ndjson(path, infer_schema_length=JSON_SCHEMA_ROWS))
+    except pl.exceptions.PolarsError as error:
+        raise InputError(f"{path}: not readable as JSON lines or a JSON array ({_first_line(error)})") from None
+
+
+def as_text(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Every column as a string, as a CSV is read: a list of scalars joined by '|' (a genres or
+    categories list, which pipeline/flags.py splits again), an empty list null, and nested objects
+    (Amazon's "style": {...}), which can play no role, left out."""
+    columns = []
+    for name, dtype in frame.collect_schema().items():
+        if not dtype.is_nested():
+            columns.append(pl.col(name).cast(pl.String))
+        elif isinstance(dtype, pl.List) and not dtype.inner.is_nested():
+            joined = pl.col(name).cast(pl.List(pl.String)).list.join("|")
+            columns.append(pl.when(pl.col(name).list.len() > 0).then(joined).alias(name))
+    return frame.select(columns)
 
 
 def _parquet_names(path: Path) -> list[str]:

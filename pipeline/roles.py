@@ -16,11 +16,12 @@ from pipeline.reading import Table
 # Column roles and the names they are commonly given, compared after lower-casing and
 # dropping everything but letters and digits ("User ID" == "user_id" == "userid").
 EVENT_ROLES: dict[str, tuple[str, ...]] = {
-    "user": ("userid", "user", "uid", "visitorid", "customerid", "memberid", "buyerid"),
+    "user": ("userid", "user", "uid", "visitorid", "customerid", "memberid", "buyerid", "reviewerid"),
+    # parent_asin before asin: Amazon's 2023 reviews name the product by the first, a variant by the second
     "item": ("itemid", "item", "iid", "productid", "product", "sku", "skuid", "movieid",
-             "articleid", "goodsid", "contentid"),
+             "articleid", "goodsid", "contentid", "parentasin", "asin", "businessid", "bookid", "trackid"),
     "time": ("timestamp", "time", "ts", "eventtime", "actiontime", "datetime", "date",
-             "timestamps", "createdat", "eventtimestamp", "clicktime"),
+             "timestamps", "createdat", "eventtimestamp", "clicktime", "unixreviewtime"),
     "session": ("sessionid", "session", "usersession", "sid"),
     "behavior": ("behavior", "behaviour", "behaviortype", "eventtype", "actiontype", "action",
                  "event", "type", "btag"),

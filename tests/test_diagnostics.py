@@ -55,7 +55,7 @@ def test_a_rating_column_marks_a_rating_log_until_the_suggested_flags_are_given(
     outcome = preprocess(log, tmp_path / "data", *KEEP_ALL_ITEMS, "--split", "leave-last-out")
     assert stats(tmp_path / "data", "events")["rating_column"] == "rating"
     warning = next(line for line in outcome.stderr.splitlines() if RATING_FLAGS in line)
-    assert "'rating' column" in warning
+    assert "a rating column ('rating')" in warning
     followed = preprocess(log, tmp_path / "suggested", *KEEP_ALL_ITEMS, "--split", "leave-last-out", *RATING_FLAGS.split())
     assert RATING_FLAGS not in followed.stderr  # the rules have been chosen: no advice repeated
     assert stats(tmp_path / "suggested", "sessions")["max_session_length"] == 5

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -88,6 +89,47 @@ def test_movielens_1m_files_are_read_as_grouplens_ships_them(tmp_path: Path) -> 
     assert stats(tmp_path / "out")["profile_fields"] == ["gender", "age", "occupation", "zip"]
     categories = vocabulary(tmp_path / "out", "category").values()
     assert {"Animation", "Drama", "Action"} <= set(categories)  # the Latin-1 title's row is read, not refused
+
+
+AMAZON_REVIEWS = [  # Amazon's 2018 review files: JSON lines, nested fields, day-resolution unix times
+    {"overall": 5.0, "verified": True, "reviewerID": "A1", "asin": "B01", "style": {"Size:": " L"},
+     "reviewText": "fits,\n\"great\"", "unixReviewTime": 1472688000, "image": ["http://x"]},
+    {"overall": 3.0, "verified": False, "reviewerID": "A1", "asin": "B02", "unixReviewTime": 1472774400, "vote": "1,234"},
+    {"overall": 4.0, "verified": True, "reviewerID": "A2", "asin": "B01", "unixReviewTime": 1472688000},
+]
+REVIEW_EVENTS = {("A1", "B01", 1472688000000), ("A1", "B02", 1472774400000), ("A2", "B01", 1472688000000)}
+
+
+@pytest.mark.parametrize("name", ["Beauty.json", "Beauty.json.gz", "reviews.ndjson", "reviews.txt"])
+def test_json_lines_are_read_by_name_or_content(tmp_path: Path, name: str) -> None:
+    text = "".join(json.dumps(review) + "\n" for review in AMAZON_REVIEWS).encode()
+    logs = tmp_path / name
+    logs.write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == REVIEW_EVENTS
+    assert stats(tmp_path / "out")["rating_column"] == "overall"
+
+
+def test_a_json_array_and_list_fields_in_parquet_are_read(tmp_path: Path) -> None:
+    (tmp_path / "reviews.json").write_text(json.dumps(AMAZON_REVIEWS))
+    preprocess(tmp_path / "reviews.json", tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == REVIEW_EVENTS
+    # An items file whose genres are a list (JSON lines here, Parquet below): category = first, leaf = all.
+    items = [{"asin": "B01", "genres": ["Beauty", "Skin"], "details": {"w": 1}}, {"asin": "B02", "genres": []}]
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    pl.DataFrame(items[:1]).drop("details").write_parquet(tmp_path / "meta.parquet")
+    for meta in ("meta.jsonl", "meta.parquet"):
+        out = tmp_path / f"out-{meta}"
+        preprocess(tmp_path / "reviews.json", out, "--items", tmp_path / meta, *KEEP_ALL_ITEMS)
+        assert set(vocabulary(out, "category").values()) == {"Beauty"}
+        assert set(vocabulary(out, "leaf").values()) == {"Beauty|Skin"}
+
+
+def test_malformed_json_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "reviews.jsonl").write_text(json.dumps(AMAZON_REVIEWS[0]) + "\n{\"reviewerID\": \"A2\", \n")
+    outcome = run_sdm("preprocess", tmp_path / "reviews.jsonl", "--out", tmp_path / "out")
+    assert outcome.exit_code == 2 and "reviews.jsonl" in outcome.stderr
+    assert "Traceback" not in outcome.stderr and len(outcome.stderr.strip().splitlines()) == 1
 
 
 def test_sep_takes_a_few_characters_but_not_a_sentence(tmp_path: Path) -> None:
