@@ -21,7 +21,7 @@ EVENT_ROLES: dict[str, tuple[str, ...]] = {
     "item": ("itemid", "item", "iid", "productid", "product", "sku", "skuid", "movieid",
              "articleid", "goodsid", "contentid", "parentasin", "asin", "businessid", "bookid", "trackid"),
     "time": ("timestamp", "time", "ts", "eventtime", "actiontime", "datetime", "date",
-             "timestamps", "createdat", "eventtimestamp", "clicktime", "unixreviewtime"),
+             "timestamps", "createdat", "eventtimestamp", "clicktime", "unixreviewtime", "dateadded"),
     "session": ("sessionid", "session", "usersession", "sid"),
     "behavior": ("behavior", "behaviour", "behaviortype", "eventtype", "actiontype", "action",
                  "event", "type", "btag"),

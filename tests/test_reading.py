@@ -215,6 +215,8 @@ TIME_SPELLINGS = {
     "iso-offset": (["2018-02-04T09:28:00+01:00", "2018-02-04T09:29:00+01:00"], []),
     "utc-suffix": (["2018-02-04 08:28:00 UTC", "2018-02-04 08:29:00 UTC"], []),
     "slashes-no-padding": (["2018/2/4 8:28", "2018/2/4 8:29"], []),
+    "unix-seconds-as-float": ([f"{T0 // 1000}.0", f"{T0 // 1000 + 59}.9996"], []),  # pandas writes an int column with NaN so
+    "goodreads": (["Sun Feb 04 00:28:00 -0800 2018", "Sun Feb 04 09:29:00 +0100 2018"], []),
     "time-format": (["04.02.2018 08:28", "04.02.2018 08:29"], ["--time-format", "%d.%m.%Y %H:%M"]),
 }
 
