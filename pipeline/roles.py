@@ -19,9 +19,10 @@ EVENT_ROLES: dict[str, tuple[str, ...]] = {
     "user": ("userid", "user", "uid", "visitorid", "customerid", "memberid", "buyerid", "reviewerid"),
     # parent_asin before asin: Amazon's 2023 reviews name the product by the first, a variant by the second
     "item": ("itemid", "item", "iid", "productid", "product", "sku", "skuid", "movieid",
-             "articleid", "goodsid", "contentid", "parentasin", "asin", "businessid", "bookid", "trackid"),
+             "articleid", "goodsid", "contentid", "parentasin", "asin", "businessid", "bookid", "trackid",
+             "songid", "videoid", "newsid", "venueid", "locationid", "poiid", "courseid", "recipeid", "animeid"),
     "time": ("timestamp", "time", "ts", "eventtime", "actiontime", "datetime", "date",
-             "timestamps", "createdat", "eventtimestamp", "clicktime", "unixreviewtime", "dateadded"),
+             "timestamps", "createdat", "eventtimestamp", "clicktime", "unixreviewtime", "dateadded", "utctimestamp", "checkintime"),
     "session": ("sessionid", "session", "usersession", "sid"),
     "behavior": ("behavior", "behaviour", "behaviortype", "eventtype", "actiontype", "action",
                  "event", "type", "btag"),

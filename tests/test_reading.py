@@ -251,6 +251,9 @@ def test_month_day_format_without_leading_zero(tmp_path: Path) -> None:
         ("UserID", "ItemID", "Time"),
         ("uid", "sku", "ts"),
         ("visitorid", "product_id", "event_time"),
+        ("reviewerID", "asin", "unixReviewTime"),  # Amazon 2018
+        ("userId", "venueId", "utcTimestamp"),  # Foursquare check-ins
+        ("user_id", "book_id", "date_added"),  # Goodreads
     ],
 )
 def test_roles_found_by_common_names(tmp_path: Path, header: tuple[str, str, str]) -> None:
