@@ -273,11 +273,12 @@ def _split_lines(source: Path | io.BytesIO, delimiter: str, names: Sequence[str]
     lines = pl.scan_csv(source, separator="\x1f", has_header=False, quote_char=None, new_columns=["line"],
                         infer_schema=False, skip_rows=int(header), encoding="utf8-lossy")
     fields = pl.col("line").str.strip_chars_end("\r").str.split(delimiter)
-    return lines.select(
-        pl.when(field != "").then(field).alias(name)
-        for i, name in enumerate(names) if name.strip()
-        for field in [fields.list.get(i, null_on_oob=True)]
-    )
+
+    def field(i: int) -> pl.Expr:
+        value = fields.list.get(i, null_on_oob=True)
+        return pl.when(value != "").then(value)
+
+    return lines.select(field(i).alias(name) for i, name in enumerate(names) if name.strip())
 
 
 def count_rows(table: Table, header: bool) -> int:
