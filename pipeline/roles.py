@@ -14,24 +14,29 @@ from pipeline.errors import InputError
 from pipeline.reading import Table
 
 # Column roles and the names they are commonly given, compared after lower-casing and
-# dropping everything but letters and digits ("User ID" == "user_id" == "userid").
+# dropping everything but letters and digits ("User ID" == "user_id" == "userid"); Chinese names as Tianchi's and Taobao's exports write them (用户ID = user id, 商品ID = item id,
+# 时间戳 = timestamp, 行为类型 = behaviour type, 商品类目ID = the item's (leaf) category id, ...).
 EVENT_ROLES: dict[str, tuple[str, ...]] = {
-    "user": ("userid", "user", "uid", "visitorid", "customerid", "memberid", "buyerid", "reviewerid"),
+    "user": ("userid", "user", "uid", "visitorid", "customerid", "memberid", "buyerid", "reviewerid",
+             "用户id", "用户", "会员id", "买家id", "访客id"),
     # parent_asin before asin: Amazon's 2023 reviews name the product by the first, a variant by the second
     "item": ("itemid", "item", "iid", "productid", "product", "sku", "skuid", "movieid",
              "articleid", "goodsid", "contentid", "parentasin", "asin", "businessid", "bookid", "trackid",
-             "songid", "videoid", "newsid", "venueid", "locationid", "poiid", "courseid", "recipeid", "animeid"),
+             "songid", "videoid", "newsid", "venueid", "locationid", "poiid", "courseid", "recipeid", "animeid",
+             "商品id", "物品id", "宝贝id", "商品"),
     "time": ("timestamp", "time", "ts", "eventtime", "actiontime", "datetime", "date",
-             "timestamps", "createdat", "eventtimestamp", "clicktime", "unixreviewtime", "dateadded", "utctimestamp", "checkintime"),
-    "session": ("sessionid", "session", "usersession", "sid"),
+             "timestamps", "createdat", "eventtimestamp", "clicktime", "unixreviewtime", "dateadded", "utctimestamp", "checkintime",
+             "时间戳", "时间", "行为时间", "操作时间", "日期"),
+    "session": ("sessionid", "session", "usersession", "sid", "会话id", "会话"),
     "behavior": ("behavior", "behaviour", "behaviortype", "eventtype", "actiontype", "action",
-                 "event", "type", "btag"),
+                 "event", "type", "btag", "行为类型", "行为", "事件类型", "动作"),
     "leaf": ("leafcategory", "leafcategoryid", "leafcate", "leafcateid", "leaf", "leafid",
-             "categoryid", "subcategory", "subcategoryid"),
+             "categoryid", "subcategory", "subcategoryid", "叶子类目id", "叶子类目", "商品类目id", "类目id"),
     "category": ("category", "cate", "cateid", "catid", "categorylevel1", "firstcategory",
-                 "topcategory", "genre"),
-    "shop": ("shop", "shopid", "sellerid", "seller", "storeid", "store", "merchantid", "merchant"),
-    "brand": ("brand", "brandid", "brandname"),
+                 "topcategory", "genre", "商品类别", "类别", "一级类目", "类目"),
+    "shop": ("shop", "shopid", "sellerid", "seller", "storeid", "store", "merchantid", "merchant",
+             "店铺", "店铺id", "商家", "商家id", "卖家id"),
+    "brand": ("brand", "brandid", "brandname", "品牌", "品牌id"),
 }
 REQUIRED_ROLES = ("user", "item", "time")
 OPTIONAL_EVENT_ROLES = ("session", "behavior", *SIDE_FEATURES)
@@ -39,7 +44,8 @@ ALL_ROLES = (*REQUIRED_ROLES, *OPTIONAL_EVENT_ROLES)
 
 
 def normalise_name(name: str) -> str:
-    return re.sub(r"[^0-9a-z]", "", name.lower())
+    """Lower case, letters and digits only: "User ID" == "user_id" == "userid", "用户ID" == "用户id"."""
+    return re.sub(r"[\W_]", "", name.lower())
 
 
 def find_column(

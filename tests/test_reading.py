@@ -254,6 +254,7 @@ def test_month_day_format_without_leading_zero(tmp_path: Path) -> None:
         ("reviewerID", "asin", "unixReviewTime"),  # Amazon 2018
         ("userId", "venueId", "utcTimestamp"),  # Foursquare check-ins
         ("user_id", "book_id", "date_added"),  # Goodreads
+        ("用户ID", "商品ID", "时间戳"),  # a Chinese export
     ],
 )
 def test_roles_found_by_common_names(tmp_path: Path, header: tuple[str, str, str]) -> None:
