@@ -263,6 +263,15 @@ def test_roles_found_by_common_names(tmp_path: Path, header: tuple[str, str, str
     assert events_as_rows(tmp_path / "out") == set(ROWS)
 
 
+def test_side_features_found_by_their_chinese_names(tmp_path: Path) -> None:
+    rows = [("u1", "a", "华为", "1788515", "电子产品", "pv", BASE_MS), ("u1", "b", "全友", "2884020", "家居用品", "buy", BASE_MS + 1)]
+    logs = write_log(tmp_path / "events.csv", rows, header=("用户ID", "商品ID", "品牌", "商品类目ID", "商品类别", "行为类型", "时间戳"))
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert events_as_rows(tmp_path / "out") == {("u1", "a", BASE_MS), ("u1", "b", BASE_MS + 1)}
+    assert stats(tmp_path / "out")["side_features"] == ["leaf", "category", "brand"]
+    assert set(vocabulary(tmp_path / "out", "brand").values()) == {"华为", "全友"}
+
+
 def test_roles_found_in_any_column_order_among_other_columns(tmp_path: Path) -> None:
     rows = [(t, "5", i, u) for u, i, t in ROWS]
     logs = write_log(tmp_path / "events.csv", rows, header=("timestamp", "rating", "item_id", "user_id"))
