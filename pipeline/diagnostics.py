@@ -18,6 +18,7 @@ from pipeline.config import PreprocessConfig
 TIME_UNITS_MS = {"day": 86_400_000, "hour": 3_600_000, "minute": 60_000, "second": 1_000, "millisecond": 1}
 ON_UNIT_SHARE = 0.99
 DEGENERATE_SHARE = 0.5
+NO_REPEATS_SHARE = 0.001  # below it, a log's users never come back to an item (ratings, reviews)
 FEW_CASES = 200
 SHORT_LOG_MS = 7 * 86_400_000  # shorter than the default long-term window
 # Integer times read as unix seconds that all fall in 1970 are almost surely something else:
@@ -33,13 +34,15 @@ RATING_NAMES = ("rating", "ratings", "score", "stars", "starrating", "reviewscor
 
 
 def session_measures(session_events: pl.DataFrame, sessions: pl.DataFrame) -> dict[str, int]:
-    """Counts summed over buckets: single-item sessions, and events whose time is a whole unit."""
+    """Counts summed over buckets (a bucket holds whole users): single-item sessions, events whose
+    time is a whole unit, and events whose item its user already had."""
     on_units = session_events.select(
         (pl.col("time") % unit_ms == 0).sum().alias(f"times_on_{unit}") for unit, unit_ms in TIME_UNITS_MS.items()
     )
     return {
         "single_item_sessions": int((sessions.get_column("length") == 1).sum()),
         **{name: int(value) for name, value in on_units.row(0, named=True).items()},
+        "repeat_events": session_events.height - session_events.select(pl.struct("user", "item").n_unique()).item(),
     }
 
 
@@ -92,6 +95,11 @@ def warnings(summary: dict[str, dict[str, Any]]) -> list[str]:
         facts += [f"{empty:.0%} have empty long-term sets"] if empty > DEGENERATE_SHARE else []
         lines.append(f"{', '.join(facts)}: the 10-minute sessions and 7-day window do not fit this log; "
                      f"for rating or review logs try `{RATING_LOG_FLAGS}`")
+    repeats = sessions.get("repeat_share")
+    if repeats is not None and repeats < NO_REPEATS_SHARE:
+        lines.append(f"users never return to an item here ({repeats:.2%} of events repeat one), yet a model ranks what "
+                     "they have seen high: rank with --exclude-seen (sdm evaluate, sdm recommend) or \"exclude_seen\": "
+                     "true in sdm serve's requests")
     for name in ("valid_cases", "test_cases"):
         cases = splits.get(name)
         advice = "try `--split leave-last-out` or more --valid-days/--test-days"

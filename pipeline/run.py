@@ -171,6 +171,7 @@ def summarise_sessions_stage(config: PreprocessConfig, counts: list[dict[str, An
         "sessions": sessions,
         "mean_session_length": events / max(sessions, 1),
         "single_item_share": sum(part["single_item_sessions"] for part in counts) / max(sessions, 1),
+        "repeat_share": sum(part["repeat_events"] for part in counts) / max(events, 1),
         "time_resolution": time_resolution(times_on_unit, events),
         "max_session_length": config.max_session_length,
     }

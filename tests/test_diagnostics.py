@@ -89,3 +89,15 @@ def test_integer_dates_read_as_unix_times_are_pointed_at_time_format(tmp_path):
                         "--time-format", "%m%d")
     assert "1970" not in parsed.stderr
     assert stats(tmp_path / "dated", "sessions")["time_resolution"] == "day"
+
+
+def test_a_log_without_repeats_is_told_to_exclude_seen_items(tmp_path):
+    # Every user rates each film once (a rating log); the click stream above returns to its 11 items.
+    rows = [(user, f"film{(user * 3 + k) % 40}", BASE_MS + k * DAY_MS, 4) for user in range(30) for k in range(6)]
+    ratings = preprocess(write_log(tmp_path / "ratings.csv", rows, header=("user", "item", "time", "rating")),
+                         tmp_path / "ratings", *KEEP_ALL_ITEMS, "--split", "leave-last-out")
+    assert stats(tmp_path / "ratings", "sessions")["repeat_share"] == 0.0
+    assert "users never return to an item here" in ratings.stderr and "--exclude-seen" in ratings.stderr
+    clicks = preprocess(write_log(tmp_path / "clicks.csv", [row[:3] for row in click_stream_rows()]), tmp_path / "clicks", *KEEP_ALL_ITEMS)
+    assert stats(tmp_path / "clicks", "sessions")["repeat_share"] > 0.5
+    assert "never return" not in clicks.stderr
