@@ -104,12 +104,12 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
 
 @app.command()
 def preprocess(
-    logs: Annotated[Path, typer.Argument(help="Event log: CSV (any common delimiter), .csv.gz or Parquet.")],
+    logs: Annotated[Path, typer.Argument(help="Event log: CSV (any common delimiter) or JSON lines, either gzip'd or not, or Parquet.")],
     out: OutOption,
     items: Annotated[Optional[Path], typer.Option(help="Items file: item id + leaf/category/shop/brand columns.")] = None,
     users: Annotated[Optional[Path], typer.Option(help="Users file: user id + profile columns (all other columns).")] = None,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="TOML file with any of these options under \\[preprocess].")] = None,
-    sep: Annotated[Optional[str], typer.Option(help="CSV delimiter of the event log. \\[default: detected]", rich_help_panel=READING_PANEL)] = None,
+    sep: Annotated[Optional[str], typer.Option(help="CSV delimiter of the event log: one character, or a few such as '::' (MovieLens 1M). \\[default: detected]", rich_help_panel=READING_PANEL)] = None,
     header: Annotated[Optional[bool], typer.Option("--header/--no-header", help="Whether the first CSV line is a header. \\[default: header]", rich_help_panel=READING_PANEL)] = None,
     columns: Annotated[Optional[str], typer.Option(help="Column names for a headerless file, comma-separated.", rich_help_panel=READING_PANEL)] = None,
     items_columns: Annotated[Optional[str], typer.Option(help="Column names for a headerless --items file, comma-separated (e.g. MovieLens 1M's movies.dat: item,title,genres).", rich_help_panel=READING_PANEL)] = None,
