@@ -54,10 +54,15 @@ class EventTables:
     stats: dict[str, int]
 
 
+# How logs write a missing value as text: R's NA, pandas' NaN, SQL's NULL, Python's None.
+MISSING_VALUE_MARKERS = ("NA", "N/A", "NaN", "nan", "null", "NULL", "None")
+
+
 def code(column: str | pl.Expr) -> pl.Expr:
-    """The 64-bit hash standing in for a raw string value; null stays null."""
+    """The 64-bit hash standing in for a raw string value; null where the value is missing (null,
+    or one of MISSING_VALUE_MARKERS)."""
     value = pl.col(column) if isinstance(column, str) else column
-    return pl.when(value.is_not_null()).then(value.hash())
+    return pl.when(value.is_not_null() & ~value.is_in(MISSING_VALUE_MARKERS)).then(value.hash())
 
 
 def dictionary(frame: pl.LazyFrame, column: str | pl.Expr) -> pl.LazyFrame:
@@ -67,6 +72,7 @@ def dictionary(frame: pl.LazyFrame, column: str | pl.Expr) -> pl.LazyFrame:
         frame.select((pl.col(column) if isinstance(column, str) else column).alias("raw"))
         .drop_nulls()
         .unique()
+        .filter(~pl.col("raw").is_in(MISSING_VALUE_MARKERS))
         .select(code("raw").alias("code"), "raw")
         .with_columns(collides=pl.col("code").is_duplicated())
     )
@@ -95,8 +101,12 @@ def read_events(
     roles = resolve_roles(table, log_column_map(table, config) | flag_roles, ALL_ROLES)
     time_column = roles["time"]
     time = time_expression(time_column, config.time_format, time_kind(table, time_column))
-    categorical = {role: id_value(column) for role, column in roles.items() if role in CATEGORICAL_ROLES}
-    if "session" in roles:
+    categorical: dict[str, str | pl.Expr] = {role: column for role, column in roles.items() if role in CATEGORICAL_ROLES}
+    user_column = None if roles.get("session") == roles["user"] else roles["user"]
+    # A log with users and sessions: an event without a user is the user of its session (the raw
+    # value is built only then, as building it costs a string per event).
+    anonymous = "session" in roles and user_column is not None
+    if anonymous:
         categorical["user"] = user_or_session(roles["user"], roles["session"])
     # `time_given` (the raw time is not empty) lets the problems be counted on the coded events:
     # a scan of its own would parse every time a second time
@@ -104,8 +114,7 @@ def read_events(
         *(code(value).alias(role) for role, value in categorical.items()),
         time.alias("time"),
         pl.col(time_column).is_not_null().alias("time_given"),
-        user_missing=id_value(roles["user"]).is_null() if roles.get("session") != roles["user"] else pl.lit(True),
-        not_utf8=not_utf8(roles),
+        *([code(roles["user"]).is_null().alias("user_missing")] if anonymous else []),
     ).with_row_index("row")
     dictionary_queries = [dictionary(table.frame, value) for value in categorical.values()]
     if n_buckets == 1:
@@ -126,53 +135,45 @@ def read_events(
             else pl.LazyFrame(schema=schema)  # no user hashed here
             for bucket in range(n_buckets)
         ]
-    unparsed_times, missing_ids, users_from_sessions, first_not_utf8, rows_read = pl.concat(parts).select(
+    # events whose user is their session: those with no user beside a session id, or every one
+    from_session = pl.col("user_missing") if anonymous else pl.lit(user_column is None)
+    unparsed_times, missing_ids, users_from_sessions, rows_read = pl.concat(parts).select(
         (pl.col("time_given") & pl.col("time").is_null()).sum(),
         # a code is null exactly where its raw value is
         (pl.col("user").is_null() | pl.col("item").is_null() | ~pl.col("time_given")).sum(),
-        (pl.col("user_missing") & pl.col("user").is_not_null()).sum(),
-        pl.col("row").filter("not_utf8").min(),
+        (from_session & pl.col("user").is_not_null()).sum(),
         pl.len(),
     ).collect(engine="streaming").row(0)
-    parts = [part.drop("time_given", "user_missing", "not_utf8") for part in parts]
-    if first_not_utf8 is not None:
-        raise InputError(f"{table.path}: an id on data row {first_not_utf8 + 1} is not UTF-8 text (Latin-1?), and replacing "
-                         "its bytes could merge distinct ids; re-encode the file, e.g. iconv -f latin1 -t utf-8")
+    parts = [part.drop("time_given", *(["user_missing"] if anonymous else [])) for part in parts]
+    dictionaries = dict(zip(categorical, dictionaries, strict=True))
+    for role in ("user", "item", "session"):
+        if role in dictionaries and (garbled := not_utf8(dictionaries[role])) is not None:
+            raise InputError(f"{table.path}: column {roles[role]!r} holds an id that is not UTF-8 text ({garbled!r}; Latin-1?), "
+                             "and replacing its bytes could merge distinct ids; re-encode the file, e.g. iconv -f latin1 -t utf-8")
     if unparsed_times:
         raise unparsed_time_error(table, time_column, time, unparsed_times, config.time_format)
     if missing_ids and (malformed := table.locate_malformed_line()):
         raise InputError(f"{table.path}: malformed input ({malformed})")
     facts = {"rating_column": rating_column(table.columns, roles), "users_from_sessions": users_from_sessions,
-             "user_column": None if roles.get("session") == roles["user"] else roles["user"]}
-    return parts, {
-        role: checked(frame, table, roles[role]) for role, frame in zip(categorical, dictionaries, strict=True)
-    }, rows_read, facts
+             "user_column": user_column}
+    return parts, {role: checked(frame, table, roles[role]) for role, frame in dictionaries.items()}, rows_read, facts
 
 
-# How logs write a missing id as text: R's NA, pandas' NaN, SQL's NULL, Python's None.
-MISSING_ID_MARKERS = ("NA", "N/A", "NaN", "nan", "null", "NULL", "None")
-
-
-def id_value(column: str) -> pl.Expr:
-    """A column's raw ids, null where the log writes a missing value as text."""
-    return pl.when(~pl.col(column).is_in(MISSING_ID_MARKERS)).then(pl.col(column))
-
-
-def not_utf8(roles: dict[str, str]) -> pl.Expr:
-    """True where a user, item or session id held bytes that are not UTF-8: the reader replaced
-    them by U+FFFD (pipeline/reading.py), which is fine in a title but not in an id."""
-    ids = [roles[role] for role in ("user", "item", "session") if role in roles]
-    return pl.any_horizontal(pl.col(column).str.contains("\ufffd", literal=True) for column in ids).fill_null(False)
+def not_utf8(dictionary_frame: pl.DataFrame) -> str | None:
+    """A raw id that held bytes that are not UTF-8, which the reader replaced by U+FFFD
+    (pipeline/reading.py): fine in a title, not in an id. Checked on the distinct values only."""
+    garbled = dictionary_frame.filter(pl.col("raw").str.contains("\ufffd", literal=True)).head(1)
+    return garbled.get_column("raw")[0] if garbled.height else None
 
 
 def user_or_session(user_column: str, session_column: str) -> pl.Expr:
-    """The raw user, or for an event with none (Diginetica's anonymous sessions, or a log with no
-    user column at all, as YOOCHOOSE) the user of its own session: "session <id>", apart from the
-    log's users (a log with no user column keeps the session ids as they are). Such a user has one
+    """The raw user or, for an event with none (Diginetica's anonymous sessions), the user of its
+    own session, "session <id>", apart from the log's users. A log with no user column at all (as
+    YOOCHOOSE) takes its session ids as they are (pipeline/roles.py). Such a user has one
     session, so no long-term sets."""
-    if user_column == session_column:
-        return id_value(session_column)
-    return pl.coalesce(id_value(user_column), pl.concat_str(pl.lit("session "), id_value(session_column)))
+    user = pl.col(user_column)
+    given = pl.when(user.is_not_null() & ~user.is_in(MISSING_VALUE_MARKERS)).then(user)
+    return pl.coalesce(given, pl.concat_str(pl.lit("session "), pl.col(session_column)))
 
 
 def log_column_map(table: Table, config: PreprocessConfig) -> dict[str, str]:

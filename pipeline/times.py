@@ -24,8 +24,9 @@ NAIVE_FORMATS = (
 ZONED_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z",
                  "%a %b %d %H:%M:%S %z %Y")  # Goodreads' and Twitter's "Sun Jul 30 07:44:10 -0700 2017"
 DATE_FORMATS = ("%Y-%m-%d", "%Y/%m/%d", "%Y%m%d")
-# Unix times, whole or with a fraction: a column pandas wrote with a missing value is floats ("1472688000.0").
-NUMBER_PATTERN = r"^\s*-?\d+(\.\d+)?\s*$"
+INTEGER_PATTERN = r"^\s*-?\d+\s*$"
+# Unix times with a fraction: a column pandas wrote with a missing value is floats ("1472688000.0").
+DECIMAL_PATTERN = r"^\s*-?\d+(\.\d+)?\s*$"
 # Unix times above these are milliseconds / microseconds (1e11 s is the year 5138).
 MILLISECONDS_FROM = 10**11
 MICROSECONDS_FROM = 10**14
@@ -69,17 +70,20 @@ def time_expression(column: str, time_format: str | None, kind: str) -> pl.Expr:
         if not re.search(r"%[HMST]", fmt):
             return _date_ms(text, fmt)
         return _naive_ms(text, fmt)
-    if kind == "number":
-        whole = text.cast(pl.Int64, strict=False)  # exact, where a float could round a microsecond time
-        number = pl.when(text.str.contains(".", literal=True)).then(text.cast(pl.Float64, strict=False))
-        return pl.coalesce(
-            pl.when(whole.abs() >= MICROSECONDS_FROM).then(whole // 1000)
-            .when(whole.abs() >= MILLISECONDS_FROM).then(whole)
-            .otherwise(whole * 1000),
-            pl.when(number.abs() >= MICROSECONDS_FROM).then(number / 1000)
-            .when(number.abs() >= MILLISECONDS_FROM).then(number)
-            .otherwise(number * 1000).round().cast(pl.Int64),
+    if kind == "integer":  # exact, where a float could round a microsecond time
+        value = text.cast(pl.Int64, strict=False)
+        return (
+            pl.when(value.abs() >= MICROSECONDS_FROM).then(value // 1000)
+            .when(value.abs() >= MILLISECONDS_FROM).then(value)
+            .otherwise(value * 1000)
         )
+    if kind == "decimal":
+        value = text.cast(pl.Float64, strict=False)
+        return (
+            pl.when(value.abs() >= MICROSECONDS_FROM).then(value / 1000)
+            .when(value.abs() >= MILLISECONDS_FROM).then(value)
+            .otherwise(value * 1000)
+        ).round().cast(pl.Int64, strict=False)
     naive = text.str.replace(r"\s*(UTC|GMT|Z)$", "")
     return pl.coalesce(
         *(_naive_ms(naive, fmt) for fmt in NAIVE_FORMATS),
@@ -89,9 +93,11 @@ def time_expression(column: str, time_format: str | None, kind: str) -> pl.Expr:
 
 
 def time_kind(table: Table, column: str) -> str:
-    """'number' (unix s/ms/us) when the first non-null values are all numbers, else 'datetime'."""
+    """Unix s/ms/us, 'integer' or 'decimal', when the first non-null values are all numbers, else 'datetime'."""
     sample = table.collect([table.frame.select(pl.col(column)).drop_nulls().head(1000)])[0].to_series()
-    return "number" if sample.len() > 0 and bool(sample.str.contains(NUMBER_PATTERN).all()) else "datetime"
+    if sample.len() == 0 or not sample.str.contains(DECIMAL_PATTERN).all():
+        return "datetime"
+    return "integer" if sample.str.contains(INTEGER_PATTERN).all() else "decimal"
 
 
 def unparsed_time_error(table: Table, column: str, expression: pl.Expr, n_failed: int, time_format: str | None) -> InputError:
