@@ -145,9 +145,9 @@ def read_events(
         pl.len(),
     ).collect(engine="streaming").row(0)
     parts = [part.drop("time_given", *(["user_missing"] if anonymous else [])) for part in parts]
-    dictionaries = dict(zip(categorical, dictionaries, strict=True))
+    dictionary_of = dict(zip(categorical, dictionaries, strict=True))
     for role in ("user", "item", "session"):
-        if role in dictionaries and (garbled := not_utf8(dictionaries[role])) is not None:
+        if role in dictionary_of and (garbled := not_utf8(dictionary_of[role])) is not None:
             raise InputError(f"{table.path}: column {roles[role]!r} holds an id that is not UTF-8 text ({garbled!r}; Latin-1?), "
                              "and replacing its bytes could merge distinct ids; re-encode the file, e.g. iconv -f latin1 -t utf-8")
     if unparsed_times:
@@ -156,7 +156,7 @@ def read_events(
         raise InputError(f"{table.path}: malformed input ({malformed})")
     facts = {"rating_column": rating_column(table.columns, roles), "users_from_sessions": users_from_sessions,
              "user_column": user_column}
-    return parts, {role: checked(frame, table, roles[role]) for role, frame in dictionaries.items()}, rows_read, facts
+    return parts, {role: checked(frame, table, roles[role]) for role, frame in dictionary_of.items()}, rows_read, facts
 
 
 def not_utf8(dictionary_frame: pl.DataFrame) -> str | None:
