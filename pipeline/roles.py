@@ -14,8 +14,9 @@ from pipeline.errors import InputError
 from pipeline.reading import Table
 
 # Column roles and the names they are commonly given, compared after lower-casing and
-# dropping everything but letters and digits ("User ID" == "user_id" == "userid"); Chinese names as Tianchi's and Taobao's exports write them (用户ID = user id, 商品ID = item id,
-# 时间戳 = timestamp, 行为类型 = behaviour type, 商品类目ID = the item's (leaf) category id, ...).
+# dropping everything but letters and digits ("User ID" == "user_id" == "userid"); Chinese names
+# as Tianchi's and Taobao's exports write them (用户ID = user id, 商品ID = item id, 时间戳 =
+# timestamp, 行为类型 = behaviour type, 商品类目ID = the item's (leaf) category id, ...).
 EVENT_ROLES: dict[str, tuple[str, ...]] = {
     "user": ("userid", "user", "uid", "visitorid", "customerid", "memberid", "buyerid", "reviewerid",
              "用户id", "用户", "会员id", "买家id", "访客id"),
