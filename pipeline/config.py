@@ -138,9 +138,12 @@ class PreprocessConfig:
         return {"header": names is None, "columns": names}
 
     def stage_params(self, stage: str) -> dict[str, Any]:
-        """The JSON-safe parameters that decide whether `stage` must be rebuilt."""
+        """The JSON-safe parameters that decide whether `stage` must be rebuilt. An option added
+        since data was first built enters only when it is set: data built before it stays current,
+        and so do the runs trained on that data (they name it by its manifests' digests)."""
         values = asdict(self)
-        return {name: _json_safe(values[name]) for name in STAGE_FIELDS[stage]}
+        return {name: _json_safe(values[name]) for name in STAGE_FIELDS[stage]
+                if not (name in ADDED_OPTIONS and values[name] is None)}
 
 
 def _json_safe(value: Any) -> Any:
@@ -151,6 +154,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+ADDED_OPTIONS = ("items_columns", "users_columns")  # after 0.2.0 (see stage_params)
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "events": ("sep", "header", "columns", "items_columns", "users_columns", "column_map", "time_format", "flag_columns",
                "min_item_count", "max_user_events", "keep_duplicates", "strict"),

@@ -63,6 +63,18 @@ def test_second_run_is_cached(tmp_path: Path, logs: Path) -> None:
     assert snapshot(files) == files
 
 
+def test_an_option_added_later_leaves_data_built_before_it_current(tmp_path: Path, logs: Path) -> None:
+    # Data built before --items-columns existed has no such key in its fingerprint. Left unset, the
+    # option adds none, so that upgrading sdm neither rebuilds that data nor orphans the runs
+    # trained on it (a run names its data by the manifests' digests).
+    preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
+    assert not {"items_columns", "users_columns"} & set(read_manifest(tmp_path / "out" / "events")["fingerprint"]["params"])
+    items = write_log(tmp_path / "items.csv", [("a", "c1"), ("b", "c2"), ("c", "c1")], header=None)
+    rerun = preprocess(logs, tmp_path / "out", "--items", items, "--items-columns", "item,category", *KEEP_ALL_ITEMS)
+    assert stage_states(rerun.stdout)["events"] == "built"
+    assert read_manifest(tmp_path / "out" / "events")["fingerprint"]["params"]["items_columns"] == ["item", "category"]
+
+
 def test_rewriting_identical_input_keeps_the_cache(tmp_path: Path, logs: Path) -> None:
     preprocess(logs, tmp_path / "out", *KEEP_ALL_ITEMS)
     content = logs.read_bytes()
