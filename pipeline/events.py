@@ -58,21 +58,24 @@ class EventTables:
 MISSING_VALUE_MARKERS = ("NA", "N/A", "NaN", "nan", "null", "NULL", "None")
 
 
+def given(value: pl.Expr) -> pl.Expr:
+    """True where a raw value is present: not null, and not one of MISSING_VALUE_MARKERS."""
+    return value.is_not_null() & ~value.is_in(MISSING_VALUE_MARKERS)
+
+
 def code(column: str | pl.Expr) -> pl.Expr:
-    """The 64-bit hash standing in for a raw string value; null where the value is missing (null,
-    or one of MISSING_VALUE_MARKERS)."""
+    """The 64-bit hash standing in for a raw string value; null where the value is missing."""
     value = pl.col(column) if isinstance(column, str) else column
-    return pl.when(value.is_not_null() & ~value.is_in(MISSING_VALUE_MARKERS)).then(value.hash())
+    return pl.when(given(value)).then(value.hash())
 
 
 def dictionary(frame: pl.LazyFrame, column: str | pl.Expr) -> pl.LazyFrame:
-    """(code, raw, collides): every distinct raw value of a column under its code. Codes are
+    """(code, raw, collides): every present raw value of a column under its code. Codes are
     computed on the distinct values only, where two of them sharing one is a collision."""
     return (
         frame.select((pl.col(column) if isinstance(column, str) else column).alias("raw"))
-        .drop_nulls()
+        .filter(given(pl.col("raw")))
         .unique()
-        .filter(~pl.col("raw").is_in(MISSING_VALUE_MARKERS))
         .select(code("raw").alias("code"), "raw")
         .with_columns(collides=pl.col("code").is_duplicated())
     )
@@ -114,7 +117,7 @@ def read_events(
         *(code(value).alias(role) for role, value in categorical.items()),
         time.alias("time"),
         pl.col(time_column).is_not_null().alias("time_given"),
-        *([code(roles["user"]).is_null().alias("user_missing")] if anonymous else []),
+        *([(~given(pl.col(roles["user"]))).alias("user_missing")] if anonymous else []),
     ).with_row_index("row")
     dictionary_queries = [dictionary(table.frame, value) for value in categorical.values()]
     if n_buckets == 1:
@@ -172,8 +175,7 @@ def user_or_session(user_column: str, session_column: str) -> pl.Expr:
     YOOCHOOSE) takes its session ids as they are (pipeline/roles.py). Such a user has one
     session, so no long-term sets."""
     user = pl.col(user_column)
-    given = pl.when(user.is_not_null() & ~user.is_in(MISSING_VALUE_MARKERS)).then(user)
-    return pl.coalesce(given, pl.concat_str(pl.lit("session "), pl.col(session_column)))
+    return pl.coalesce(pl.when(given(user)).then(user), pl.concat_str(pl.lit("session "), pl.col(session_column)))
 
 
 def log_column_map(table: Table, config: PreprocessConfig) -> dict[str, str]:
