@@ -16,8 +16,8 @@ rows in the one results table:
    trials and the same epoch cap and patience (TrainConfig's) for all, tuning seed 0, in
    WORK/studies/DATASET-PROTOCOL/MODEL. One row per finished trial: its options and validation
    recall@50.
-3. test: each model's best trial on validation, seeds 0..N-1, evaluated on test (and with the
-   user's seen items excluded for leave-last-out); SDM's ablations take SDM's best options plus
+3. test: each model's best trial on validation, seeds 0..N-1, evaluated on test (ranking every
+   item, and without the user's seen items); SDM's ablations take SDM's best options plus
    their own. Popularity and item-cf have nothing to tune: their only configuration is in both
    defaults and test.
 Test metrics never feed back into any choice.
@@ -207,7 +207,8 @@ def preprocess_dataset(dataset: str, protocol: str, work: Path) -> Path | None:
 
 def train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
     """Train (resuming whatever the run directory holds), then evaluate best.pt on the test split
-    over the full catalogue, and also with seen items excluded for leave-last-out."""
+    over the full catalogue, once ranking every item and once without the user's earlier items (the
+    ranking `sdm evaluate` gives by default where users never return to an item)."""
     from sdm.evaluation.evaluate import evaluate_split
     from sdm.training.train import load_trained
 
@@ -215,8 +216,7 @@ def train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
     history = train(config, resume=(spec.run_dir / CONFIG).is_file())
     row = split_counts(spec.data) | history_summary(history)
     model, _, catalogue = load_trained(spec.run_dir)
-    exclusions = (False, True) if spec.protocol == "leave-last-out" else (False,)
-    for exclude_seen in exclusions:
+    for exclude_seen in (False, True):
         metrics = evaluate_split(model, spec.data, catalogue, "test", KS, exclude_seen)
         name, prefix = ("metrics-test-exclude-seen.json", "test_seen_excluded_") if exclude_seen else ("metrics-test.json", "test_")
         write_json_atomic(spec.run_dir / name, {"split": "test", "exclude_seen": exclude_seen, "index": "exact", "metrics": metrics})

@@ -390,6 +390,7 @@ def train_command(
     num_negatives: Annotated[int, typer.Option(help="Log-uniform negatives per batch.", rich_help_panel=OPTIMISATION_PANEL)] = 1000,
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without validation improvement.", rich_help_panel=OPTIMISATION_PANEL)] = 5,
     select_metric: Annotated[str, typer.Option(help="Validation metric that picks best.pt.", rich_help_panel=OPTIMISATION_PANEL)] = "recall@50",
+    exclude_seen: Annotated[Optional[bool], typer.Option("--exclude-seen/--include-seen", help="Rank without the items each user already had, or with them: in validation, and by default in sdm evaluate, recommend and serve. \\[default: without them when no user returns to an item in the training sessions (ratings, reviews)]", rich_help_panel=OPTIMISATION_PANEL)] = None,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data, same machine: same result).", rich_help_panel=OPTIMISATION_PANEL)] = 0,
     threads: Annotated[int, typer.Option(help="CPU threads per process; 0 = all cores (with --nproc N: cores / N).", rich_help_panel=PROCESSES_PANEL)] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when PyTorch sees a GPU), cpu or cuda.", rich_help_panel=PROCESSES_PANEL)] = "auto",
@@ -526,7 +527,8 @@ class ReportedByRanks(SystemExit):
 def run_training(config, *, resume: bool, quiet: bool) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from sdm.training.train import train
+    from sdm.training.checkpoint import read_run_config
+    from sdm.training.train import run_excludes_seen, train
 
     progress = Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
@@ -560,6 +562,9 @@ def run_training(config, *, resume: bool, quiet: bool) -> None:
     if rank_of_this_process() == 0:
         if quiet:  # otherwise each epoch has been printed as it ended
             print_history(history, config.select_metric)
+        if config.exclude_seen is None and run_excludes_seen(read_run_config(Path(config.out))):
+            console.print("no user returns to an item in these training sessions: validation ranked without each user's "
+                          "seen items, as sdm evaluate, recommend and serve will (--include-seen to rank them)", soft_wrap=True)
         console.print(f"run saved in {config.out} (best.pt = best {config.select_metric}); next: sdm evaluate --run {config.out}", soft_wrap=True)
 
 
@@ -592,7 +597,7 @@ def evaluate(
     run: Annotated[Path, typer.Option(help="A `sdm train` output directory.")],
     split: Annotated[str, typer.Option(help="test or valid.")] = "test",
     k: Annotated[str, typer.Option("--k", help="Cut-offs, comma-separated.")] = "10,20,50,100",
-    exclude_seen: Annotated[bool, typer.Option("--exclude-seen", help="Never recommend items the user already interacted with.")] = False,
+    exclude_seen: Annotated[Optional[bool], typer.Option("--exclude-seen/--include-seen", help="Rank without the items each user already had, or with them. \\[default: as the run's validation did]")] = None,
     index: Annotated[str, typer.Option(help="exact, or a faiss index: hnsw, flat or ivf (needs the faiss extra); reports its recall against exact search.")] = "exact",
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
@@ -600,7 +605,7 @@ def evaluate(
     from pipeline.storage import write_json_atomic
     from sdm.evaluation.evaluate import evaluate_split
     from sdm.evaluation.metrics import METRICS
-    from sdm.training.train import load_trained
+    from sdm.training.train import load_trained, run_excludes_seen
 
     if split not in ("test", "valid"):
         raise InputError(f"--split {split!r}: expected test or valid")
@@ -610,6 +615,7 @@ def evaluate(
         raise InputError(f"--index {index!r}: expected exact or one of {', '.join(INDEX_KINDS)}")
     ks = parse_ks(k)
     model, run_config, catalogue = load_trained(run)
+    exclude_seen = run_excludes_seen(run_config) if exclude_seen is None else exclude_seen
     metrics = evaluate_split(model, Path(run_config["train"]["data"]), catalogue, split, ks, exclude_seen, index)
     suffix = ("-exclude-seen" if exclude_seen else "") + ("" if index == "exact" else f"-{index}")
     write_json_atomic(
@@ -636,16 +642,17 @@ def recommend_command(
     run: Annotated[Path, typer.Option(help="A `sdm train` output directory.")],
     user: Annotated[str, typer.Option(help="Raw user id, as in the input log.")],
     k: Annotated[int, typer.Option("-k", "--k", help="Number of items: one K (`sdm evaluate --k` takes a list of cut-offs, each a K like this one).")] = 10,
-    exclude_seen: Annotated[bool, typer.Option("--exclude-seen", help="Skip items the user already interacted with.")] = False,
+    exclude_seen: Annotated[Optional[bool], typer.Option("--exclude-seen/--include-seen", help="Skip the items the user already had, or not. \\[default: as the run's validation did]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
 ) -> None:
     """The user's top items after their latest session, with raw ids, scores and side information."""
     from sdm.serving.recommend import recommend
-    from sdm.training.train import load_trained
+    from sdm.training.train import load_trained, run_excludes_seen
 
     if k < 1:
         raise InputError("-k must be at least 1")
     model, run_config, catalogue = load_trained(run)
+    exclude_seen = run_excludes_seen(run_config) if exclude_seen is None else exclude_seen
     ranked = recommend(model, Path(run_config["train"]["data"]), catalogue, user, k, exclude_seen)
     if as_json:
         typer.echo(ranked.write_ndjson())
@@ -737,7 +744,7 @@ def demo(
     from sdm.training.checkpoint import CONFIG, LAST
     from sdm.evaluation.evaluate import evaluate_split
     from sdm.serving.recommend import recommend
-    from sdm.training.train import TrainConfig, load_trained
+    from sdm.training.train import TrainConfig, load_trained, run_excludes_seen
 
     ensure_output_dir(out, create=False)
     data = out / "data"
@@ -756,8 +763,8 @@ def demo(
             run_training(train_config, resume=True, quiet=False)
         else:
             run_training(train_config, resume=False, quiet=False)
-        model, _, catalogue = load_trained(run)
-        results[name] = evaluate_split(model, data, catalogue, "test", list(DEMO_KS))
+        model, run_config, catalogue = load_trained(run)
+        results[name] = evaluate_split(model, data, catalogue, "test", list(DEMO_KS), run_excludes_seen(run_config))
     console.rule("3. sdm evaluate (test split, full catalogue)")
     table = Table(header_style="bold")
     table.add_column("model")
@@ -770,7 +777,7 @@ def demo(
     console.rule("4. sdm recommend")
     model, run_config, catalogue = load_trained(out / "runs" / f"sdm-seed{seed}")
     raw_user = most_active_user(data)
-    ranked = recommend(model, data, catalogue, raw_user, 5, exclude_seen=False)
+    ranked = recommend(model, data, catalogue, raw_user, 5, run_excludes_seen(run_config))
     print_ranking(ranked, f"top 5 for user {raw_user}")
 
 

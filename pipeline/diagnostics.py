@@ -103,9 +103,8 @@ def warnings(summary: dict[str, dict[str, Any]]) -> list[str]:
                      f"for rating or review logs try `{RATING_LOG_FLAGS}`")
     repeats = sessions.get("repeat_share")
     if repeats is not None and repeats < NO_REPEATS_SHARE:
-        lines.append(f"users never return to an item here ({repeats:.2%} of events repeat one), yet a model ranks what "
-                     "they have seen high: rank with --exclude-seen (sdm evaluate, sdm recommend) or \"exclude_seen\": "
-                     "true in sdm serve's requests")
+        lines.append(f"users never return to an item here ({repeats:.2%} of events repeat one): sdm train, evaluate, "
+                     "recommend and serve will rank without each user's seen items (--include-seen to rank them)")
     for name in ("valid_cases", "test_cases"):
         cases = splits.get(name)
         advice = "try `--split leave-last-out` or more --valid-days/--test-days"

@@ -97,7 +97,7 @@ def test_a_log_without_repeats_is_told_to_exclude_seen_items(tmp_path):
     ratings = preprocess(write_log(tmp_path / "ratings.csv", rows, header=("user", "item", "time", "rating")),
                          tmp_path / "ratings", *KEEP_ALL_ITEMS, "--split", "leave-last-out")
     assert stats(tmp_path / "ratings", "sessions")["repeat_share"] == 0.0
-    assert "users never return to an item here" in ratings.stderr and "--exclude-seen" in ratings.stderr
+    assert "users never return to an item here" in ratings.stderr and "--include-seen" in ratings.stderr
     clicks = preprocess(write_log(tmp_path / "clicks.csv", [row[:3] for row in click_stream_rows()]), tmp_path / "clicks", *KEEP_ALL_ITEMS)
     assert stats(tmp_path / "clicks", "sessions")["repeat_share"] > 0.5
     assert "never return" not in clicks.stderr

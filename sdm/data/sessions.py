@@ -21,6 +21,7 @@ from torch import Tensor
 from pipeline.cache import require_stage
 from pipeline.errors import InputError
 from pipeline.contract import DataDir, long_term_column
+from pipeline.diagnostics import user_item_pair
 from sdm.data.tensor_store import attach_context, context_arrays, open_training_tensors, padded
 
 Batch = dict[str, Tensor]
@@ -93,6 +94,18 @@ def training_item_counts(data: Path, n_items: int) -> Tensor:
     return torch.from_numpy(item_counts)
 
 
+def training_repeat_share(data: Path) -> float:
+    """Share of the training sessions' events whose item their user already had (earlier in the
+    session or in an earlier one): about 0 on rating and review logs, where nobody comes back."""
+    events = (
+        pl.scan_parquet(DataDir(data).split("train")).select("user", pl.col("items").alias("item")).explode("item")
+        .drop_nulls().select(pl.len().alias("events"), user_item_pair().n_unique().alias("pairs"))
+        .collect(engine="streaming")
+    )
+    total, distinct = events.row(0)
+    return (total - distinct) / total if total else 0.0
+
+
 def pad_lists(column: pl.Series, width: int | None = None) -> Tensor:
     """A list column -> [N, width] LongTensor, left-aligned and 0-padded (longer lists are cut);
     width defaults to the longest list."""
@@ -127,8 +140,14 @@ class SessionData:
         tensors = {name: tensor[start:stop] for name, tensor in self.tensors.items()}
         if self.targets_indptr is None:
             return SessionData(tensors)
-        first, last = int(self.targets_indptr[start]), int(self.targets_indptr[stop])
-        return SessionData(tensors, self.targets_indptr[start:stop + 1] - first, self.targets_indices[first:last])
+        return SessionData(tensors, *csr_rows((self.targets_indptr, self.targets_indices), start, stop))
+
+
+def csr_rows(csr: tuple[Tensor, Tensor], start: int, stop: int) -> tuple[Tensor, Tensor]:
+    """Rows [start, stop) of a CSR (indptr, indices), as a CSR of their own."""
+    indptr, indices = csr
+    first, last = int(indptr[start]), int(indptr[stop])
+    return indptr[start:stop + 1] - first, indices[first:last]
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

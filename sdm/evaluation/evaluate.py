@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from sdm.serving.ann import faiss_top_k, overlap_recall
-from sdm.data.sessions import SessionData, load_cases, seen_items, to_device
+from sdm.data.sessions import SessionData, csr_rows, load_cases, seen_items, to_device
 from sdm.training.distributed import Ranks
 from sdm.evaluation.metrics import METRICS, per_case_metrics, ranking_metrics
 from sdm.models.base import Recommender
@@ -41,7 +41,9 @@ def retrieve(model: Recommender, cases: SessionData, k: int, exclude: tuple[Tens
     return top_k(embed_cases(model, cases), model.item_vectors().float().cpu(), k, exclude=exclude)
 
 
-def evaluate_shared(model: Recommender, cases: SessionData, ks: Sequence[int], ranks: Ranks) -> dict[str, float]:
+def evaluate_shared(
+    model: Recommender, cases: SessionData, ks: Sequence[int], ranks: Ranks, exclude: tuple[Tensor, Tensor] | None = None
+) -> dict[str, float]:
     """`evaluate_cases` (exact) with the cases shared out among the ranks: each ranks its own share,
     and the per-case metrics are summed over all ranks, so every rank gets the metrics of all
     cases (the same as one process, up to the order of the sums)."""
@@ -50,7 +52,7 @@ def evaluate_shared(model: Recommender, cases: SessionData, ks: Sequence[int], r
     sums = torch.zeros(len(names), dtype=torch.float64)
     if stop > start:
         share = cases.rows_between(start, stop)
-        _, ids = retrieve(model, share, max(ks))
+        _, ids = retrieve(model, share, max(ks), None if exclude is None else csr_rows(exclude, start, stop))
         per_case = per_case_metrics(ids, (share.targets_indptr, share.targets_indices), ks)
         sums = torch.stack([per_case[name].sum() for name in names])
     totals = ranks.sum(sums)

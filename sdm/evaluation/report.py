@@ -4,7 +4,7 @@ The results table (one row per run, written by benchmarks/quality.py) has the ex
 `RESULTS_SCHEMA`. A run is identified by `KEY_COLUMNS`; `stage` is "defaults" for runs with
 `sdm train`'s defaults, "tune" for the trials of `sdm tune` (seed 0, validation only, no test
 metrics) and "test" for the best trial's options with every seed. Metrics are
-`test_{name}@{K}` and, for leave-last-out, `test_seen_excluded_{name}@{K}` (the user's earlier
+`test_{name}@{K}` and `test_seen_excluded_{name}@{K}` (the user's earlier
 items never recommended); null where not computed. `history` is a JSON list of epochs with their
 training loss and validation recall@K.
 

@@ -8,14 +8,15 @@ rows there and nothing else: its work grows with that user's history, not with t
 
 Requests (JSON):
     POST /recommend        {"user": "<raw id>", "items": ["<raw id>", ...], "k": 50,
-                            "exclude": ["<raw id>", ...], "exclude_seen": false}
+                            "exclude": ["<raw id>", ...], "exclude_seen": true}
     POST /recommend/batch  {"requests": [<as above>, ...]}
     GET  /health, GET /info
 A known user without "items" gets the answer of `sdm recommend`: their latest logged session
 with its long-term sets. With "items", those are the current session (events the log has not
 seen yet); a known user adds the long-term sets of their whole logged history, as if the session
 began at their last logged event. An unknown user is ranked from the session alone, or by
-popularity without one; the answer's "source" and "fallback" say which.
+popularity without one; the answer's "source" and "fallback" say which. Without "exclude_seen",
+the user's earlier items are ranked or skipped as the run's validation did (`exclude_seen` in /info).
 
 Every bad request gets a 4xx with one line of JSON, {"error": "..."}.
 """
@@ -168,7 +169,7 @@ class Service:
 
     def __init__(self, run: Path, index: str = "exact"):
         from sdm.serving.export import read_export_manifest, run_fingerprint
-        from sdm.training.train import load_trained
+        from sdm.training.train import load_trained, run_excludes_seen
 
         if index not in SERVE_INDEXES:
             raise InputError(f"--index {index!r}: expected one of {', '.join(SERVE_INDEXES)}")
@@ -178,6 +179,7 @@ class Service:
         self.model_name = run_config["train"]["model"]
         self.data = Path(run_config["train"]["data"])
         self.fingerprint = run_fingerprint(run, run_config)
+        self.exclude_seen = run_excludes_seen(run_config)  # a request's default
         with torch.no_grad():
             self.item_vectors = model.item_vectors().detach().float().contiguous()  # [n_items, d], row 0 = padding
         self.n_items = catalogue.n_items - 1
@@ -303,7 +305,8 @@ class Service:
         for position, request in enumerate(requests):
             try:
                 self.check_k(request["k"])
-                prepared.append(self.prepare(request["user"], request["items"], request["exclude"], request["exclude_seen"]))
+                exclude_seen = self.exclude_seen if request["exclude_seen"] is None else request["exclude_seen"]
+                prepared.append(self.prepare(request["user"], request["items"], request["exclude"], exclude_seen))
             except BadRequest as error:
                 raise BadRequest(f"requests[{position}]: {error}" if len(requests) > 1 else str(error)) from None
         k = max(request["k"] for request in requests)
@@ -364,7 +367,7 @@ class Service:
 
         return {
             "run": str(self.run), "model": self.model_name, "fingerprint": self.fingerprint, "data": str(self.data),
-            "dim": int(self.item_vectors.shape[1]),
+            "dim": int(self.item_vectors.shape[1]), "exclude_seen": self.exclude_seen,
             "catalogue": {"items": self.n_items, "users": len(self.user_id), "side_features": self.catalogue.side_features,
                           "profile_fields": self.catalogue.profile_fields},
             "tower": self.tower_source,
@@ -404,7 +407,7 @@ class RecommendRequest(BaseModel):
     items: Optional[list[StrictStr]] = Field(None, max_length=MAX_IDS)
     k: StrictInt = DEFAULT_K
     exclude: list[StrictStr] = Field(default_factory=list, max_length=MAX_IDS)
-    exclude_seen: StrictBool = False
+    exclude_seen: Optional[StrictBool] = None  # None: as the run's validation ranked
 
 
 class BatchRequest(BaseModel):

@@ -86,7 +86,10 @@ JSON_ENTRIES = ("history", "config")
 # What must match between a checkpoint's recorded run config and RUN/config.json for the
 # checkpoint to be this run's: everything but what a run may change (moved, given more epochs).
 SAME_RUN_KEYS = ("model", "catalogue", "data_fingerprint")
-FREE_OPTIONS = ("epochs", "out")
+FREE_OPTIONS = ("epochs", "out")  # a run may be moved, or given more epochs
+# Options added since 0.2.0: a run recorded before one existed is compared without it (what the
+# option changes is checked where it is resolved).
+ADDED_TRAIN_OPTIONS = ("exclude_seen",)
 RETRAIN = "restore the run's own file, or retrain into a new --out"
 
 
@@ -127,10 +130,17 @@ def check_same_run(state: dict[str, Any], path: Path, run_config: dict[str, Any]
     if "config" not in state:
         return  # a last.pt from before checkpoints recorded their run
     recorded = json.loads(state["config"])
-    options = [{k: v for k, v in (config.get("train") or {}).items() if k not in FREE_OPTIONS} for config in (recorded, run_config)]
-    differs = [key for key in SAME_RUN_KEYS if recorded.get(key) != run_config.get(key)] + ["train"] * (options[0] != options[1])
+    same = same_options(recorded.get("train") or {}, run_config.get("train") or {})
+    differs = [key for key in SAME_RUN_KEYS if recorded.get(key) != run_config.get(key)] + ["train"] * (not same)
     if differs:
         raise InputError(f"{path}: a checkpoint of another run (its {', '.join(differs)} differ from {path.parent / CONFIG}); {RETRAIN}")
+
+
+def same_options(recorded: dict[str, Any], given: dict[str, Any]) -> bool:
+    """Whether two records of training options are one run's, FREE_OPTIONS and options one of them
+    predates aside."""
+    skipped = {*FREE_OPTIONS, *(name for name in ADDED_TRAIN_OPTIONS if name not in recorded or name not in given)}
+    return {k: v for k, v in recorded.items() if k not in skipped} == {k: v for k, v in given.items() if k not in skipped}
 
 
 def restore(module: Any, state: dict[str, Any], path: Path, key: str = "model") -> None:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.cache import manifest_digest, require_stage
+from pipeline.diagnostics import NO_REPEATS_SHARE
 from pipeline.errors import InputError
 from pipeline.storage import ensure_output_dir
 from sdm.models import MODEL_NAMES, build_model
@@ -43,6 +44,7 @@ from sdm.training.checkpoint import (
     interrupts_deferred,
     load_checkpoint,
     read_run_config,
+    same_options,
     restore,
     run_lock,
     save_checkpoint,
@@ -56,7 +58,9 @@ from sdm.data.sessions import (
     load_cases,
     load_catalogue,
     load_training,
+    seen_items,
     to_device,
+    training_repeat_share,
 )
 from sdm.training.distributed import DEVICES, Ranks, join, leave
 from sdm.evaluation.evaluate import evaluate_shared
@@ -101,6 +105,9 @@ class TrainConfig(ModelOptions):
     threads: int = 0  # per process; 0 = PyTorch's default (every core, or OMP_NUM_THREADS)
     device: str = "auto"  # auto = CUDA when PyTorch sees a GPU
     bf16: bool = False  # bfloat16 autocast of forward and loss
+    # Rank without the items each user already had (validation here; `sdm evaluate`, `sdm recommend`
+    # and `sdm serve` follow the run). None = when no user returns to an item in the training sessions.
+    exclude_seen: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -282,6 +289,19 @@ def train_epoch(
     return float(ranks.sum(total_loss)) / max(total_targets, 1), total_targets
 
 
+def resolve_exclude_seen(config: TrainConfig, data: Path) -> bool:
+    """--exclude-seen/--include-seen, or without either: exclude where users never come back to an
+    item (ratings, reviews), since there an item the user had can only take a slot from the next one."""
+    if config.exclude_seen is not None:
+        return config.exclude_seen
+    return training_repeat_share(data) < NO_REPEATS_SHARE
+
+
+def run_excludes_seen(run_config: dict[str, Any]) -> bool:
+    """How a run ranks by default (a run from before the choice existed ranked every item)."""
+    return bool(run_config.get("exclude_seen", False))
+
+
 def count_targets(train: SessionData) -> int:
     return train.n_targets if train.n_targets is not None else int((train.tensors["targets"] > 0).sum())
 
@@ -305,8 +325,7 @@ def prepare_run(config: TrainConfig, resume: bool, world_size: int = 1) -> dict[
         checkpoint = load_checkpoint(run / LAST)
         check_same_run(checkpoint, run / LAST, saved)
         check_same_run(load_checkpoint(run / BEST), run / BEST, saved)  # written at the first epoch, kept unless beaten
-        free = ("epochs", "out")  # a run may be moved, or given more epochs
-        if {k: v for k, v in saved["train"].items() if k not in free} != {k: v for k, v in asdict(config).items() if k not in free}:
+        if not same_options(saved["train"], asdict(config)):
             raise InputError(f"{run}: --resume needs the same options as the original run (only --epochs may change)")
         if saved.get("world_size", 1) != world_size:
             raise InputError(
@@ -362,12 +381,17 @@ def train_ranks(
     ranks.barrier()
     if train_data is None:
         train_data = load_training(data, catalogue)
-    valid, _ = load_cases(data, catalogue, "valid")
+    valid, valid_keys = load_cases(data, catalogue, "valid")
     if len(train_data) == 0:
         raise InputError(f"{data}: no training sessions; preprocess a longer log, or with fewer --test-days and --valid-days")
     if len(train_data) < ranks.world_size:
         raise InputError(f"{data}: {len(train_data)} training sessions cannot be shared by {ranks.world_size} processes")
     requested = config  # what the run directory records: --resume compares options, not their resolution
+    exclude_seen = resolve_exclude_seen(config, data)
+    if checkpoint is not None and run_excludes_seen(read_run_config(run)) != exclude_seen:
+        flag = "--include-seen" if exclude_seen else "--exclude-seen"
+        raise InputError(f"{run}: its validation ranked the users' seen items otherwise; resume it with {flag}")
+    valid_seen = seen_items(data, valid_keys) if exclude_seen and len(valid) else None
     if config.batch_size == 0:
         config = replace(config, batch_size=auto_batch_size(len(train_data)))
     model_config = config.model_config(catalogue)
@@ -392,6 +416,7 @@ def train_ranks(
         "data_fingerprint": data_fingerprint(data),
         "loss": loss_name(config, catalogue.n_items) if trainable else "none",
         "world_size": ranks.world_size,
+        "exclude_seen": exclude_seen,
     }
     if ranks.is_main:
         run.mkdir(parents=True, exist_ok=True)
@@ -418,7 +443,7 @@ def train_ranks(
             on_batch = progress(total_targets) if progress is not None else None
             mean_loss, _ = train_epoch(objective, optimizer, train_data, config, epoch, ranks, on_batch)
         seconds = time.perf_counter() - started
-        metrics = evaluate_shared(model, valid, config.ks, ranks) if len(valid) else {}
+        metrics = evaluate_shared(model, valid, config.ks, ranks, valid_seen) if len(valid) else {}
         value = metrics.get(config.select_metric, -mean_loss)
         improved = value > best_value
         best_value, bad_epochs = (value, 0) if improved else (best_value, bad_epochs + 1)
