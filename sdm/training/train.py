@@ -44,9 +44,9 @@ from sdm.training.checkpoint import (
     interrupts_deferred,
     load_checkpoint,
     read_run_config,
-    same_options,
     restore,
     run_lock,
+    same_options,
     save_checkpoint,
     write_run_json,
 )
