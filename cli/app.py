@@ -615,7 +615,7 @@ def evaluate(
         raise InputError(f"--index {index!r}: expected exact or one of {', '.join(INDEX_KINDS)}")
     ks = parse_ks(k)
     model, run_config, catalogue = load_trained(run)
-    exclude_seen = run_excludes_seen(run_config) if exclude_seen is None else exclude_seen
+    exclude_seen = run_excludes_seen(run_config, exclude_seen)
     metrics = evaluate_split(model, Path(run_config["train"]["data"]), catalogue, split, ks, exclude_seen, index)
     suffix = ("-exclude-seen" if exclude_seen else "") + ("" if index == "exact" else f"-{index}")
     write_json_atomic(
@@ -652,8 +652,7 @@ def recommend_command(
     if k < 1:
         raise InputError("-k must be at least 1")
     model, run_config, catalogue = load_trained(run)
-    exclude_seen = run_excludes_seen(run_config) if exclude_seen is None else exclude_seen
-    ranked = recommend(model, Path(run_config["train"]["data"]), catalogue, user, k, exclude_seen)
+    ranked = recommend(model, Path(run_config["train"]["data"]), catalogue, user, k, run_excludes_seen(run_config, exclude_seen))
     if as_json:
         typer.echo(ranked.write_ndjson())
         return

@@ -127,3 +127,20 @@ def test_ranks_that_share_the_cases_exclude_each_cases_own_seen_items(logs, tmp_
     for name in ("recall@10", "recall@50", "ndcg@10"):
         assert sum(share[name] for share in shares) == pytest.approx(whole[name])
     assert whole["recall@10"] > evaluate_cases(model, cases, [10, 50])["recall@10"]
+
+
+def test_the_server_ranks_as_the_run_unless_the_request_says(logs, tmp_path):
+    pytest.importorskip("fastapi")
+    from sdm.serving.server import Service
+
+    train(logs["ratings"], tmp_path / "run")
+    service = Service(tmp_path / "run")  # also: a log without a users file (no profile) serves
+    assert service.info()["exclude_seen"] is True
+    seen = seen_of(logs["ratings"], "5")
+
+    def answered(exclude_seen: bool | None) -> set[str]:
+        request = {"user": "5", "items": None, "k": N_FILMS - len(seen), "exclude": [], "exclude_seen": exclude_seen}
+        return {entry["item"] for entry in service.answer([request])[0]["items"]}
+
+    assert not answered(None) & seen and answered(None) == answered(True)
+    assert answered(False) & seen

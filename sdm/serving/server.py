@@ -148,9 +148,10 @@ class UserRows:
             feature: Ragged.of_lists(long_term.get_column("user"), long_term.get_column(column), n_users, np.int32)
             for feature, column in zip(catalogue.long_features, columns)
         }
-        profiles = pl.read_parquet(DataDir(data).users, columns=["user", *catalogue.profile_fields])
         self.profile = np.zeros((n_users, len(catalogue.profile_fields)), dtype=np.int64)
-        self.profile[profiles.get_column("user").to_numpy()] = profiles.select(catalogue.profile_fields).fill_null(0).to_numpy()
+        if catalogue.profile_fields:  # polars gives no rows at all for a selection of no columns
+            profiles = pl.read_parquet(DataDir(data).users, columns=["user", *catalogue.profile_fields])
+            self.profile[profiles.get_column("user").to_numpy()] = profiles.select(catalogue.profile_fields).fill_null(0).to_numpy()
         events = (
             pl.scan_parquet(DataDir(data).session_events).select("user", "order", "item", "time")
             .sort("user", "order").collect()
@@ -179,7 +180,7 @@ class Service:
         self.model_name = run_config["train"]["model"]
         self.data = Path(run_config["train"]["data"])
         self.fingerprint = run_fingerprint(run, run_config)
-        self.exclude_seen = run_excludes_seen(run_config)  # a request's default
+        self.exclude_seen = run_excludes_seen(run_config)  # what a request without "exclude_seen" gets
         with torch.no_grad():
             self.item_vectors = model.item_vectors().detach().float().contiguous()  # [n_items, d], row 0 = padding
         self.n_items = catalogue.n_items - 1

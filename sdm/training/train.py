@@ -297,9 +297,10 @@ def resolve_exclude_seen(config: TrainConfig, data: Path) -> bool:
     return training_repeat_share(data) < NO_REPEATS_SHARE
 
 
-def run_excludes_seen(run_config: dict[str, Any]) -> bool:
-    """How a run ranks by default (a run from before the choice existed ranked every item)."""
-    return bool(run_config.get("exclude_seen", False))
+def run_excludes_seen(run_config: dict[str, Any], asked: bool | None = None) -> bool:
+    """--exclude-seen/--include-seen where given, else as the run's validation ranked (a run from
+    before the choice existed ranked every item)."""
+    return bool(run_config.get("exclude_seen", False)) if asked is None else asked
 
 
 def count_targets(train: SessionData) -> int:
