@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers.cli import run_sdm, run_sdm_ok
-from helpers.logs import BASE_MS, DAY_MS, KEEP_ALL_ITEMS, MINUTE_MS, preprocess, write_log
+from helpers.logs import BASE_MS, DAY_MS, KEEP_ALL_ITEMS, MINUTE_MS, preprocess, raw_events, write_log
 from helpers.training import SMALL_MODEL_ARGS
 from sdm.data.sessions import load_cases, seen_items, training_repeat_share
 from sdm.evaluation.evaluate import evaluate_cases, evaluate_shared
@@ -43,11 +43,8 @@ def train(data: Path, run: Path, *options: object) -> dict:
 
 
 def seen_of(data: Path, raw_user: str) -> set[str]:
-    events = pl.read_parquet(data / "sessions" / "events.parquet")
-    users = pl.read_parquet(data / "events" / "vocab" / "user.parquet").rename({"id": "user", "raw": "raw_user"})
-    items = pl.read_parquet(data / "events" / "vocab" / "item.parquet").rename({"id": "item", "raw": "raw_item"})
-    mine = events.join(users, on="user").filter(pl.col("raw_user") == raw_user).join(items, on="item")
-    return set(mine.get_column("raw_item").to_list())
+    """Every item of the user's logged events (their latest session is the input of `sdm recommend`)."""
+    return set(raw_events(data).filter(pl.col("user") == raw_user).get_column("item").to_list())
 
 
 def test_the_repeat_share_of_the_training_sessions(logs):
