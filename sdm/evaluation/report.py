@@ -78,7 +78,7 @@ TABLE_METRICS = {
     "leave-last-out": ("test_hit_rate@10", "test_hit_rate@50", "test_ndcg@10", "test_mrr@10",
                        "test_seen_excluded_hit_rate@50", "test_seen_excluded_ndcg@10"),
     "temporal": ("test_hit_rate@20", "test_recall@20", "test_hit_rate@100", "test_recall@100",
-                 "test_precision@100", "test_f1@100"),
+                 "test_precision@100", "test_f1@100", "test_seen_excluded_hit_rate@20", "test_seen_excluded_recall@100"),
 }
 ABLATION_METRIC = {"leave-last-out": "test_hit_rate@50", "temporal": "test_recall@50"}
 DEFAULT_PROTOCOL = "temporal"  # whose columns a run of unknown protocol is shown with
