@@ -47,6 +47,11 @@ def seen_of(data: Path, raw_user: str) -> set[str]:
     return set(raw_events(data).filter(pl.col("user") == raw_user).get_column("item").to_list())
 
 
+def recommended_items(run: Path, user: str, k: int) -> set[str]:
+    lines = run_sdm_ok("recommend", "--run", run, "--user", user, "-k", k, "--json").stdout.splitlines()
+    return {json.loads(line)["item"] for line in lines if line}
+
+
 def test_the_repeat_share_of_the_training_sessions(logs):
     assert training_repeat_share(logs["ratings"]) == 0.0
     assert training_repeat_share(logs["clicks"]) > 0.5  # 16 clicks on at most 4 distinct items per user
@@ -64,15 +69,14 @@ def test_a_rating_log_validates_and_evaluates_without_seen_items(logs, tmp_path)
     # Every user rated 7 of the 40 films before the validation one: ranked, they take places in the top 10.
     assert included["recall@10"] < excluded["recall@10"]
     assert (tmp_path / "run" / "metrics-valid-exclude-seen.json").is_file() and (tmp_path / "run" / "metrics-valid.json").is_file()
-    recommended = json.loads(f"[{','.join(run_sdm_ok('recommend', '--run', tmp_path / 'run', '--user', '5', '-k', 30, '--json').stdout.split())}]")
-    assert len(recommended) == 30 and not {row["item"] for row in recommended} & seen_of(logs["ratings"], "5")
+    recommended = recommended_items(tmp_path / "run", "5", 30)
+    assert len(recommended) == 30 and not recommended & seen_of(logs["ratings"], "5")
 
 
 def test_include_seen_keeps_every_item_ranked(logs, tmp_path):
     config = train(logs["ratings"], tmp_path / "run", "--include-seen")
     assert config["exclude_seen"] is False
-    recommended = run_sdm_ok("recommend", "--run", tmp_path / "run", "--user", "5", "-k", N_FILMS, "--json").stdout.split()
-    assert {json.loads(row)["item"] for row in recommended} >= seen_of(logs["ratings"], "5")
+    assert recommended_items(tmp_path / "run", "5", N_FILMS) >= seen_of(logs["ratings"], "5")
 
 
 def test_a_click_stream_ranks_every_item(logs, tmp_path):
