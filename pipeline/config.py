@@ -132,11 +132,6 @@ class PreprocessConfig:
             if not ok:
                 raise InputError(message)
 
-    def side_file(self, path: Path) -> dict[str, Any]:
-        """How to read --items or --users (`path`): with a header, or with the names given."""
-        names = self.items_columns if path == self.items else self.users_columns
-        return {"header": names is None, "columns": names}
-
     def stage_params(self, stage: str) -> dict[str, Any]:
         """The JSON-safe parameters that decide whether `stage` must be rebuilt. An option added
         since data was first built enters only when it is set: data built before it stays current,

@@ -184,7 +184,7 @@ def log_column_map(table: Table, config: PreprocessConfig) -> dict[str, str]:
     the users file (its user id) and not of the log is that file's; one that names no column of
     any file is refused, naming every file's columns."""
     roles_of = {config.items: ("item", *SIDE_FEATURES), config.users: ("user",)}
-    columns_of = {table.path: table.columns} | {path: scan_table(path, **config.side_file(path)).columns for path in roles_of if path is not None}
+    columns_of = {table.path: table.columns} | {path: scan_side_file(config, path).columns for path in roles_of if path is not None}
     elsewhere = set()
     for role, column in config.column_map.items():
         if column in table.columns:
@@ -203,9 +203,16 @@ def rating_column(columns: list[str], roles: dict[str, str]) -> str | None:
     return next((name for name in columns if normalise_name(name) in RATING_NAMES), None)
 
 
+def scan_side_file(config: PreprocessConfig, path: Path) -> Table:
+    """--items or --users (`path`): with its header, or with the names --items-columns or
+    --users-columns gives a headerless one."""
+    names = config.items_columns if path == config.items else config.users_columns
+    return scan_table(path, header=names is None, columns=names)
+
+
 def read_items_file(config: PreprocessConfig) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
     """Items file as codes: item -> side feature codes, with the side features' dictionaries."""
-    table, flag_roles = with_genre_features(scan_table(config.items, **config.side_file(config.items)), config.flag_columns, config.column_map)
+    table, flag_roles = with_genre_features(scan_side_file(config, config.items), config.flag_columns, config.column_map)
     key = key_column(table, config, "item")
     roles = {
         role: column for role in SIDE_FEATURES
@@ -319,7 +326,7 @@ def build_users(config: PreprocessConfig, vocabularies: dict[str, pl.DataFrame])
     user_ids = vocabularies["user"].select(pl.col("id").alias("user"), "code")
     if config.users is None:
         return user_ids.select("user").sort("user"), []
-    table = scan_table(config.users, **config.side_file(config.users))
+    table = scan_side_file(config, config.users)
     key = key_column(table, config, "user")
     profile_fields = [column for column in table.columns if column != key]
     (profiles,) = table.collect(

@@ -64,7 +64,8 @@ def sniff_delimiter(head: bytes, path: Path) -> str:
         if typical > 1 and counts.count(typical) * 2 > len(counts) and score > best_score:
             best, best_score = delimiter, score
     if best is None:
-        raise InputError(f"{path}: cannot detect the delimiter (tried , tab | ; ::); pass --sep")
+        tried = " ".join("tab" if delimiter == "\t" else delimiter for delimiter in DELIMITERS)
+        raise InputError(f"{path}: cannot detect the delimiter (tried {tried}); pass --sep")
     return best
 
 
